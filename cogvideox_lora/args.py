@@ -1,0 +1,188 @@
+"""Command line of train_cogvideox_lora.py, and the checks that need no model."""
+
+import argparse
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+
+def default_latent_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cogvideox-lora", "latents")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a LoRA on a CogVideoX transformer from a folder of short clips.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    model = p.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", required=True,
+                       help="Hub id (e.g. THUDM/CogVideoX-2b) or local folder of a diffusers CogVideoX model.")
+    model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
+    model.add_argument("--variant", default=None, help="Weights variant to load, e.g. fp16.")
+    model.add_argument("--cache_dir", default=None, help="Where models downloaded from the hub are stored.")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--instance_data_root", required=True,
+                      help="Dataset folder holding the prompts file, the videos file and the clips.")
+    data.add_argument("--dataset_file", default=None,
+                      help="A CSV or JSON-lines file (relative to --instance_data_root) with one row per clip; "
+                           "--caption_column and --video_column then name its columns (default caption, video).")
+    data.add_argument("--caption_column", default=None,
+                      help="File of prompts, one a line, relative to the root (default prompts.txt); "
+                           "with --dataset_file, the column holding the prompt.")
+    data.add_argument("--video_column", default=None,
+                      help="File of clip paths relative to the root, one a line (default videos.txt); "
+                           "with --dataset_file, the column holding the path.")
+    data.add_argument("--id_token", default=None,
+                      help="Identifier token put in front of every prompt, followed by a space.")
+    data.add_argument("--height", type=int, default=480, help="Frame height clips are resized and cropped to.")
+    data.add_argument("--width", type=int, default=720, help="Frame width clips are resized and cropped to.")
+    data.add_argument("--fps", type=int, default=8,
+                      help="Frames per second clips are sampled at (from each clip's own rate); also the rate "
+                           "of the validation videos.")
+    data.add_argument("--max_num_frames", type=int, default=49,
+                      help="Most frames taken from a clip; must be 4k+1. Shorter clips are cut to 4k+1 frames.")
+    data.add_argument("--skip_frames_start", type=int, default=0, help="Frames dropped from the start of each clip.")
+    data.add_argument("--skip_frames_end", type=int, default=0, help="Frames dropped from the end of each clip.")
+    data.add_argument("--video_reshape_mode", choices=["center", "random", "none"], default="center",
+                      help="How frames reach --height x --width: resize keeping the aspect ratio, then crop at the "
+                           "centre or at a random place (fixed per clip, as clips are encoded once); or 'none', "
+                           "a plain resize that may distort.")
+    data.add_argument("--random_flip", type=float, default=0.0,
+                      help="Probability of training on the horizontally mirrored clip (both are encoded once).")
+    data.add_argument("--skip_bad_videos", action="store_true",
+                      help="Leave out clips that are missing, undecodable or too short, with a warning listing them, "
+                           "instead of stopping.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="Worker processes that read and resize clips while the VAE encodes.")
+    data.add_argument("--latent_cache_dir", default=default_latent_cache_dir(),
+                      help="Where encoded clips and prompts are kept, so later runs on the same data skip "
+                           "the VAE and T5.")
+
+    vae = p.add_argument_group("VAE")
+    vae.add_argument("--enable_tiling", action="store_true", help="Encode and decode with VAE tiling (less memory).")
+    vae.add_argument("--enable_slicing", action="store_true", help="Encode and decode with VAE slicing (less memory).")
+
+    val = p.add_argument_group("validation")
+    val.add_argument("--validation_prompt", default=None,
+                     help="Prompts for validation videos, split by --validation_prompt_separator.")
+    val.add_argument("--validation_prompt_separator", default=":::", help="Separator between validation prompts.")
+    val.add_argument("--num_validation_videos", type=int, default=1, help="Videos generated per validation prompt.")
+    val.add_argument("--validation_epochs", type=int, default=None,
+                     help="Validate every this many epochs (and always at the end).")
+    val.add_argument("--validation_steps", type=int, default=None,
+                     help="Validate every this many optimizer steps (and always at the end).")
+    val.add_argument("--validation_num_inference_steps", type=int, default=50,
+                     help="Denoising steps of each validation video.")
+    val.add_argument("--guidance_scale", type=float, default=6.0, help="Classifier-free guidance of validation videos.")
+    val.add_argument("--use_dynamic_cfg", action="store_true", help="Use dynamic guidance in validation (as cli_demo).")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--output_dir", default="cogvideox-lora", help="Where checkpoints, LoRA, videos and logs go.")
+    train.add_argument("--seed", type=int, default=0,
+                       help="Seed of the adapter's initial weights, data order, noise and validation videos.")
+    train.add_argument("--rank", type=int, default=128, help="Dimension of the LoRA update matrices.")
+    train.add_argument("--lora_alpha", type=float, default=128,
+                       help="LoRA scale numerator: updates are scaled by lora_alpha / rank. Use rank or rank // 2.")
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="Precision of the frozen model and of autocast; default: the accelerate config's.")
+    train.add_argument("--train_batch_size", type=int, default=1, help="Clips per device per step.")
+    train.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the dataset.")
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help="Total optimizer steps; overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Batches whose gradients are summed before each optimizer step.")
+    train.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute activations in the backward pass: much less memory, slower steps.")
+    train.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
+    train.add_argument("--lr_scheduler", default="constant",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"],
+                       help="Learning rate schedule (diffusers.optimization).")
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Steps of linear warm-up.")
+    train.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
+    train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    train.add_argument("--optimizer", type=str.lower, choices=["adamw", "adam", "prodigy"], default="adamw",
+                       help="Optimizer (case does not matter).")
+    train.add_argument("--use_8bit_adam", action="store_true",
+                       help="Use the 8-bit AdamW/Adam of bitsandbytes (needed to fit 5B on smaller GPUs).")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    train.add_argument("--adam_beta2", type=float, default=0.95, help="Adam beta2.")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-4, help="Weight decay.")
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matrix products on Ampere and newer.")
+
+    ckpt = p.add_argument_group("checkpoints and logs")
+    ckpt.add_argument("--checkpointing_steps", type=int, default=500,
+                      help="Save a resumable checkpoint every this many optimizer steps.")
+    ckpt.add_argument("--checkpoints_total_limit", type=int, default=None,
+                      help="Keep at most this many checkpoints; older ones of this run are removed.")
+    ckpt.add_argument("--resume_from_checkpoint", default=None,
+                      help="'latest' (the newest complete checkpoint in --output_dir, if any) or a checkpoint folder.")
+    ckpt.add_argument("--report_to", default="tensorboard",
+                      help="Trackers for metrics and validation videos: tensorboard, wandb, all or none.")
+    ckpt.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
+    return p
+
+
+def validation_prompts(args) -> list[str]:
+    if not args.validation_prompt:
+        return []
+    return [p.strip() for p in args.validation_prompt.split(args.validation_prompt_separator) if p.strip()]
+
+
+def check_args(args) -> list[str]:
+    """Settings that would fail later, said now, before any model is loaded."""
+    problems = []
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value <= 0 or value % 16:
+            lower = value // 16 * 16
+            problems.append(f"--{name} {value} is not a multiple of 16 (VAE x8, patch x2): use {lower or 16} "
+                            f"or {lower + 16}.")
+    if args.max_num_frames < 1 or (args.max_num_frames - 1) % 4:
+        lower = max(1, (args.max_num_frames - 1) // 4 * 4 + 1)
+        problems.append(f"--max_num_frames {args.max_num_frames} is not 4k+1: use {lower} or {lower + 4}.")
+    if args.validation_prompt is not None and not validation_prompts(args):
+        problems.append(f"--validation_prompt {args.validation_prompt!r} holds no prompt once split by "
+                        f"{args.validation_prompt_separator!r}.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                 "rank", "fps", "num_validation_videos"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1, not {getattr(args, name)}.")
+    if not 0.0 <= args.random_flip <= 1.0:
+        problems.append(f"--random_flip {args.random_flip} is a probability: give a value from 0 to 1.")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag).")
+    if args.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        problems.append("--optimizer prodigy needs prodigyopt: pip install prodigyopt.")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        problems.append(f"--output_dir {args.output_dir} is a file: name a folder.")
+    resume = args.resume_from_checkpoint
+    if resume and resume != "latest":
+        if not Path(resume).is_dir():
+            problems.append(f"--resume_from_checkpoint {resume} does not exist: give a checkpoint-N folder of an "
+                            f"earlier run, or 'latest'.")
+        elif not re.fullmatch(r"checkpoint-\d+", Path(resume).name):
+            problems.append(f"--resume_from_checkpoint {resume} is not a checkpoint-N folder written by this trainer.")
+    return problems
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dataset_file:
+        args.caption_column = args.caption_column or "caption"
+        args.video_column = args.video_column or "video"
+    else:
+        args.caption_column = args.caption_column or "prompts.txt"
+        args.video_column = args.video_column or "videos.txt"
+    problems = check_args(args)
+    if problems:
+        parser.error("\n  " + "\n  ".join(problems))
+    return args

@@ -1,0 +1,256 @@
+"""The dataset folder: reading its index files, checking every clip, and turning a clip into frames."""
+
+import csv
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Clip:
+    prompt: str
+    video: Path
+    where: str  # "file:line" of the entry, for messages
+
+
+@dataclass(frozen=True)
+class FrameSettings:
+    """Everything that decides which frames of a clip are trained on, and at which size."""
+
+    height: int
+    width: int
+    fps: int
+    max_num_frames: int
+    skip_frames_start: int
+    skip_frames_end: int
+    reshape_mode: str
+    temporal_compression: int = 4
+
+    @classmethod
+    def from_args(cls, args, temporal_compression: int) -> "FrameSettings":
+        return cls(args.height, args.width, args.fps, args.max_num_frames, args.skip_frames_start,
+                   args.skip_frames_end, args.video_reshape_mode, temporal_compression)
+
+
+class DatasetError(Exception):
+    """Every problem found in the dataset, so the user can fix them all in one go."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in the dataset:\n  " + "\n  ".join(problems))
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """Non-blank lines with their 1-based numbers; CRLF and a UTF-8 BOM are tolerated."""
+    text = path.read_text(encoding="utf-8-sig")
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def _read_text_pair(root: Path, caption_file: str, video_file: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+    problems = []
+    files = {}
+    for name in (caption_file, video_file):
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{path}: not found. The dataset folder needs {caption_file} (one prompt a line) and "
+                            f"{video_file} (one clip path a line, relative to the folder).")
+            continue
+        try:
+            files[name] = _lines(path)
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8.")
+    if problems:
+        return [], problems
+    prompts, videos = files[caption_file], files[video_file]
+    if len(prompts) != len(videos):
+        longer, shorter = (caption_file, video_file) if len(prompts) > len(videos) else (video_file, caption_file)
+        extra_line = max(prompts, videos, key=len)[min(len(prompts), len(videos))][0]
+        problems.append(f"{root / caption_file} has {len(prompts)} prompts but {root / video_file} has "
+                        f"{len(videos)} clips: they must pair up line by line. {longer} line {extra_line} is the "
+                        f"first with no partner in {shorter}.")
+    rows = []
+    for (p_line, prompt), (v_line, video) in zip(prompts, videos):
+        rows.append((prompt, video, f"{root / caption_file}:{p_line}", f"{root / video_file}:{v_line}"))
+    return rows, problems
+
+
+def _read_table(root: Path, dataset_file: str, caption_column: str, video_column: str):
+    path = root / dataset_file
+    if not path.is_file():
+        return [], [f"{path}: not found (--dataset_file is relative to --instance_data_root)."]
+    text = path.read_text(encoding="utf-8-sig")
+    records = []
+    problems = []
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{n}: not valid JSON ({e.msg}): each line must be one JSON object.")
+    else:
+        reader = csv.DictReader(text.splitlines())
+        records = [(n, row) for n, row in enumerate(reader, start=2)]  # line 1 is the header
+    rows = []
+    for n, record in records:
+        missing = [c for c in (caption_column, video_column) if c not in record]
+        if missing:
+            problems.append(f"{path}:{n}: no column {', '.join(missing)}; it has {', '.join(record)}. "
+                            f"Name the columns with --caption_column and --video_column.")
+            continue
+        where = f"{path}:{n}"
+        rows.append((str(record[caption_column] or "").strip(), str(record[video_column] or "").strip(), where,
+                     where))
+    return rows, problems
+
+
+def load_clips(root, caption_column: str, video_column: str, dataset_file: str | None = None,
+               id_token: str | None = None) -> list[Clip]:
+    """Reads the dataset's index; raises DatasetError listing every entry that is wrong."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError([f"{root}: --instance_data_root is not a folder."])
+    if dataset_file:
+        rows, problems = _read_table(root, dataset_file, caption_column, video_column)
+    else:
+        rows, problems = _read_text_pair(root, caption_column, video_column)
+    clips = []
+    for prompt, video, prompt_where, video_where in rows:
+        if not prompt:
+            problems.append(f"{prompt_where}: empty prompt: write a caption for {video}.")
+        if not video:
+            problems.append(f"{video_where}: empty clip path.")
+            continue
+        if id_token:
+            prompt = f"{id_token} {prompt}"
+        clips.append(Clip(prompt, root / video, video_where))
+    if problems:
+        raise DatasetError(problems)
+    if not clips:
+        raise DatasetError([f"{root}: the dataset lists no clips."])
+    return clips
+
+
+def sample_frame_indices(num_frames: int, clip_fps: float, settings: FrameSettings) -> list[int]:
+    """Source frames to keep: skip the ends, step at --fps from the clip's own rate, cap, cut to k*T+1."""
+    first, end = settings.skip_frames_start, num_frames - settings.skip_frames_end
+    step = clip_fps / settings.fps
+    indices = []
+    while len(indices) < settings.max_num_frames:
+        # The small epsilon keeps k*step from landing just below an integer through float error.
+        index = first + math.floor(len(indices) * step + 1e-6)
+        if index >= end:
+            break
+        indices.append(index)
+    t = settings.temporal_compression
+    return indices[: (len(indices) - 1) // t * t + 1] if indices else []
+
+
+def _open(path: Path):
+    import decord  # imported here so that tools which never read clips do not need decord
+
+    return decord.VideoReader(str(path), num_threads=1)
+
+
+def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = False) -> tuple[list[Clip], list[str]]:
+    """Opens every clip once; returns the usable clips and the problems of the others.
+
+    Raises DatasetError with all problems unless skip_bad, in which case the problems are returned
+    for a warning and the clips that have them are left out.
+    """
+    good, problems = [], []
+    for clip in clips:
+        problem = None
+        if not clip.video.is_file():
+            problem = f"{clip.where}: {clip.video} does not exist: fix the path (relative to the dataset folder)."
+        else:
+            try:
+                reader = _open(clip.video)
+                n, clip_fps = len(reader), reader.get_avg_fps()
+            except Exception as e:  # decord raises its own error types for every kind of bad file
+                problem = f"{clip.where}: {clip.video} cannot be decoded ({str(e).splitlines()[0]}): re-encode it " \
+                          f"(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it."
+            else:
+                got = len(sample_frame_indices(n, clip_fps, settings))
+                if got < settings.max_num_frames:
+                    t = settings.temporal_compression
+                    usable = (got - 1) // t * t + 1 if got else 0
+                    problem = (f"{clip.where}: {clip.video} gives {got} frames at --fps {settings.fps} (it has {n} "
+                               f"at {clip_fps:g} fps, skipping {settings.skip_frames_start}+"
+                               f"{settings.skip_frames_end}) but --max_num_frames is {settings.max_num_frames}: "
+                               + (f"lower --max_num_frames to {usable} or " if usable else "")
+                               + "lower --fps or the skips, or pass --skip_bad_videos.")
+        if problem:
+            problems.append(problem)
+        else:
+            good.append(clip)
+    if problems and not skip_bad:
+        raise DatasetError(problems)
+    if not good:
+        raise DatasetError(problems + ["No usable clip is left."])
+    return good, problems
+
+
+def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str, rng: random.Random) -> torch.Tensor:
+    """[F, 3, H, W] float frames to [F, 3, height, width], keeping the aspect ratio unless mode is 'none'."""
+    if mode == "none":
+        return F.interpolate(frames, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    h, w = frames.shape[-2:]
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    if mode == "center":
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+    else:
+        top, left = rng.randint(0, new_h - height), rng.randint(0, new_w - width)
+    return frames[..., top: top + height, left: left + width]
+
+
+def read_frames(path: Path, settings: FrameSettings, crop_seed: int = 0) -> torch.Tensor:
+    """The clip as the model sees it: [F, 3, height, width] in [-1, 1]."""
+    reader = _open(path)
+    indices = sample_frame_indices(len(reader), reader.get_avg_fps(), settings)
+    frames = torch.from_numpy(np.ascontiguousarray(reader.get_batch(indices).asnumpy()))
+    frames = frames.permute(0, 3, 1, 2).float()
+    frames = resize_and_crop(frames, settings.height, settings.width, settings.reshape_mode,
+                             random.Random(crop_seed))
+    return (frames / 127.5 - 1.0).clamp(-1.0, 1.0)
+
+
+class ClipFrames(torch.utils.data.Dataset):
+    """Frames of some clips, so a DataLoader can decode the next clips while the VAE encodes."""
+
+    def __init__(self, paths: list[Path], settings: FrameSettings, crop_seeds: list[int]):
+        self.paths, self.settings, self.crop_seeds = paths, settings, crop_seeds
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return i, read_frames(self.paths[i], self.settings, self.crop_seeds[i])
+
+
+def epoch_batches(shapes: list[tuple], global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch: clip indices shuffled by (seed, epoch), each batch of one latent shape.
+
+    A shape's leftover clips that do not fill a batch sit the epoch out (a different few each epoch).
+    The number of batches is the same every epoch, so a step number alone says where a run stands.
+    """
+    order = list(range(len(shapes)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    filling: dict[tuple, list[int]] = {}
+    batches = []
+    for i in order:
+        batch = filling.setdefault(shapes[i], [])
+        batch.append(i)
+        if len(batch) == global_batch_size:
+            batches.append(batch)
+            filling[shapes[i]] = []
+    return batches

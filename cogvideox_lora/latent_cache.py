@@ -1,0 +1,143 @@
+"""Encode once: VAE latents of clips and T5 embeddings of prompts, kept on disk between runs.
+
+Entries are named by a hash of everything that decides their content (the clip's bytes, the frame
+settings, the encoder's identity and dtype), so a later run on the same clips and settings reuses
+them whatever its --output_dir, and a changed clip or setting simply misses and is encoded again.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .data import ClipFrames, FrameSettings
+
+logger = logging.getLogger(__name__)
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def entry_key(kind: str, **identity) -> str:
+    text = json.dumps({"kind": kind, **identity}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class LatentCache:
+    """A folder of safetensors files, one per entry, each carrying a checksum of its tensors.
+
+    Files are written under a temporary name and renamed, so a reader (another process, a later run
+    after a kill) sees a whole file or none; a file that is damaged anyway fails its checksum and is
+    treated as missing, so it is encoded again rather than trained on.
+    """
+
+    def __init__(self, root):
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                expected = (f.metadata() or {}).get("sha256")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # a truncated or overwritten file fails in many ways inside safetensors
+            logger.warning(f"Latent cache file {path} is unreadable ({e}); it will be encoded again.")
+            return None
+        if expected != _checksum(tensors):
+            logger.warning(f"Latent cache file {path} fails its checksum; it will be encoded again.")
+            return None
+        return tensors
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"sha256": _checksum(tensors)})
+            os.replace(tmp, self.path(key))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _fill(cache, keys, accelerator, encode_mine):
+    """Loads every entry; this process encodes the missing ones of its share, then reads the others'."""
+    entries = [cache.load(k) for k in keys]
+    mine = [i for i, e in enumerate(entries) if e is None and i % accelerator.num_processes == accelerator.process_index]
+    if mine:
+        for i, tensors in encode_mine(mine):
+            cache.save(keys[i], tensors)
+            entries[i] = tensors
+    accelerator.wait_for_everyone()
+    for i, e in enumerate(entries):
+        if e is None:
+            entries[i] = cache.load(keys[i])
+            if entries[i] is None:
+                raise RuntimeError(f"Latent cache entry {cache.path(keys[i])} was not written by the process that "
+                                   f"encodes it; is --latent_cache_dir on a disk that all processes share?")
+    return entries, len(mine)
+
+
+@torch.no_grad()
+def encode_videos(accelerator, cache: LatentCache, paths: list[Path], settings: FrameSettings, encoder_id: dict,
+                  with_flipped: bool, load_vae, num_workers: int = 0):
+    """Latent distribution parameters [2C, F, H, W] of each clip (and of its mirror image if with_flipped).
+
+    Returns (entries, how many this process encoded). load_vae is only called when something is missing.
+    """
+    keys = [entry_key("video", clip=file_digest(p), frames=settings, encoder=encoder_id, flipped=with_flipped)
+            for p in paths]
+
+    def encode_mine(indices):
+        vae = load_vae()
+        # A per-clip seed keeps the random crop the same for a clip however the work is shared out.
+        seeds = [int(keys[i][:8], 16) for i in indices]
+        loader = torch.utils.data.DataLoader(ClipFrames([paths[i] for i in indices], settings, seeds),
+                                             batch_size=None, num_workers=num_workers)
+        for j, frames in tqdm(loader, desc="Encoding clips", disable=not accelerator.is_local_main_process):
+            video = frames.to(accelerator.device, vae.dtype).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
+            tensors = {"latent_params": vae.encode(video).latent_dist.parameters[0]}
+            if with_flipped:
+                tensors["latent_params_flipped"] = vae.encode(video.flip(-1)).latent_dist.parameters[0]
+            yield indices[j], tensors
+
+    return _fill(cache, keys, accelerator, encode_mine)
+
+
+@torch.no_grad()
+def encode_prompts(accelerator, cache: LatentCache, prompts: list[str], max_sequence_length: int, encoder_id: dict,
+                   load_text_encoder):
+    """T5 embeddings [max_sequence_length, D] of each prompt, padded as the pipeline pads them."""
+    keys = [entry_key("prompt", prompt=p, length=max_sequence_length, encoder=encoder_id) for p in prompts]
+
+    def encode_mine(indices):
+        tokenizer, text_encoder = load_text_encoder()
+        for i in tqdm(indices, desc="Encoding prompts", disable=not accelerator.is_local_main_process):
+            ids = tokenizer(prompts[i], padding="max_length", max_length=max_sequence_length, truncation=True,
+                            add_special_tokens=True, return_tensors="pt").input_ids
+            yield i, {"prompt_embeds": text_encoder(ids.to(accelerator.device))[0][0]}
+
+    return _fill(cache, keys, accelerator, encode_mine)

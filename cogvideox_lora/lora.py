@@ -1,0 +1,55 @@
+"""LoRA adapters on the transformer's attention projections, and saving them in diffusers format."""
+
+from pathlib import Path
+
+import torch
+from diffusers import CogVideoXPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(transformer, rank: int, alpha: float) -> LoraConfig:
+    """Adds a fresh adapter and keeps its weights in fp32, whatever dtype the frozen model has.
+
+    The adapter's updates are small against the base weights: in bf16 many optimizer steps would
+    round away, so the trainable weights and hence the optimizer states stay fp32 while the forward
+    pass runs under autocast.
+    """
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=TARGET_MODULES)
+    transformer.add_adapter(config)
+    for param in transformer.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.float32)
+    return config
+
+
+def trainable_parameters(transformer) -> list[torch.nn.Parameter]:
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
+    return get_peft_model_state_dict(transformer)
+
+
+def load_lora_state_dict(transformer, state_dict: dict[str, torch.Tensor]) -> None:
+    result = set_peft_model_state_dict(transformer, state_dict)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA weights do not fit this transformer; unexpected keys such as {unexpected[:3]}")
+
+
+def save_lora(transformer, directory, config: LoraConfig) -> Path:
+    """Writes pytorch_lora_weights.safetensors that CogVideoXPipeline.load_lora_weights takes as is.
+
+    The adapter's rank and alpha go into the file's metadata, so loaders apply alpha/rank, the strength
+    it was trained at, without a hand-set scale.
+    """
+    CogVideoXPipeline.save_lora_weights(
+        directory,
+        transformer_lora_layers=lora_state_dict(transformer),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    return Path(directory) / LORA_WEIGHTS_NAME

@@ -1,0 +1,50 @@
+"""Loading the parts of a CogVideoX model folder or hub id, each only when it is needed."""
+
+import torch
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _hub_kwargs(args) -> dict:
+    return {"revision": args.revision, "cache_dir": args.cache_dir}
+
+
+def read_configs(args) -> tuple[dict, dict, dict]:
+    """The transformer's, VAE's and text encoder's configs: all that differs between models is read from them."""
+    transformer = CogVideoXTransformer3DModel.load_config(args.pretrained_model_name_or_path,
+                                                          subfolder="transformer", **_hub_kwargs(args))
+    vae = AutoencoderKLCogVideoX.load_config(args.pretrained_model_name_or_path, subfolder="vae",
+                                             **_hub_kwargs(args))
+    text_encoder = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
+                                              **_hub_kwargs(args)).to_dict()
+    return transformer, vae, text_encoder
+
+
+def load_transformer(args, dtype: torch.dtype):
+    return CogVideoXTransformer3DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
+                                                       variant=args.variant, torch_dtype=dtype, **_hub_kwargs(args))
+
+
+def load_vae(args, dtype: torch.dtype, device):
+    vae = AutoencoderKLCogVideoX.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
+                                                 variant=args.variant, torch_dtype=dtype, **_hub_kwargs(args))
+    if args.enable_tiling:
+        vae.enable_tiling()
+    if args.enable_slicing:
+        vae.enable_slicing()
+    return vae.requires_grad_(False).eval().to(device)
+
+
+def load_text_encoder(args, dtype: torch.dtype, device):
+    tokenizer = AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer",
+                                              **_hub_kwargs(args))
+    text_encoder = T5EncoderModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
+                                                  variant=args.variant, dtype=dtype, **_hub_kwargs(args))
+    return tokenizer, text_encoder.requires_grad_(False).eval().to(device)
+
+
+def load_scheduler(args):
+    return CogVideoXDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                 **_hub_kwargs(args))

@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Train a LoRA for a CogVideoX text-to-video model.
+
+    accelerate launch train_cogvideox_lora.py --pretrained_model_name_or_path THUDM/CogVideoX-2b \\
+        --instance_data_root ~/disney --output_dir cogvideox-lora [--help for every flag]
+
+The recipe: check the data, encode clips and prompts once (cached on disk), load the transformer and
+add LoRA adapters, train, checkpoint, validate, save the LoRA for a stock CogVideoXPipeline.
+"""
+
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from cogvideox_lora import checkpoints, models
+from cogvideox_lora.args import parse_args, validation_prompts
+from cogvideox_lora.data import DatasetError, FrameSettings, check_clips, epoch_batches, load_clips
+from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
+from cogvideox_lora.lora import LORA_WEIGHTS_NAME, add_lora, save_lora, trainable_parameters
+from cogvideox_lora.loss import compute_loss, draw_batch, rotary_embeddings, sample_seed
+from cogvideox_lora.optim import make_optimizer
+from cogvideox_lora.validation import Validator
+
+logger = logging.getLogger("train_cogvideox_lora")
+GIB = 2**30
+
+
+def main(argv=None):
+    started = time.perf_counter()
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    # 1. Data: everything about the clips is checked before any model is loaded.
+    try:
+        clips = load_clips(args.instance_data_root, args.caption_column, args.video_column, args.dataset_file,
+                           args.id_token)
+        transformer_config, vae_config, text_encoder_config = models.read_configs(args)
+        settings = FrameSettings.from_args(args, vae_config["temporal_compression_ratio"])
+        clips, bad_clips = check_clips(clips, settings, skip_bad=args.skip_bad_videos)
+    except DatasetError as e:
+        sys.exit(f"error: {e}")
+    if bad_clips:
+        logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
+    resume_from = checkpoints.checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
+    earlier_run = sorted(p.name for p in Path(args.output_dir).glob("*") if "checkpoint-" in p.name
+                         or p.name == LORA_WEIGHTS_NAME)
+    if earlier_run and args.resume_from_checkpoint is None:
+        sys.exit(f"error: {args.output_dir} holds an earlier run ({', '.join(earlier_run)}), which this one would "
+                 f"overwrite. Continue it with --resume_from_checkpoint latest, or choose another --output_dir.")
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
+        sys.exit(f"error: WORLD_SIZE is {os.environ['WORLD_SIZE']} but this process runs alone; every process would "
+                 f"write the same --output_dir. On a machine without GPUs start several processes with "
+                 f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N.")
+    device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # 2. Encode once: each process encodes its share of what the cache lacks; the VAE and T5 are loaded
+    #    only for that and freed before training, so they take no GPU memory while the transformer trains.
+    cache = LatentCache(args.latent_cache_dir)
+    model_id = {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
+                "dtype": str(weight_dtype)}
+    videos, encoded_clips = encode_videos(
+        accelerator, cache, [c.video for c in clips], settings,
+        encoder_id={**model_id, "vae": vae_config, "tiling": args.enable_tiling, "slicing": args.enable_slicing},
+        with_flipped=args.random_flip > 0, num_workers=args.dataloader_num_workers,
+        load_vae=lambda: models.load_vae(args, weight_dtype, device))
+    val_prompts = validation_prompts(args)
+    prompts = list(dict.fromkeys([c.prompt for c in clips] + val_prompts + [""]))  # "" is the negative prompt
+    embeds, encoded_prompts = encode_prompts(
+        accelerator, cache, prompts, transformer_config["max_text_seq_length"],
+        encoder_id={**model_id, "text_encoder": text_encoder_config},
+        load_text_encoder=lambda: models.load_text_encoder(args, weight_dtype, device))
+    prompt_entry = dict(zip(prompts, embeds))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    # 3. The transformer, frozen in the training precision, with fp32 LoRA adapters.
+    loading = time.perf_counter()
+    transformer = models.load_transformer(args, weight_dtype).requires_grad_(False)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    set_seed(args.seed)  # the same fresh adapter in every process and every run with this seed
+    lora_config = add_lora(transformer, args.rank, args.lora_alpha)
+    transformer.to(device)
+    model_load_seconds = time.perf_counter() - loading
+    noise_scheduler = models.load_scheduler(args)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device, torch.float32)
+
+    # 4. Steps, optimizer and schedule. The order of batches is a function of (seed, epoch), so a step
+    #    number says which batch comes next, in one process or many.
+    shapes = [tuple(v["latent_params"].shape) for v in videos]
+    global_batch = args.train_batch_size * accelerator.num_processes
+    batches_per_epoch = len(epoch_batches(shapes, global_batch, args.seed, 0))
+    if batches_per_epoch == 0:
+        sys.exit(f"error: {len(clips)} clip(s) cannot fill one batch of {global_batch} "
+                 f"(--train_batch_size x processes): lower --train_batch_size or add clips.")
+    ga = args.gradient_accumulation_steps
+    max_train_steps = args.max_train_steps or math.ceil(args.num_train_epochs * batches_per_epoch / ga)
+    optimizer = make_optimizer(trainable_parameters(transformer), args)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
+                                 power=args.lr_power)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    checkpoints.register_lora_hooks(accelerator, transformer, lora_config)
+
+    first_step = 0
+    if resume_from is not None:
+        logger.info("Resuming from %s", resume_from)
+        accelerator.load_state(str(resume_from))
+        first_step = checkpoints.step_of(resume_from)
+    elif args.resume_from_checkpoint:
+        logger.info("No checkpoint in %s yet: starting a new run.", args.output_dir)
+
+    validator = Validator(args, val_prompts, [prompt_entry[p]["prompt_embeds"] for p in val_prompts],
+                          prompt_entry[""]["prompt_embeds"], noise_scheduler.config,
+                          lambda: models.load_vae(args, weight_dtype, "cpu"), weight_dtype)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("cogvideox-lora", config={k: v for k, v in vars(args).items()
+                                                            if isinstance(v, (int, float, str, bool))})
+    logger.info("%d clips, %d batches of %d per epoch, %d optimizer steps (accumulating %d), %s on %d process(es)",
+                len(clips), batches_per_epoch, global_batch, max_train_steps, ga, accelerator.mixed_precision,
+                accelerator.num_processes)
+
+    # 5. Train.
+    rank, batch_size = accelerator.process_index, args.train_batch_size
+    epoch, batches, rotary = None, [], {}
+    step_times, first_step_at, last = [], None, time.perf_counter()
+    progress = tqdm(range(first_step, max_train_steps), initial=first_step, total=max_train_steps, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    for step in range(first_step, max_train_steps):
+        if first_step_at is None:
+            first_step_at = time.perf_counter() - started
+        loss_sum = torch.zeros((), device=device)
+        for k in range(ga):
+            micro_step = step * ga + k
+            if micro_step // batches_per_epoch != epoch:
+                epoch = micro_step // batches_per_epoch
+                batches = epoch_batches(shapes, global_batch, args.seed, epoch)
+            mine = batches[micro_step % batches_per_epoch][rank * batch_size:(rank + 1) * batch_size]
+            seeds = [sample_seed(args.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]
+            batch = draw_batch([videos[i] for i in mine], [prompt_entry[clips[i].prompt] for i in mine], seeds,
+                               vae_config["scaling_factor"], args.random_flip, len(alphas_cumprod), device)
+            latent_shape = shapes[mine[0]][1:]
+            if latent_shape not in rotary:
+                rotary[latent_shape] = rotary_embeddings(accelerator.unwrap_model(transformer).config,
+                                                         *latent_shape, device)
+            # Gradients are all-reduced once, on the last batch of the accumulation.
+            with accelerator.no_sync(transformer) if k < ga - 1 else nullcontext():
+                loss = compute_loss(transformer, batch, alphas_cumprod, weight_dtype, rotary[latent_shape]) / ga
+                accelerator.backward(loss)
+            loss_sum += loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+        step_loss = accelerator.reduce(loss_sum, reduction="mean").item()  # the one host sync of the step
+        if not math.isfinite(step_loss):
+            accelerator.end_training()
+            sys.exit(f"error: the loss is {step_loss} at step {step + 1} (clips: "
+                     f"{', '.join(str(clips[i].video) for i in mine)}). This step was not applied and nothing was "
+                     f"saved from it; the checkpoints in {args.output_dir} are intact. Try a lower --learning_rate, "
+                     f"or bf16 instead of fp16.")
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        now = time.perf_counter()
+        step_times.append(now - last)
+        last = now
+        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                "step_time_s": step_times[-1]}
+        if torch.cuda.is_available():
+            logs["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+        accelerator.log(logs, step=step + 1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
+        progress.update()
+
+        done = step + 1
+        if done % args.checkpointing_steps == 0 and done < max_train_steps:
+            checkpoints.save_checkpoint(accelerator, args.output_dir, done, args.checkpoints_total_limit)
+        epochs_before, epochs_after = step * ga // batches_per_epoch, done * ga // batches_per_epoch
+        if done < max_train_steps and (
+                (args.validation_steps and done % args.validation_steps == 0)
+                or (args.validation_epochs and epochs_after > epochs_before
+                    and epochs_after % args.validation_epochs == 0)):
+            validator.run(accelerator, transformer, done)
+    progress.close()
+
+    # 6. Save: the last checkpoint, the LoRA for inference, a summary of the run; then a last validation.
+    if first_step < max_train_steps:
+        checkpoints.save_checkpoint(accelerator, args.output_dir, max_train_steps, args.checkpoints_total_limit)
+    if accelerator.is_main_process:
+        lora_path = save_lora(accelerator.unwrap_model(transformer), args.output_dir, lora_config)
+        logger.info("LoRA saved to %s", lora_path)
+    video_paths = validator.run(accelerator, transformer, max_train_steps)
+    if accelerator.is_main_process:
+        timed = step_times[2:] if len(step_times) > 3 else step_times  # the first steps warm up kernels
+        summary = {
+            "steps": max_train_steps, "resumed_at_step": first_step, "clips": len(clips),
+            "encoded_clips": encoded_clips, "encoded_prompts": encoded_prompts,
+            "seconds_to_first_step": first_step_at, "model_load_seconds": model_load_seconds,
+            "median_step_time_s": statistics.median(timed) if timed else None,
+            "peak_memory_allocated_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,
+            "peak_memory_reserved_gib": torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else None,
+            "lora": str(lora_path), "validation_videos": [str(p) for p in video_paths],
+        }
+        Path(args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
+        for path in video_paths:
+            logger.info("Validation video: %s", path)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
