@@ -28,7 +28,7 @@ from cogvideox_lora import checkpoints, models
 from cogvideox_lora.args import parse_args, validation_prompts
 from cogvideox_lora.data import DatasetError, FrameSettings, check_clips, epoch_batches, load_clips
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
-from cogvideox_lora.lora import LORA_WEIGHTS_NAME, add_lora, save_lora, trainable_parameters
+from cogvideox_lora.lora import LORA_WEIGHTS_NAME, adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
 from cogvideox_lora.loss import compute_loss, draw_batch, rotary_embeddings, sample_seed
 from cogvideox_lora.optim import make_optimizer
 from cogvideox_lora.validation import Validator
@@ -41,7 +41,11 @@ def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    with models.preferred_attention(args.attention_backend):
+        train(args, started)
 
+
+def train(args, started: float):
     # 1. Data: everything about the clips is checked before any model is loaded.
     try:
         clips = load_clips(args.instance_data_root, args.caption_column, args.video_column, args.dataset_file,
@@ -169,7 +173,8 @@ def main(argv=None):
                 rotary[latent_shape] = rotary_embeddings(accelerator.unwrap_model(transformer).config,
                                                          *latent_shape, device)
             # Gradients are all-reduced once, on the last batch of the accumulation.
-            with accelerator.no_sync(transformer) if k < ga - 1 else nullcontext():
+            with accelerator.no_sync(transformer) if k < ga - 1 else nullcontext(), \
+                    adapter_inputs_uncast(transformer, weight_dtype):
                 loss = compute_loss(transformer, batch, alphas_cumprod, weight_dtype, rotary[latent_shape]) / ga
                 accelerator.backward(loss)
             loss_sum += loss.detach()

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Frames per second clips are sampled at (from each clip's own rate); also the rate "
                            "of the validation videos.")
     data.add_argument("--max_num_frames", type=int, default=49,
-                      help="Most frames taken from a clip; must be 4k+1. Shorter clips are cut to 4k+1 frames.")
+                      help="Frames taken from each clip at --fps (4k+1, as the VAE compresses time 4x); a clip "
+                           "that gives fewer is reported (see --skip_bad_videos).")
     data.add_argument("--skip_frames_start", type=int, default=0, help="Frames dropped from the start of each clip.")
     data.add_argument("--skip_frames_end", type=int, default=0, help="Frames dropped from the end of each clip.")
     data.add_argument("--video_reshape_mode", choices=["center", "random", "none"], default="center",
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--adam_weight_decay", type=float, default=1e-4, help="Weight decay.")
     train.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
+    train.add_argument("--attention_backend", choices=["cudnn", "flash", "efficient", "math"], default="cudnn",
+                       help="Preferred PyTorch attention kernel; others are fallbacks where it does not apply. "
+                            "cuDNN's is the fastest on Hopper at CogVideoX's head size of 64.")
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matrix products on Ampere and newer.")
 
     ckpt = p.add_argument_group("checkpoints and logs")

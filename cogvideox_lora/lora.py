@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 from diffusers import CogVideoXPipeline
 from peft import LoraConfig
+from peft.helpers import disable_input_dtype_casting
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -24,6 +25,16 @@ def add_lora(transformer, rank: int, alpha: float) -> LoraConfig:
         if param.requires_grad:
             param.data = param.data.to(torch.float32)
     return config
+
+
+def adapter_inputs_uncast(transformer, weight_dtype: torch.dtype):
+    """Context in which peft does not copy each adapter's input to the adapter's fp32.
+
+    Under autocast the adapter's matrix products run in the half dtype anyway, but peft's cast makes a
+    full-size fp32 copy of the activations for every adapted projection, which autocast then copies
+    back to half precision and keeps for the backward pass: several GiB at 49x480x720.
+    """
+    return disable_input_dtype_casting(transformer, active=weight_dtype != torch.float32)
 
 
 def trainable_parameters(transformer) -> list[torch.nn.Parameter]:

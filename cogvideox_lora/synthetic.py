@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# diffusers, transformers and the codecs are imported inside the functions that need them, so that
+# writing clips does not pay the seconds it takes to import the model libraries.
+
 SIZES = ("tiny", "tiny-5b", "2b", "5b")
 
 # Real sizes: the diffusers class defaults are CogVideoX-2b; the 5b values are those of
@@ -46,9 +49,10 @@ _TINY_VAE = dict(
     layers_per_block=1,
     norm_num_groups=2,
     temporal_compression_ratio=4,
-    # Only the tiling tile size derives from these; match the clips the tests use.
-    sample_height=48,
-    sample_width=64,
+    # Tiles are half these sizes; at the real 480x720 the tiny clips are never tiled, whose tile
+    # arithmetic only adds up at real sizes (a 64-wide clip in 32-wide tiles comes out 9 latents wide).
+    sample_height=480,
+    sample_width=720,
 )
 _TINY_T5 = dict(d_model=32, d_ff=37, num_layers=2, num_heads=2, d_kv=8, feed_forward_proj="gated-gelu")
 # google/t5-v1_1-xxl, the text encoder every CogVideoX ships.
@@ -146,8 +150,7 @@ def build_tokenizer(model_max_length: int = 226):
         model_writer=model,
         model_type="unigram",
         vocab_size=200,
-        # The corpus is too small for exactly 200 pieces; take what it supports.
-        hard_vocab_limit=False,
+        # Keep even the rarest corpus characters (digits, capitals) as pieces.
         character_coverage=1.0,
         pad_id=0,
         eos_id=1,
@@ -175,9 +178,9 @@ def build_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch
     max_text_seq_length = transformer_config.get("max_text_seq_length", 226)
 
     tokenizer = build_tokenizer(model_max_length=max_text_seq_length)
-    text_encoder_config = T5Config(**{"vocab_size": len(tokenizer), **spec["text_encoder"]},
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   decoder_start_token_id=tokenizer.pad_token_id)
+    # Tiny encoders get exactly the tokenizer's vocabulary; real ones keep T5-XXL's 32128 rows.
+    # T5Config's default pad (0) and eos (1) ids are the tokenizer's.
+    text_encoder_config = T5Config(**{"vocab_size": len(tokenizer), **spec["text_encoder"]})
 
     # Seeding before each module keeps every module's weights independent of the others'
     # sizes, so e.g. changing the VAE does not change the transformer.
