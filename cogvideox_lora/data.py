@@ -97,7 +97,8 @@ def _read_table(root: Path, dataset_file: str, caption_column: str, video_column
                 problems.append(f"{path}:{n}: not valid JSON ({e.msg}): each line must be one JSON object.")
     else:
         reader = csv.DictReader(text.splitlines())
-        records = [(n, row) for n, row in enumerate(reader, start=2)]  # line 1 is the header
+        # line_num counts the lines read so far, blank ones included: the line of the row just read.
+        records = [(reader.line_num, row) for row in reader]
     rows = []
     for n, record in records:
         missing = [c for c in (caption_column, video_column) if c not in record]

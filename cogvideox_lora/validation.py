@@ -4,7 +4,6 @@ import io
 import re
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
@@ -60,11 +59,13 @@ def save_videos(videos, prompts: list[str], directory, step: int, fps: int) -> l
 
 def _tensorboard_video(writer, tag: str, frames: np.ndarray, step: int, fps: int) -> None:
     # TensorBoard shows videos as animated GIFs in its image tab (what SummaryWriter.add_video does
-    # through moviepy); imageio writes the GIF without that extra dependency.
+    # through moviepy); Pillow writes the GIF without that extra dependency.
+    from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
 
+    images = [Image.fromarray(frame) for frame in (frames * 255).round().astype(np.uint8)]
     gif = io.BytesIO()
-    iio.imwrite(gif, (frames * 255).round().astype(np.uint8), extension=".gif", duration=1000 / fps, loop=0)
+    images[0].save(gif, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
     height, width = frames.shape[1:3]
     image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif.getvalue())
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)

@@ -1,0 +1,117 @@
+"""Speed and memory of train_cogvideox_lora.py on random-init, real-size CogVideoX models.
+
+    python benchmarks/bench_train.py --workdir /tmp/bench              # GPU: the rows of BENCHMARKS.md
+    python benchmarks/bench_train.py --tiny --workdir /tmp/bench       # CPU: the same flow, tiny models
+
+Builds the model folders (real configs, T5-XXL-size text encoder, random weights; nothing is
+downloaded) and generated 480x720 clips, runs the real trainer through `accelerate launch` for each
+row, and prints the figures the trainer itself wrote to train_summary.json. A model's first row runs
+on an empty latent cache (cold), its later rows reuse it (warm).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from diffusers import CogVideoXTransformer3DModel
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cogvideox_lora import synthetic  # noqa: E402
+
+ROWS = {  # name: (model size, extra trainer flags)
+    "2b": ("2b", []),
+    "2b-ckpt": ("2b", ["--gradient_checkpointing"]),
+    "5b-ckpt": ("5b", ["--gradient_checkpointing"]),
+}
+TINY_SIZES = {"2b": "tiny", "5b": "tiny-5b"}
+
+
+def step_flops(config: dict, latent_frames: int, latent_height: int, latent_width: int, recompute: bool) -> float:
+    """Matrix FLOPs of one step of batch 1 with a frozen base (LoRA's own FLOPs are negligible).
+
+    Per layer, the projections and feed-forward take 24*S*D^2 forward and the attention 4*S^2*D; the
+    backward needs activation gradients only: once the projections' cost and twice the attention's.
+    Gradient checkpointing adds a second forward.
+    """
+    p = config["patch_size"]
+    tokens = config["max_text_seq_length"] + latent_frames * (latent_height // p) * (latent_width // p)
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    linear, attention = 24 * tokens * dim**2, 4 * tokens**2 * dim
+    per_layer = 2 * linear + 3 * attention + (linear + attention if recompute else 0)
+    return config["num_layers"] * per_layer
+
+
+def run_row(name, model_dir, data_dir, workdir, frames, height, width, steps, extra):
+    size, flags = ROWS[name]
+    out = workdir / f"out-{name}"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "accelerate_config_machine_single.yaml"), str(REPO / "train_cogvideox_lora.py"),
+        "--pretrained_model_name_or_path", str(model_dir), "--instance_data_root", str(data_dir),
+        "--output_dir", str(out), "--latent_cache_dir", str(workdir / "cache"),
+        "--height", str(height), "--width", str(width), "--max_num_frames", str(frames), "--fps", "8",
+        "--rank", "128", "--lora_alpha", "128", "--train_batch_size", "1", "--max_train_steps", str(steps),
+        "--checkpointing_steps", "100000", "--mixed_precision", "bf16", "--optimizer", "adamw",
+        "--enable_tiling", "--enable_slicing", "--report_to", "none", *flags, *extra,
+    ]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=REPO)
+    summary = json.loads((out / "train_summary.json").read_text())
+    config = CogVideoXTransformer3DModel.load_config(model_dir, subfolder="transformer")
+    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    flops = step_flops(config, *latent, recompute="--gradient_checkpointing" in flags)
+    step = summary["median_step_time_s"]
+    return {"row": name, "model": size, **summary, "step_tflop": flops / 1e12,
+            "achieved_tflops": flops / step / 1e12 if step else None}
+
+
+def fmt(value, spec=".3f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="where models, clips, cache and runs go")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per row")
+    parser.add_argument("--clips", default=None, help="an existing dataset folder instead of generated clips")
+    parser.add_argument("--tiny", action="store_true", help="tiny models and clips, for a CPU")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("extra", nargs="*", help="further trainer flags, after --")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir)
+    frames, height, width = (9, 48, 64) if args.tiny else (49, 480, 720)
+    data_dir = Path(args.clips) if args.clips else workdir / "data"
+    if not args.clips and not (data_dir / "videos.txt").exists():
+        synthetic.write_clips(data_dir, num_clips=4, height=height, width=width, num_frames=frames, fps=8)
+    results = []
+    for name in args.rows.split(","):
+        size = ROWS[name][0]
+        model_dir = workdir / f"model-{size}"
+        if not (model_dir / "model_index.json").exists():
+            import torch
+
+            synthetic.build_model_folder(model_dir, size=TINY_SIZES[size] if args.tiny else size,
+                                         dtype=torch.float32 if args.tiny else torch.bfloat16,
+                                         device="cuda" if torch.cuda.is_available() else "cpu")
+        results.append(run_row(name, model_dir, data_dir, workdir, frames, height, width, args.steps, args.extra))
+
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    print("\n| row | median step (s) | peak alloc (GiB) | peak reserved (GiB) | to first step (s) | cache "
+          "| model load (s) | TFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        cache = "warm" if r["encoded_clips"] == 0 else "cold"
+        print(f"| {r['row']} | {fmt(r['median_step_time_s'])} | {fmt(r['peak_memory_allocated_gib'], '.1f')} "
+              f"| {fmt(r['peak_memory_reserved_gib'], '.1f')} | {fmt(r['seconds_to_first_step'], '.1f')} | {cache} "
+              f"| {fmt(r['model_load_seconds'], '.1f')} | {fmt(r['achieved_tflops'], '.0f')} |")
+
+
+if __name__ == "__main__":
+    main()

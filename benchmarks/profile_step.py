@@ -1,0 +1,135 @@
+"""Where the time of one training step goes, and what each speed option buys.
+
+    python benchmarks/profile_step.py --size 2b [--gradient_checkpointing] [--variants cudnn,flash,cudnn+compile]
+
+Runs the trainer's own step (draw_batch, compute_loss, backward, fused AdamW) on a random-init
+transformer built on the GPU from the real config, with random latents of 49x480x720, so no model
+folder or data is needed. For each variant it prints the median step time (CUDA events), peak
+memory and the kernels that take the most time.
+"""
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from diffusers import CogVideoXTransformer3DModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cogvideox_lora import synthetic  # noqa: E402
+from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, trainable_parameters  # noqa: E402
+from cogvideox_lora.loss import compute_loss, draw_batch, rotary_embeddings  # noqa: E402
+from cogvideox_lora.models import preferred_attention  # noqa: E402
+
+GIB = 2**30
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of this script, with --size tiny
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(size: str, checkpointing: bool, compile_blocks: bool, rank: int):
+    config = synthetic._SPECS[size]["transformer"]
+    with torch.device(DEVICE):
+        transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    lora_config = add_lora(transformer, rank, rank)
+    if compile_blocks:
+        for block in transformer.transformer_blocks:
+            block.compile()
+    return transformer, lora_config
+
+
+def run_variant(name: str, args) -> dict:
+    options = set(name.split("+"))
+    transformer, _ = build(args.size, args.gradient_checkpointing, "compile" in options, args.rank)
+    config = transformer.config
+    params = trainable_parameters(transformer)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, fused=DEVICE == "cuda")
+    latent_frames, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    video = {"latent_params": torch.randn(2 * config.in_channels, latent_frames, h, w, dtype=torch.bfloat16)}
+    prompt = {"prompt_embeds": torch.randn(config.max_text_seq_length, config.text_embed_dim, dtype=torch.bfloat16)}
+    alphas = torch.linspace(0.999, 0.001, 1000, device=DEVICE)
+    rotary = rotary_embeddings(config, latent_frames, h, w, DEVICE)
+    uncast = "cast" not in options
+
+    def step(i):
+        batch = draw_batch([video], [prompt], [i], 1.0, 0.0, 1000, DEVICE)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16), (adapter_inputs_uncast(transformer, torch.bfloat16)
+                                                            if uncast else nullcontext()):
+            loss = compute_loss(transformer, batch, alphas, torch.bfloat16, rotary)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    backend = next(o for o in options if o in ("cudnn", "flash", "efficient", "math"))
+    with preferred_attention(backend):
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        for i in range(args.warmup):
+            step(i)
+        sync()
+        warmup_s = time.perf_counter() - started
+        times = []
+        for i in range(args.steps):
+            started = time.perf_counter()
+            step(100 + i)
+            sync()
+            times.append(time.perf_counter() - started)
+        peak = torch.cuda.max_memory_allocated() / GIB if DEVICE == "cuda" else 0.0
+        table = ""
+        if args.profile:
+            activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
+            with torch.profiler.profile(activities=[activity]) as prof:
+                step(1000)
+                sync()
+            table = prof.key_averages().table(sort_by=f"{'cuda' if DEVICE == 'cuda' else 'cpu'}_time_total",
+                                              row_limit=args.profile)
+    del transformer, optimizer, params
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return {"variant": name, "median_step_s": statistics.median(times), "peak_alloc_gib": peak,
+            "warmup_s": warmup_s, "table": table}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="2b", choices=["2b", "5b", "tiny"])
+    parser.add_argument("--variants", default="cudnn,flash",
+                        help="comma-separated; each joins with '+' an attention backend (cudnn, flash, efficient, "
+                             "math) and optionally 'compile' (torch.compile each block) and 'cast' (keep peft's "
+                             "fp32 cast of adapter inputs)")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--frames", type=int, default=49)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=720)
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--profile", type=int, default=15, help="kernels to list per variant (0: no profile)")
+    args = parser.parse_args()
+
+    results = [run_variant(v, args) for v in args.variants.split(",")]
+    for r in results:
+        print(f"\n=== {args.size} {'ckpt ' if args.gradient_checkpointing else ''}{r['variant']}\n{r['table']}")
+    print(f"\n| {args.size}{' ckpt' if args.gradient_checkpointing else ''} variant | median step (s) "
+          f"| peak alloc (GiB) | warm-up (s) |\n| --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['variant']} | {r['median_step_s']:.3f} | {r['peak_alloc_gib']:.1f} | {r['warmup_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

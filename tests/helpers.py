@@ -1,0 +1,94 @@
+"""Running the trainer from tests: through its command line in a subprocess or in this process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train_cogvideox_lora.py"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Tiny sizes every training test uses: 9 frames of 48x64 give 3x6x8 latents on the tiny models.
+TINY_FLAGS = ["--height", "48", "--width", "64", "--max_num_frames", "9", "--rank", "4", "--lora_alpha", "4",
+              "--validation_num_inference_steps", "2", "--seed", "7"]
+
+
+def train_argv(model_dir, data_dir, output_dir, cache_dir, *extra, report_to="none") -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model_dir), "--instance_data_root", str(data_dir),
+            "--output_dir", str(output_dir), "--latent_cache_dir", str(cache_dir), "--report_to", report_to,
+            *TINY_FLAGS, *map(str, extra)]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_script(argv, launcher: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python train_cogvideox_lora.py ARGS`, or the same through `accelerate launch`."""
+    if launcher:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *argv]
+    else:
+        command = [sys.executable, str(SCRIPT), *argv]
+    return subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n" \
+                                   f"stderr:\n{result.stderr[-8000:]}"
+    return result
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_main(argv) -> None:
+    """train_cogvideox_lora.main(argv) in this process (no import cost); accelerate's singletons are reset
+    afterwards so that the next run may choose another precision. A refusal raises SystemExit."""
+    import train_cogvideox_lora
+
+    _reset_accelerate()
+    try:
+        train_cogvideox_lora.main([str(a) for a in argv])
+    finally:
+        _reset_accelerate()
+
+
+def summary(output_dir) -> dict:
+    return json.loads((Path(output_dir) / "train_summary.json").read_text())
+
+
+def lora(path) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA file, or of the pytorch_lora_weights.safetensors in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    return load_file(str(path))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def tree_state(root) -> dict:
+    """Every path under root with its size, modification time and bytes, to show that nothing changed."""
+    root = Path(root)
+    state = {}
+    for path in sorted(root.rglob("*")):
+        st = path.stat()
+        state[str(path.relative_to(root))] = (path.is_dir(), st.st_size, st.st_mtime_ns,
+                                              None if path.is_dir() else path.read_bytes())
+    return state

@@ -1,0 +1,346 @@
+"""The dataset: index files, frame sampling, decoding, resizing, checks and batching."""
+
+import json
+import math
+import random
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+import helpers  # noqa: F401  (puts the repository on sys.path)
+from cogvideox_lora.args import parse_args
+from cogvideox_lora.data import (Clip, DatasetError, FrameSettings, check_clips, epoch_batches, load_clips,
+                                 read_frames, resize_and_crop, sample_frame_indices)
+from cogvideox_lora.synthetic import frame_index_from_pixels, write_clips
+
+
+def settings(fps=8, max_num_frames=49, skip_start=0, skip_end=0, height=48, width=64, mode="center"):
+    return FrameSettings(height, width, fps, max_num_frames, skip_start, skip_end, mode, 4)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# load_clips
+
+
+def test_prompts_and_videos_with_blank_lines_and_crlf(tmp_path):
+    write(tmp_path / "prompts.txt", "\ufefffirst prompt\r\n\r\nsecond prompt  \r\n   \r\nthird prompt\r\n\r\n")
+    write(tmp_path / "videos.txt", "\r\nvideos/a.mp4\r\nvideos/b.mp4\r\n\r\n\r\nvideos/c.mp4")
+
+    clips = load_clips(tmp_path, "prompts.txt", "videos.txt")
+
+    assert [c.prompt for c in clips] == ["first prompt", "second prompt", "third prompt"]
+    assert [c.video for c in clips] == [tmp_path / "videos" / n for n in ("a.mp4", "b.mp4", "c.mp4")]
+    assert not any("\r" in c.prompt or "\r" in str(c.video) for c in clips)
+    # Messages point at the line of videos.txt that names the clip, counting the blank lines.
+    assert [c.where for c in clips] == [f"{tmp_path / 'videos.txt'}:{n}" for n in (2, 3, 6)]
+
+
+def test_id_token_is_prepended_with_a_space(tmp_path):
+    write(tmp_path / "prompts.txt", "a bear walks\nmickey dances\n")
+    write(tmp_path / "videos.txt", "1.mp4\n2.mp4\n")
+    plain = load_clips(tmp_path, "prompts.txt", "videos.txt")
+    tokened = load_clips(tmp_path, "prompts.txt", "videos.txt", id_token="DISNEY")
+    assert [c.prompt for c in tokened] == [f"DISNEY {c.prompt}" for c in plain]
+    assert [c.video for c in tokened] == [c.video for c in plain]
+
+
+@pytest.mark.parametrize("num_prompts, num_videos", [(4, 3), (2, 5)])
+def test_mismatched_counts_name_both_counts_and_where_they_part(tmp_path, num_prompts, num_videos):
+    # A blank line after the first entry of each file, so line numbers differ from entry numbers.
+    prompts = [f"prompt {i}" for i in range(num_prompts)]
+    videos = [f"videos/{i}.mp4" for i in range(num_videos)]
+    write(tmp_path / "prompts.txt", prompts[0] + "\n\n" + "\n".join(prompts[1:]) + "\n")
+    write(tmp_path / "videos.txt", videos[0] + "\n\n" + "\n".join(videos[1:]) + "\n")
+
+    with pytest.raises(DatasetError) as error:
+        load_clips(tmp_path, "prompts.txt", "videos.txt")
+    message = str(error.value)
+    assert f"{num_prompts} prompts" in message
+    assert f"{num_videos} clips" in message
+    # The first entry of the longer file without a partner is entry min(...)+1, on line min(...)+2.
+    longer = "prompts.txt" if num_prompts > num_videos else "videos.txt"
+    assert f"{longer} line {min(num_prompts, num_videos) + 2}" in message
+
+
+def test_missing_index_files_are_both_reported(tmp_path):
+    with pytest.raises(DatasetError) as error:
+        load_clips(tmp_path, "prompts.txt", "videos.txt")
+    assert len(error.value.problems) == 2
+    assert "prompts.txt" in error.value.problems[0] and "videos.txt" in error.value.problems[1]
+
+
+def test_csv_dataset_file_with_named_columns(tmp_path):
+    write(tmp_path / "meta.csv",
+          "path,text,other\n"
+          "videos/a.mp4,\"a bear, walking\",x\n"
+          "\n"
+          "videos/b.mp4,mickey dances,y\n"
+          "videos/c.mp4,,z\n")
+    with pytest.raises(DatasetError) as error:
+        load_clips(tmp_path, "text", "path", dataset_file="meta.csv")
+    # Only the row without a prompt is wrong, and it is named by its real line (5: the blank line counts).
+    assert len(error.value.problems) == 1
+    assert error.value.problems[0].startswith(f"{tmp_path / 'meta.csv'}:5: empty prompt")
+
+    write(tmp_path / "meta.csv",
+          "path,text,other\n"
+          "videos/a.mp4,\"a bear, walking\",x\n"
+          "\n"
+          "videos/b.mp4,mickey dances,y\n")
+    clips = load_clips(tmp_path, "text", "path", dataset_file="meta.csv", id_token="TOK")
+    assert [c.prompt for c in clips] == ["TOK a bear, walking", "TOK mickey dances"]
+    assert [c.video for c in clips] == [tmp_path / "videos/a.mp4", tmp_path / "videos/b.mp4"]
+    assert [c.where for c in clips] == [f"{tmp_path / 'meta.csv'}:{n}" for n in (2, 4)]
+
+    with pytest.raises(DatasetError) as error:
+        load_clips(tmp_path, "caption", "path", dataset_file="meta.csv")
+    assert "no column caption" in str(error.value) and "--caption_column" in str(error.value)
+
+
+def test_jsonl_dataset_file_with_named_columns(tmp_path):
+    rows = [{"file": "videos/a.mp4", "prompt": "a red car"}, {"file": "videos/b.mp4", "prompt": "a polar bear"}]
+    write(tmp_path / "meta.jsonl", json.dumps(rows[0]) + "\r\n\r\n" + json.dumps(rows[1]) + "\r\n")
+    clips = load_clips(tmp_path, "prompt", "file", dataset_file="meta.jsonl")
+    assert [c.prompt for c in clips] == [r["prompt"] for r in rows]
+    assert [c.video for c in clips] == [tmp_path / r["file"] for r in rows]
+    assert [c.where for c in clips] == [f"{tmp_path / 'meta.jsonl'}:{n}" for n in (1, 3)]
+
+    write(tmp_path / "bad.jsonl", json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(DatasetError) as error:
+        load_clips(tmp_path, "prompt", "file", dataset_file="bad.jsonl")
+    assert f"{tmp_path / 'bad.jsonl'}:2" in str(error.value)
+
+
+def test_dataset_file_columns_default_to_caption_and_video(tmp_path):
+    common = ["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path)]
+    args = parse_args(common + ["--dataset_file", "meta.csv"])
+    assert (args.caption_column, args.video_column) == ("caption", "video")
+    args = parse_args(common)
+    assert (args.caption_column, args.video_column) == ("prompts.txt", "videos.txt")
+    args = parse_args(common + ["--dataset_file", "meta.jsonl", "--caption_column", "text"])
+    assert (args.caption_column, args.video_column) == ("text", "video")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frame sampling
+
+
+def reference_indices(num_frames, clip_fps, s: FrameSettings):
+    """Exact arithmetic: output frame k shows the source frame on screen at time k/fps after the skipped start."""
+    step = Fraction(clip_fps) / s.fps
+    end = num_frames - s.skip_frames_end
+    indices = []
+    k = 0
+    while len(indices) < s.max_num_frames and s.skip_frames_start + math.floor(k * step) < end:
+        indices.append(s.skip_frames_start + math.floor(k * step))
+        k += 1
+    keep = (len(indices) - 1) // 4 * 4 + 1 if indices else 0
+    return indices[:keep]
+
+
+def test_sample_frame_indices_examples():
+    # 24 fps sampled at 8 fps: every 3rd frame.
+    assert sample_frame_indices(40, 24, settings(fps=8, max_num_frames=13)) == list(range(0, 37, 3))
+    # 30 fps at 8 fps: the frame on screen at k/8 s is floor(3.75 k).
+    assert sample_frame_indices(200, 30, settings(fps=8, max_num_frames=9)) == [0, 3, 7, 11, 15, 18, 22, 26, 30]
+    # The clip's own rate matters: the same 200 frames at 8 fps are taken one by one.
+    assert sample_frame_indices(200, 8, settings(fps=8, max_num_frames=9)) == list(range(9))
+    # Skips: start at frame 5, never reach the last 10 frames (40 - 10 = 30 is the end).
+    got = sample_frame_indices(40, 24, settings(fps=8, max_num_frames=49, skip_start=5, skip_end=10))
+    assert got == [5, 8, 11, 14, 17, 20, 23, 26, 29]
+    # max_num_frames caps the count.
+    assert len(sample_frame_indices(1000, 24, settings(fps=8, max_num_frames=17))) == 17
+    # 11 available frames are cut to 4k+1 = 9; 4 are cut to 1.
+    assert sample_frame_indices(11, 8, settings(fps=8, max_num_frames=49)) == list(range(9))
+    assert sample_frame_indices(4, 8, settings(fps=8, max_num_frames=49)) == [0]
+    assert sample_frame_indices(3, 8, settings(fps=8, max_num_frames=49, skip_start=3)) == []
+
+
+@pytest.mark.parametrize("clip_fps, fps", [(24, 8), (30, 8), (25, 10), (24, 7), (60, 9), (29, 12), (8, 8)])
+@pytest.mark.parametrize("num_frames, skip_start, skip_end, max_num_frames",
+                         [(200, 0, 0, 49), (200, 7, 13, 17), (37, 2, 3, 49), (96, 0, 50, 49)])
+def test_sample_frame_indices_match_exact_arithmetic(clip_fps, fps, num_frames, skip_start, skip_end,
+                                                     max_num_frames):
+    s = settings(fps=fps, max_num_frames=max_num_frames, skip_start=skip_start, skip_end=skip_end)
+    got = sample_frame_indices(num_frames, clip_fps, s)
+    assert got == reference_indices(num_frames, clip_fps, s)
+    assert len(got) <= max_num_frames and (not got or (len(got) - 1) % 4 == 0)
+    assert all(skip_start <= i < num_frames - skip_end for i in got)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding and resizing
+
+
+@pytest.fixture(scope="module")
+def rate_clips(tmp_path_factory):
+    """One 40-frame clip at 24 fps and one at 30 fps, each frame's background encoding its index."""
+    root = tmp_path_factory.mktemp("rates")
+    paths = {}
+    for clip_fps in (24, 30):
+        folder = root / str(clip_fps)
+        write_clips(folder, num_clips=1, num_frames=40, fps=clip_fps)
+        paths[clip_fps] = folder / "videos" / "clip_000.mp4"
+    return paths
+
+
+@pytest.mark.parametrize("clip_fps, max_num_frames, skip_start, skip_end, expected", [
+    (24, 13, 0, 0, list(range(0, 37, 3))),
+    (24, 49, 1, 5, [1, 4, 7, 10, 13, 16, 19, 22, 25]),  # 12 frames up to 34, cut to 9
+    (30, 9, 0, 0, [0, 3, 7, 11, 15, 18, 22, 26, 30]),
+])
+def test_read_frames_returns_the_expected_source_frames(rate_clips, clip_fps, max_num_frames, skip_start, skip_end,
+                                                        expected):
+    s = settings(fps=8, max_num_frames=max_num_frames, skip_start=skip_start, skip_end=skip_end)
+    frames = read_frames(rate_clips[clip_fps], s)
+    assert frames.shape == (len(expected), 3, 48, 64)
+    assert frames.dtype == torch.float32
+    assert frames.min() >= -1.0 and frames.max() <= 1.0
+    # The square's colours reach both ends of the range: the mapping is not squeezed.
+    assert frames.min() < -0.9 and frames.max() > 0.6
+    pixels = ((frames + 1.0) * 127.5).numpy()  # back to [0, 255]
+    assert [frame_index_from_pixels(f) for f in pixels] == expected
+
+
+def test_center_crop_keeps_the_aspect_ratio():
+    # A 64x96 (HxW) frame whose channels hold each pixel's column and row: wider than 48x64 (4:3).
+    h, w = 64, 96
+    frames = torch.zeros(2, 3, h, w)
+    frames[:, 0] = torch.arange(w, dtype=torch.float32)
+    frames[:, 1] = torch.arange(h, dtype=torch.float32)[:, None]
+
+    center = resize_and_crop(frames, 48, 64, "center", random.Random(0))
+    plain = resize_and_crop(frames, 48, 64, "none", random.Random(0))
+    assert center.shape == plain.shape == (2, 3, 48, 64)
+
+    def slopes(out):  # source pixels per output pixel, measured away from the borders
+        x = out[0, 0, 24]
+        y = out[0, 1, :, 32]
+        return ((x[50] - x[10]) / 40).item(), ((y[40] - y[8]) / 32).item()
+
+    # Centre mode scales both axes by 48/64 and crops the width; 'none' squeezes the width by 64/96.
+    assert slopes(center) == pytest.approx((64 / 48, 64 / 48), abs=1e-3)
+    assert slopes(plain) == pytest.approx((96 / 64, 64 / 48), abs=1e-3)
+    # The crop is centred: the first and last output columns are symmetric about the source centre,
+    # and the leftmost source columns are cut away in centre mode but kept in 'none' mode.
+    assert (center[0, 0, 24, 0] + center[0, 0, 24, -1]).item() == pytest.approx(w - 1, abs=1e-3)
+    assert center[0, 0, 24, 0] > 5.0
+    assert plain[0, 0, 24, 0] < 1.0 and plain[0, 0, 24, -1] > w - 2
+
+
+def test_tall_frame_is_cropped_top_and_bottom_without_resizing():
+    frames = torch.rand(3, 3, 96, 64)  # H=96, W=64 into 48x64: the width fits, half the height is cut
+    center = resize_and_crop(frames, 48, 64, "center", random.Random(0))
+    torch.testing.assert_close(center, frames[..., 24:72, :], atol=1e-5, rtol=0)
+    offsets = set()
+    for seed in range(20):
+        out = resize_and_crop(frames, 48, 64, "random", random.Random(seed))
+        top = next(t for t in range(49) if torch.allclose(out, frames[..., t:t + 48, :], atol=1e-5))
+        offsets.add(top)
+    assert len(offsets) > 1  # random mode moves the crop
+
+
+def test_read_frames_crop_is_visible_on_a_real_clip(tmp_path):
+    # Clip 0's 24x16 red square starts at the top-left corner of a 96x64 (HxW) clip. Centre mode keeps
+    # rows 24..71, so at frame 0 no red is left; 'none' squeezes the whole frame, square included.
+    write_clips(tmp_path, num_clips=1, height=96, width=64, num_frames=9, fps=8)
+    path = tmp_path / "videos" / "clip_000.mp4"
+    center = read_frames(path, settings(max_num_frames=9, mode="center"))
+    plain = read_frames(path, settings(max_num_frames=9, mode="none"))
+    assert center.shape == plain.shape == (9, 3, 48, 64)
+
+    def red(frame):
+        return (frame[0] > 0.5) & (frame[1] < -0.5)
+
+    assert red(center[0]).sum() == 0
+    assert red(plain[0])[:10, :14].float().mean() > 0.9
+    # Both keep the frame index.
+    assert [frame_index_from_pixels(f, value_range=(-1, 1)) for f in center] == list(range(9))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# check_clips
+
+
+def test_check_clips_reports_every_problem_with_file_and_line(tmp_path, tiny_dataset_dir):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset_dir, root)
+    write_clips(tmp_path / "short", num_clips=1, num_frames=5, fps=8)
+    shutil.copy(tmp_path / "short" / "videos" / "clip_000.mp4", root / "videos" / "short.mp4")
+    (root / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + b"not a video" * 200)
+    videos = (root / "videos.txt").read_text().splitlines()
+    entries = [videos[0], "videos/missing.mp4", videos[1], "videos/broken.mp4", "videos/short.mp4", videos[2]]
+    (root / "videos.txt").write_text("\n".join(entries) + "\n")
+    (root / "prompts.txt").write_text("\n".join(f"prompt {i}" for i in range(len(entries))) + "\n")
+
+    clips = load_clips(root, "prompts.txt", "videos.txt")
+    s = settings(fps=8, max_num_frames=9)
+    with pytest.raises(DatasetError) as error:
+        check_clips(clips, s)
+    problems = error.value.problems
+    assert len(problems) == 3
+    index = root / "videos.txt"
+    for problem, line, name in zip(problems, (2, 4, 5), ("missing.mp4", "broken.mp4", "short.mp4")):
+        assert problem.startswith(f"{index}:{line}: ")
+        assert name in problem
+    assert "does not exist" in problems[0]
+    assert "cannot be decoded" in problems[1]
+    assert "gives 5 frames" in problems[2] and "--max_num_frames" in problems[2]
+    assert str(error.value).count("\n") >= 3  # all of them in the one message
+
+    good, skipped = check_clips(clips, s, skip_bad=True)
+    assert [c.video.name for c in good] == [Path(v).name for v in (videos[0], videos[1], videos[2])]
+    assert skipped == problems
+
+    with pytest.raises(DatasetError) as error:
+        check_clips([c for c in clips if c not in good], s, skip_bad=True)
+    assert "No usable clip" in str(error.value)
+
+    # The same short clip is fine when fewer frames are asked for.
+    short = [c for c in clips if c.video.name == "short.mp4"]
+    assert check_clips(short, settings(fps=8, max_num_frames=5)) == (short, [])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# epoch_batches
+
+
+def test_epoch_batches_shapes_counts_orders_and_seeds():
+    shapes = [(8, 3, 6, 8)] * 7 + [(8, 5, 6, 8)] * 5 + [(8, 3, 8, 6)] * 1
+    random.Random(1).shuffle(shapes)
+    batch_size = 2
+    per_epoch = []
+    for epoch in range(8):
+        batches = epoch_batches(shapes, batch_size, seed=3, epoch=epoch)
+        per_epoch.append(batches)
+        assert all(len(b) == batch_size for b in batches)
+        assert all(len({shapes[i] for i in b}) == 1 for b in batches)
+        flat = [i for b in batches for i in b]
+        assert len(flat) == len(set(flat))  # no clip twice in an epoch
+        # 7 // 2 + 5 // 2 + 1 // 2 batches, every epoch.
+        assert len(batches) == 3 + 2 + 0
+        assert epoch_batches(shapes, batch_size, seed=3, epoch=epoch) == batches
+    assert len({str(b) for b in per_epoch}) > 1
+    assert per_epoch[0] != per_epoch[1]
+    assert epoch_batches(shapes, batch_size, seed=4, epoch=0) != per_epoch[0]
+    # Over the epochs every clip that can be in a batch is trained on (the leftovers change).
+    seen = {i for batches in per_epoch for b in batches for i in b}
+    assert seen == {i for i, s in enumerate(shapes) if s != (8, 3, 8, 6)}
+    assert epoch_batches(shapes, 14, seed=3, epoch=0) == []
+
+
+def test_clip_is_hashable_and_frame_settings_from_args(tmp_path):
+    args = parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path), "--height",
+                       "64", "--width", "96", "--fps", "12", "--max_num_frames", "13", "--skip_frames_start", "2",
+                       "--skip_frames_end", "3", "--video_reshape_mode", "none"])
+    assert FrameSettings.from_args(args, 4) == FrameSettings(64, 96, 12, 13, 2, 3, "none", 4)
+    assert len({Clip("a", Path("x"), "w:1"), Clip("a", Path("x"), "w:1")}) == 1
