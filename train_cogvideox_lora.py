@@ -24,7 +24,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from cogvideox_lora import checkpoints, models
+from cogvideox_lora import checkpoints, memory, models
 from cogvideox_lora.args import parse_args, validation_prompts
 from cogvideox_lora.data import DatasetError, FrameSettings, check_clips, epoch_batches, load_clips
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
@@ -34,18 +34,18 @@ from cogvideox_lora.optim import make_optimizer
 from cogvideox_lora.validation import Validator
 
 logger = logging.getLogger("train_cogvideox_lora")
-GIB = 2**30
+
 
 
 def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    with models.preferred_attention(args.attention_backend):
-        train(args, started)
+    with models.preferred_attention(args.attention_backend), checkpoints.StopSignal() as stop:
+        train(args, started, stop)
 
 
-def train(args, started: float):
+def train(args, started: float, stop: checkpoints.StopSignal):
     # 1. Data: everything about the clips is checked before any model is loaded.
     try:
         clips = load_clips(args.instance_data_root, args.caption_column, args.video_column, args.dataset_file,
@@ -75,6 +75,23 @@ def train(args, started: float):
                  f"write the same --output_dir. On a machine without GPUs start several processes with "
                  f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N.")
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
+    compile_blocks = args.compile_blocks
+    if compile_blocks is None:
+        compile_blocks = torch.cuda.is_available() and args.base_weights_dtype != "fp8"
+    spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    needed = memory.estimate(
+        transformer_config, (args.max_num_frames - 1) // settings.temporal_compression + 1, args.height // spatial,
+        args.width // spatial, args.train_batch_size, args.rank, args.gradient_checkpointing, compile_blocks,
+        weight_bytes=1 if args.base_weights_dtype == "fp8" else weight_dtype.itemsize,
+        optimizer_state_bytes=2 if args.use_8bit_adam else 8)
+    logger.info("Estimated peak GPU memory of a training step: %s", needed)
+    if torch.cuda.is_available():
+        available = torch.cuda.get_device_properties(device).total_memory / memory.GIB
+        if needed.total_gib > available:
+            logger.warning("The estimate exceeds this GPU's %.1f GiB: consider --gradient_checkpointing, "
+                           "--use_8bit_adam, --base_weights_dtype fp8 or a lower --rank.", available)
+    if args.dry_run:
+        return
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.allow_tf32:
@@ -106,9 +123,13 @@ def train(args, started: float):
     transformer = models.load_transformer(args, weight_dtype).requires_grad_(False)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if args.base_weights_dtype == "fp8":
+        models.store_base_weights_in_fp8(transformer, weight_dtype)
     set_seed(args.seed)  # the same fresh adapter in every process and every run with this seed
     lora_config = add_lora(transformer, args.rank, args.lora_alpha)
     transformer.to(device)
+    if compile_blocks:
+        models.compile_blocks(transformer)
     model_load_seconds = time.perf_counter() - loading
     noise_scheduler = models.load_scheduler(args)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device, torch.float32)
@@ -179,7 +200,11 @@ def train(args, started: float):
                 accelerator.backward(loss)
             loss_sum += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
-        step_loss = accelerator.reduce(loss_sum, reduction="mean").item()  # the one host sync of the step
+        # One reduction and one host sync a step: every process learns the mean loss and whether any was
+        # signalled, so all stop at the same step.
+        totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)]),
+                                    reduction="sum").tolist()
+        step_loss, stopping = totals[0] / accelerator.num_processes, totals[1] > 0
         if not math.isfinite(step_loss):
             accelerator.end_training()
             sys.exit(f"error: the loss is {step_loss} at step {step + 1} (clips: "
@@ -196,14 +221,18 @@ def train(args, started: float):
         logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                 "step_time_s": step_times[-1]}
         if torch.cuda.is_available():
-            logs["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+            logs["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / memory.GIB
         accelerator.log(logs, step=step + 1)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
         progress.update()
 
         done = step + 1
-        if done % args.checkpointing_steps == 0 and done < max_train_steps:
+        if (done % args.checkpointing_steps == 0 or stopping) and done < max_train_steps:
             checkpoints.save_checkpoint(accelerator, args.output_dir, done, args.checkpoints_total_limit)
+        if stopping and done < max_train_steps:
+            accelerator.end_training()
+            sys.exit(f"Stopped by a signal after step {done}; checkpoint-{done} is saved. Continue with the same "
+                     f"command and --resume_from_checkpoint latest.")
         epochs_before, epochs_after = step * ga // batches_per_epoch, done * ga // batches_per_epoch
         if done < max_train_steps and (
                 (args.validation_steps and done % args.validation_steps == 0)
@@ -226,8 +255,8 @@ def train(args, started: float):
             "encoded_clips": encoded_clips, "encoded_prompts": encoded_prompts,
             "seconds_to_first_step": first_step_at, "model_load_seconds": model_load_seconds,
             "median_step_time_s": statistics.median(timed) if timed else None,
-            "peak_memory_allocated_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,
-            "peak_memory_reserved_gib": torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else None,
+            "peak_memory_allocated_gib": torch.cuda.max_memory_allocated() / memory.GIB if torch.cuda.is_available() else None,
+            "peak_memory_reserved_gib": torch.cuda.max_memory_reserved() / memory.GIB if torch.cuda.is_available() else None,
             "lora": str(lora_path), "validation_videos": [str(p) for p in video_paths],
         }
         Path(args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))

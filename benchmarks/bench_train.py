@@ -26,6 +26,7 @@ ROWS = {  # name: (model size, extra trainer flags)
     "2b": ("2b", []),
     "2b-ckpt": ("2b", ["--gradient_checkpointing"]),
     "5b-ckpt": ("5b", ["--gradient_checkpointing"]),
+    "5b-ckpt-fp8": ("5b", ["--gradient_checkpointing", "--base_weights_dtype", "fp8"]),
 }
 TINY_SIZES = {"2b": "tiny", "5b": "tiny-5b"}
 

@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--attention_backend", choices=["cudnn", "flash", "efficient", "math"], default="cudnn",
                        help="Preferred PyTorch attention kernel; others are fallbacks where it does not apply. "
                             "cuDNN's is the fastest on Hopper at CogVideoX's head size of 64.")
+    train.add_argument("--compile_blocks", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile each transformer block: faster steps and less memory, after a "
+                            "compilation of about half a minute in the first step. Default: on with a GPU.")
+    train.add_argument("--base_weights_dtype", choices=["auto", "fp8"], default="auto",
+                       help="Storage of the frozen transformer weights: 'auto' is the --mixed_precision dtype; "
+                            "'fp8' keeps them as float8 (half the memory) and computes in --mixed_precision.")
+    train.add_argument("--dry_run", action="store_true",
+                       help="Check the data and settings, print the memory estimate, and exit before loading models.")
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matrix products on Ampere and newer.")
 
     ckpt = p.add_argument_group("checkpoints and logs")
@@ -161,6 +169,11 @@ def check_args(args) -> list[str]:
             problems.append(f"--{name} must be at least 1, not {getattr(args, name)}.")
     if not 0.0 <= args.random_flip <= 1.0:
         problems.append(f"--random_flip {args.random_flip} is a probability: give a value from 0 to 1.")
+    if args.base_weights_dtype == "fp8" and args.compile_blocks:
+        problems.append("--base_weights_dtype fp8 does not work with --compile_blocks (diffusers swaps the weights' "
+                        "dtype around each layer, which the compiled backward does not see): drop one of them.")
+    if args.base_weights_dtype == "fp8" and args.mixed_precision == "no":
+        problems.append("--base_weights_dtype fp8 computes in half precision: add --mixed_precision bf16.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag).")
     if args.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:

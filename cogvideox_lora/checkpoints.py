@@ -5,8 +5,11 @@ so any checkpoint folder also loads in a stock pipeline. It is written as `.chec
 renamed to `checkpoint-N` once complete: a kill at any moment leaves no folder that `latest` picks.
 """
 
+import logging
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 from diffusers import CogVideoXPipeline
@@ -14,6 +17,30 @@ from diffusers import CogVideoXPipeline
 from .lora import LORA_WEIGHTS_NAME, load_lora_state_dict, save_lora
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+logger = logging.getLogger(__name__)
+
+
+class StopSignal:
+    """Turns the first SIGTERM or SIGINT (preemption, Ctrl-C) into a request to checkpoint and stop.
+
+    The training loop finishes its step, saves and exits; a second signal ends the process at once.
+    """
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        logger.warning("%s: saving a checkpoint after this step, then stopping. Signal again to stop at once.",
+                       signal.Signals(signum).name)
 
 
 def complete_checkpoints(output_dir) -> list[Path]:

@@ -6,6 +6,7 @@ import torch
 from diffusers import CogVideoXPipeline
 from peft import LoraConfig
 from peft.helpers import disable_input_dtype_casting
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -24,6 +25,10 @@ def add_lora(transformer, rank: int, alpha: float) -> LoraConfig:
     for param in transformer.parameters():
         if param.requires_grad:
             param.data = param.data.to(torch.float32)
+    # peft created the adapter in the base layer's dtype, which may be float8: draw it again in fp32.
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer):
+            module.reset_lora_parameters("default", init_lora_weights=True)
     return config
 
 

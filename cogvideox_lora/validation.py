@@ -96,9 +96,12 @@ class Validator:
         saved = []
         if self.prompts and accelerator.is_main_process:
             self.vae = (self.vae or self.load_vae()).to(accelerator.device)
-            videos = generate_validation_videos(accelerator.unwrap_model(transformer), self.vae, self.scheduler_config,
-                                                self.prompt_embeds, self.negative_embeds, self.args,
-                                                accelerator.device, self.dtype)
+            # Compiled blocks would compile again for inference (no grad, a batch of two for guidance):
+            # minutes for a few videos, so they run eagerly here.
+            with torch.compiler.set_stance("force_eager"):
+                videos = generate_validation_videos(accelerator.unwrap_model(transformer), self.vae, self.scheduler_config,
+                                                    self.prompt_embeds, self.negative_embeds, self.args,
+                                                    accelerator.device, self.dtype)
             self.vae.to("cpu")
             saved = save_videos(videos, self.prompts, Path(self.args.output_dir) / "validation", step, self.args.fps)
             log_videos(accelerator, videos, self.prompts, saved, step, self.args.fps)
