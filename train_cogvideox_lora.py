@@ -75,15 +75,13 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                  f"write the same --output_dir. On a machine without GPUs start several processes with "
                  f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N.")
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
-    compile_blocks = args.compile_blocks
-    if compile_blocks is None:
-        compile_blocks = torch.cuda.is_available() and args.base_weights_dtype != "fp8"
+    compile_blocks = torch.cuda.is_available() if args.compile_blocks is None else args.compile_blocks
     spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
     needed = memory.estimate(
         transformer_config, (args.max_num_frames - 1) // settings.temporal_compression + 1, args.height // spatial,
         args.width // spatial, args.train_batch_size, args.rank, args.gradient_checkpointing, compile_blocks,
-        weight_bytes=1 if args.base_weights_dtype == "fp8" else weight_dtype.itemsize,
-        optimizer_state_bytes=2 if args.use_8bit_adam else 8)
+        weight_bytes=weight_dtype.itemsize, optimizer_state_bytes=2 if args.use_8bit_adam else 8,
+        float8_blocks=args.base_weights_dtype == "fp8")
     logger.info("Estimated peak GPU memory of a training step: %s", needed)
     if torch.cuda.is_available():
         available = torch.cuda.get_device_properties(device).total_memory / memory.GIB
@@ -124,7 +122,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.base_weights_dtype == "fp8":
-        models.store_base_weights_in_fp8(transformer, weight_dtype)
+        models.store_base_weights_in_fp8(transformer, weight_dtype, device)
     set_seed(args.seed)  # the same fresh adapter in every process and every run with this seed
     lora_config = add_lora(transformer, args.rank, args.lora_alpha)
     transformer.to(device)

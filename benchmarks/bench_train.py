@@ -13,6 +13,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from diffusers import CogVideoXTransformer3DModel
@@ -70,6 +71,20 @@ def run_row(name, model_dir, data_dir, workdir, frames, height, width, steps, ex
             "achieved_tflops": flops / step / 1e12 if step else None}
 
 
+def describe_environment() -> dict:
+    import accelerate
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__, "peft": peft.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
 def fmt(value, spec=".3f") -> str:
     return "—" if value is None else format(value, spec)
 
@@ -102,8 +117,10 @@ def main():
                                          device="cuda" if torch.cuda.is_available() else "cpu")
         results.append(run_row(name, model_dir, data_dir, workdir, frames, height, width, args.steps, args.extra))
 
+    environment = describe_environment()
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps({"environment": environment, "rows": results}, indent=2))
+    print("\n" + ", ".join(f"{k} {v}" for k, v in environment.items()))
     print("\n| row | median step (s) | peak alloc (GiB) | peak reserved (GiB) | to first step (s) | cache "
           "| model load (s) | TFLOP/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

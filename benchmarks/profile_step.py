@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cogvideox_lora import synthetic  # noqa: E402
 from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, trainable_parameters  # noqa: E402
 from cogvideox_lora.loss import compute_loss, draw_batch, rotary_embeddings  # noqa: E402
-from cogvideox_lora.models import preferred_attention  # noqa: E402
+from cogvideox_lora.models import compile_blocks, preferred_attention, store_base_weights_in_fp8  # noqa: E402
 
 GIB = 2**30
 
@@ -37,22 +37,23 @@ def sync():
         torch.cuda.synchronize()
 
 
-def build(size: str, checkpointing: bool, compile_blocks: bool, rank: int):
+def build(size: str, checkpointing: bool, options: set, rank: int):
     config = synthetic._SPECS[size]["transformer"]
     with torch.device(DEVICE):
         transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
-    lora_config = add_lora(transformer, rank, rank)
-    if compile_blocks:
-        for block in transformer.transformer_blocks:
-            block.compile()
-    return transformer, lora_config
+    if "fp8" in options:
+        store_base_weights_in_fp8(transformer, torch.bfloat16, DEVICE)
+    add_lora(transformer, rank, rank)
+    if "compile" in options:
+        compile_blocks(transformer)
+    return transformer
 
 
 def run_variant(name: str, args) -> dict:
     options = set(name.split("+"))
-    transformer, _ = build(args.size, args.gradient_checkpointing, "compile" in options, args.rank)
+    transformer = build(args.size, args.gradient_checkpointing, options, args.rank)
     config = transformer.config
     params = trainable_parameters(transformer)
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, fused=DEVICE == "cuda")
@@ -110,8 +111,8 @@ def main():
     parser.add_argument("--size", default="2b", choices=["2b", "5b", "tiny"])
     parser.add_argument("--variants", default="cudnn,flash",
                         help="comma-separated; each joins with '+' an attention backend (cudnn, flash, efficient, "
-                             "math) and optionally 'compile' (torch.compile each block) and 'cast' (keep peft's "
-                             "fp32 cast of adapter inputs)")
+                             "math) and optionally 'compile' (torch.compile each block), 'fp8' (float8 base weights) "
+                             "and 'cast' (keep peft's fp32 cast of adapter inputs)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--frames", type=int, default=49)
     parser.add_argument("--height", type=int, default=480)

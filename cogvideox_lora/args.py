@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "compilation of about half a minute in the first step. Default: on with a GPU.")
     train.add_argument("--base_weights_dtype", choices=["auto", "fp8"], default="auto",
                        help="Storage of the frozen transformer weights: 'auto' is the --mixed_precision dtype; "
-                            "'fp8' keeps them as float8 (half the memory) and computes in --mixed_precision.")
+                            "'fp8' keeps the attention and feed-forward weights as float8 with a scale per row "
+                            "(5B: 5.6 GiB instead of 10.4) and computes in --mixed_precision.")
     train.add_argument("--dry_run", action="store_true",
                        help="Check the data and settings, print the memory estimate, and exit before loading models.")
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matrix products on Ampere and newer.")
@@ -169,9 +170,6 @@ def check_args(args) -> list[str]:
             problems.append(f"--{name} must be at least 1, not {getattr(args, name)}.")
     if not 0.0 <= args.random_flip <= 1.0:
         problems.append(f"--random_flip {args.random_flip} is a probability: give a value from 0 to 1.")
-    if args.base_weights_dtype == "fp8" and args.compile_blocks:
-        problems.append("--base_weights_dtype fp8 does not work with --compile_blocks (diffusers swaps the weights' "
-                        "dtype around each layer, which the compiled backward does not see): drop one of them.")
     if args.base_weights_dtype == "fp8" and args.mixed_precision == "no":
         problems.append("--base_weights_dtype fp8 computes in half precision: add --mixed_precision bf16.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:

@@ -40,8 +40,12 @@ def transformer_parameters(config: dict) -> int:
 
 
 def estimate(config: dict, latent_frames: int, latent_height: int, latent_width: int, batch_size: int,
-             rank: int, checkpointing: bool, compiled: bool, weight_bytes: float, optimizer_state_bytes: float):
-    """Peak memory of a training step; optimizer_state_bytes is per adapter weight (8 for Adam, 2 for 8-bit)."""
+             rank: int, checkpointing: bool, compiled: bool, weight_bytes: float, optimizer_state_bytes: float,
+             float8_blocks: bool = False):
+    """Peak memory of a training step; optimizer_state_bytes is per adapter weight (8 for Adam, 2 for 8-bit).
+
+    float8_blocks: the attention and feed-forward weights (12 w^2 a block) take one byte each.
+    """
     width = config["num_attention_heads"] * config["attention_head_dim"]
     p, p_t = config["patch_size"], config.get("patch_size_t") or 1
     tokens = config["max_text_seq_length"] + (latent_frames // p_t) * (latent_height // p) * (latent_width // p)
@@ -51,6 +55,9 @@ def estimate(config: dict, latent_frames: int, latent_height: int, latent_width:
     block = ACTIVATIONS_PER_BLOCK[compiled] * one_tensor
     # With checkpointing only each block's input is kept, and one block's activations at a time.
     activations = layers * one_tensor + block if checkpointing else layers * block
-    return MemoryEstimate(weights_gib=transformer_parameters(config) * weight_bytes / GIB,
+    weights = transformer_parameters(config) * weight_bytes
+    if float8_blocks:
+        weights -= layers * 12 * width**2 * (weight_bytes - 1)
+    return MemoryEstimate(weights_gib=weights / GIB,
                           adapter_gib=adapter * (4 + 4 + optimizer_state_bytes) / GIB,
                           activations_gib=activations / GIB)

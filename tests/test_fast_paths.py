@@ -1,0 +1,161 @@
+"""The trainer's fast paths learn what the plain path learns, the memory estimate, --dry_run and the benchmark.
+
+Each fast path (compiled blocks, adapter inputs left uncast, float8 base weights) computes one training
+step of the tiny model on the CPU; its loss and LoRA gradients are compared with the plain path's.
+"""
+
+import copy
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import CogVideoXTransformer3DModel
+
+from cogvideox_lora import memory, models
+from cogvideox_lora.lora import add_lora, adapter_inputs_uncast, lora_state_dict, load_lora_state_dict
+from cogvideox_lora.loss import compute_loss
+from tests.helpers import REPO, run_script, summary, train_argv
+
+BF16 = torch.bfloat16
+
+
+def load_tiny(model_dir, fp8: bool = False):
+    transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir, subfolder="transformer",
+                                                              torch_dtype=BF16).requires_grad_(False)
+    if fp8:
+        models.store_base_weights_in_fp8(transformer, BF16, "cpu")
+    add_lora(transformer, rank=4, alpha=4)
+    return transformer
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir):
+    """The plain path's transformer, with a non-zero adapter so that every LoRA weight gets a gradient."""
+    torch.manual_seed(0)
+    transformer = load_tiny(tiny_model_dir)
+    for name, param in transformer.named_parameters():
+        if param.requires_grad:
+            param.data = torch.randn_like(param) * 0.05
+    return transformer
+
+
+@pytest.fixture(scope="module")
+def batch(plain):
+    config = plain.config
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 3, config.in_channels, config.sample_height, config.sample_width, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    prompt_embeds = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=generator)
+    alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
+    return (latents, noise, torch.tensor([100, 700]), prompt_embeds), alphas_cumprod
+
+
+def step(transformer, batch, uncast: bool = False):
+    """One bf16-autocast training step: the loss and the LoRA gradients by name."""
+    (latents, noise, timesteps, prompt_embeds), alphas_cumprod = batch
+    transformer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=BF16), adapter_inputs_uncast(transformer, BF16) if uncast else \
+            adapter_inputs_uncast(transformer, torch.float32):
+        loss = compute_loss(transformer, (latents, noise, timesteps, prompt_embeds), alphas_cumprod, BF16, None)
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in transformer.named_parameters() if p.requires_grad}
+
+
+def relative_error(a: dict, b: dict) -> float:
+    """The norm of the difference over the norm of the reference, over all LoRA gradients together."""
+    assert a.keys() == b.keys()
+    diff = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt()
+    return (diff / sum((a[k] ** 2).sum() for k in a).sqrt()).item()
+
+
+def assert_same_step(reference, other, tolerance):
+    (loss_a, grads_a), (loss_b, grads_b) = reference, other
+    assert all(g.abs().max() > 0 for g in grads_a.values()), "every LoRA weight should have a gradient"
+    assert loss_b == pytest.approx(loss_a, rel=tolerance)
+    assert relative_error(grads_a, grads_b) < tolerance
+
+
+def test_uncast_adapter_inputs_give_the_plain_step(plain, batch):
+    assert_same_step(step(plain, batch), step(plain, batch, uncast=True), tolerance=1e-2)
+
+
+def test_compiled_blocks_give_the_plain_step(plain, batch):
+    compiled = copy.deepcopy(plain)
+    models.compile_blocks(compiled)
+    # Both as the trainer runs them: compiled blocks with uncast adapter inputs.
+    assert_same_step(step(plain, batch), step(compiled, batch, uncast=True), tolerance=1e-2)
+
+
+def test_float8_base_weights_stay_close_to_bf16(tiny_model_dir, plain, batch):
+    fp8 = load_tiny(tiny_model_dir, fp8=True)
+    load_lora_state_dict(fp8, lora_state_dict(plain))
+    block = fp8.transformer_blocks[0]
+    assert block.attn1.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert block.ff.net[2].weight.dtype == torch.float8_e4m3fn
+    assert block.norm1.linear.weight.dtype == BF16  # the modulation stays in the compute dtype
+    assert all(p.dtype == torch.float32 for p in fp8.parameters() if p.requires_grad)
+    # A weight survives the round trip to scaled float8 within its 3-bit mantissa (relative 2^-4).
+    reference = plain.transformer_blocks[0].ff.net[2]
+    restored = block.ff.net[2].weight.to(BF16) * block.ff.net[2].weight_scale
+    big = reference.weight.abs() > reference.weight.abs().amax(dim=1, keepdim=True) / 8
+    assert ((restored - reference.weight).abs()[big] / reference.weight.abs()[big]).max() <= 2**-4 + 2**-8
+    # Rounding every base weight by up to 6 % moves the step by a few percent at most.
+    assert_same_step(step(plain, batch, uncast=True), step(fp8, batch, uncast=True), tolerance=0.05)
+
+    compiled = copy.deepcopy(fp8)
+    models.compile_blocks(compiled)
+    assert_same_step(step(fp8, batch, uncast=True), step(compiled, batch, uncast=True), tolerance=1e-2)
+
+
+def test_float8_compiled_run_trains_and_validates(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    out = tmp_path / "out"
+    result = run_script(train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache",
+                                    "--max_train_steps", 2, "--mixed_precision", "bf16",
+                                    "--base_weights_dtype", "fp8", "--compile_blocks",
+                                    "--validation_prompt", "a red square"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert summary(out)["steps"] == 2 and len(summary(out)["validation_videos"]) == 1
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_memory_estimate_follows_the_settings():
+    # The class defaults are CogVideoX-2B's config.
+    config = {name: p.default for name, p in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
+              if p.default is not inspect.Parameter.empty}
+    args = dict(latent_frames=13, latent_height=60, latent_width=90, batch_size=1, rank=128, compiled=True,
+                weight_bytes=2, optimizer_state_bytes=8)
+    plain = memory.estimate(config, checkpointing=False, **args)
+    # The 2B peaks measured on an H100 (BENCHMARKS.md): 32.4 GiB compiled, 7.5 with checkpointing.
+    assert plain.total_gib == pytest.approx(32.4, rel=0.1)
+    checkpointed = memory.estimate(config, checkpointing=True, **args)
+    assert checkpointed.total_gib == pytest.approx(7.5, rel=0.1)
+    assert memory.estimate(config, checkpointing=True, **{**args, "batch_size": 2}).activations_gib == \
+        pytest.approx(2 * checkpointed.activations_gib)
+    fp8 = memory.estimate(config, checkpointing=True, float8_blocks=True, **args)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    assert checkpointed.weights_gib - fp8.weights_gib == pytest.approx(
+        config["num_layers"] * 12 * width**2 / memory.GIB)
+    assert memory.estimate(config, checkpointing=True, **{**args, "optimizer_state_bytes": 2}).adapter_gib < \
+        checkpointed.adapter_gib
+
+
+def test_dry_run_prints_the_estimate_and_creates_nothing(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    result = run_script(train_argv(tiny_model_dir, tiny_dataset_dir, out, cache, "--dry_run"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Estimated peak GPU memory of a training step: about" in result.stderr
+    assert not out.exists() and not cache.exists()
+
+
+def test_benchmark_runs_in_tiny_mode(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--tiny", "--rows", "2b",
+                             "--steps", "2", "--workdir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    row = [line for line in result.stdout.splitlines() if line.startswith("| 2b |")]
+    assert len(row) == 1, result.stdout
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert float(cells[1]) > 0 and cells[5] == "cold"  # a median step time was measured, on a fresh cache
+    assert summary(tmp_path / "out-2b")["steps"] == 2
