@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from cogvideox_lora import checkpoints, memory, models
 from cogvideox_lora.args import parse_args, validation_prompts
-from cogvideox_lora.data import DatasetError, FrameSettings, check_clips, epoch_batches, load_clips
+from cogvideox_lora.data import DatasetError, FrameSettings, check_dataset, epoch_batches
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
 from cogvideox_lora.lora import LORA_WEIGHTS_NAME, adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
 from cogvideox_lora.loss import compute_loss, draw_batch, rotary_embeddings, sample_seed
@@ -42,19 +42,18 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with models.preferred_attention(args.attention_backend), checkpoints.StopSignal() as stop:
-        train(args, started, stop)
+        try:
+            train(args, started, stop)
+        except DatasetError as e:
+            sys.exit(f"error: {e}")
 
 
 def train(args, started: float, stop: checkpoints.StopSignal):
-    # 1. Data: everything about the clips is checked before any model is loaded.
-    try:
-        clips = load_clips(args.instance_data_root, args.caption_column, args.video_column, args.dataset_file,
-                           args.id_token)
-        transformer_config, vae_config, text_encoder_config = models.read_configs(args)
-        settings = FrameSettings.from_args(args, vae_config["temporal_compression_ratio"])
-        clips, bad_clips = check_clips(clips, settings, skip_bad=args.skip_bad_videos)
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
+    # 1. Data and settings: all is checked before any model is loaded (the settings alone in parse_args).
+    transformer_config, vae_config, text_encoder_config = models.read_configs(args)
+    settings = FrameSettings.from_args(args, vae_config["temporal_compression_ratio"])
+    clips, bad_clips = check_dataset(args.instance_data_root, args.caption_column, args.video_column,
+                                     args.dataset_file, args.id_token, settings, skip_bad=args.skip_bad_videos)
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
     resume_from = checkpoints.checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
@@ -75,6 +74,9 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                  f"write the same --output_dir. On a machine without GPUs start several processes with "
                  f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N.")
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
+    if accelerator.mixed_precision == "fp16" and models.trained_in_bf16(transformer_config):
+        logger.warning("fp16 with this model (rotary position embeddings: the CogVideoX-5B family, trained in bf16) "
+                       "is known to give NaN losses: use --mixed_precision bf16.")
     compile_blocks = args.compile_blocks
     if compile_blocks is None:
         compile_blocks = torch.cuda.is_available() and args.base_weights_dtype != "fp8"
