@@ -28,7 +28,7 @@ from cogvideox_lora import checkpoints, memory, models
 from cogvideox_lora.args import parse_args, validation_prompts
 from cogvideox_lora.data import DatasetError, FrameSettings, check_dataset, epoch_batches
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
-from cogvideox_lora.lora import LORA_WEIGHTS_NAME, adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
+from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
 from cogvideox_lora.loss import compute_loss, draw_batch, rotary_embeddings, sample_seed
 from cogvideox_lora.optim import make_optimizer
 from cogvideox_lora.validation import Validator
@@ -44,7 +44,7 @@ def main(argv=None):
     with models.preferred_attention(args.attention_backend), checkpoints.StopSignal() as stop:
         try:
             train(args, started, stop)
-        except DatasetError as e:
+        except (DatasetError, checkpoints.CheckpointError) as e:
             sys.exit(f"error: {e}")
 
 
@@ -57,14 +57,11 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
     resume_from = checkpoints.checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
-    earlier_run = sorted(p.name for p in Path(args.output_dir).glob("*") if "checkpoint-" in p.name
-                         or p.name == LORA_WEIGHTS_NAME)
-    if earlier_run and args.resume_from_checkpoint is None:
-        sys.exit(f"error: {args.output_dir} holds an earlier run ({', '.join(earlier_run)}), which this one would "
-                 f"overwrite. Continue it with --resume_from_checkpoint latest, or choose another --output_dir.")
 
+    # The lr scheduler goes through prepare() (so accelerate reads it back with weights_only) and is stepped
+    # once per optimizer step, however many processes there are.
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=args.mixed_precision, step_scheduler_with_optimizer=False,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
@@ -150,15 +147,13 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
                                  power=args.lr_power)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     checkpoints.register_lora_hooks(accelerator, transformer, lora_config)
 
     first_step = 0
     if resume_from is not None:
         logger.info("Resuming from %s", resume_from)
-        accelerator.load_state(str(resume_from))
-        first_step = checkpoints.step_of(resume_from)
+        first_step = checkpoints.load_checkpoint(accelerator, resume_from)
     elif args.resume_from_checkpoint:
         logger.info("No checkpoint in %s yet: starting a new run.", args.output_dir)
 
