@@ -25,7 +25,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from cogvideox_lora import checkpoints, memory, models
-from cogvideox_lora.args import parse_args, validation_prompts
+from cogvideox_lora.args import parse_args, tracker_config, validation_prompts
 from cogvideox_lora.data import DatasetError, FrameSettings, check_dataset, epoch_batches
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
 from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
@@ -161,8 +161,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                           prompt_entry[""]["prompt_embeds"], noise_scheduler.config,
                           lambda: models.load_vae(args, weight_dtype, "cpu"), weight_dtype)
     if accelerator.is_main_process:
-        accelerator.init_trackers("cogvideox-lora", config={k: v for k, v in vars(args).items()
-                                                            if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("cogvideox-lora", config=tracker_config(args))
     logger.info("%d clips, %d batches of %d per epoch, %d optimizer steps (accumulating %d), %s on %d process(es)",
                 len(clips), batches_per_epoch, global_batch, max_train_steps, ga, accelerator.mixed_precision,
                 accelerator.num_processes)

@@ -195,6 +195,16 @@ def check_args(args) -> list[str]:
     return problems
 
 
+# Settings named like credentials never reach a tracker. --id_token is a word put in prompts, not one.
+_SECRET = re.compile(r"(?<!id_)token|secret|password|credential|api_key", re.IGNORECASE)
+
+
+def tracker_config(args) -> dict:
+    """The settings recorded with the run's metrics: plain values, and none that could be a credential."""
+    return {name: value for name, value in vars(args).items()
+            if isinstance(value, (int, float, str, bool)) and not _SECRET.search(name)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
