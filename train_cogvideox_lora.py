@@ -175,12 +175,13 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     for step in range(first_step, max_train_steps):
         if first_step_at is None:
             first_step_at = time.perf_counter() - started
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, step_clips = torch.zeros((), device=device), []
         for k in range(ga):
             micro_step = step * ga + k
             if micro_step // batches_per_epoch != epoch:
                 epoch = micro_step // batches_per_epoch
                 batches = epoch_batches(shapes, global_batch, args.seed, epoch)
+            step_clips += batches[micro_step % batches_per_epoch]
             mine = batches[micro_step % batches_per_epoch][rank * batch_size:(rank + 1) * batch_size]
             seeds = [sample_seed(args.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]
             batch = draw_batch([videos[i] for i in mine], [prompt_entry[clips[i].prompt] for i in mine], seeds,
@@ -196,17 +197,22 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                 accelerator.backward(loss)
             loss_sum += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
-        # One reduction and one host sync a step: every process learns the mean loss and whether any was
-        # signalled, so all stop at the same step.
-        totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)]),
+        # One reduction and one host sync a step: every process learns the mean loss, the gradient norm (the
+        # same in all) and whether any was signalled, so all stop at the same step.
+        totals = accelerator.reduce(torch.stack([loss_sum, grad_norm.float(),
+                                                 torch.tensor(float(stop.requested), device=device)]),
                                     reduction="sum").tolist()
-        step_loss, stopping = totals[0] / accelerator.num_processes, totals[1] > 0
-        if not math.isfinite(step_loss):
+        step_loss, grad_norm = totals[0] / accelerator.num_processes, totals[1] / accelerator.num_processes
+        stopping = totals[2] > 0
+        # fp16's grad scaler skips the steps whose gradients overflow (that is how it finds its scale); without
+        # it a non-finite gradient would put NaN into the adapter, and into the next checkpoint.
+        if not math.isfinite(step_loss) or (accelerator.scaler is None and not math.isfinite(grad_norm)):
             accelerator.end_training()
-            sys.exit(f"error: the loss is {step_loss} at step {step + 1} (clips: "
-                     f"{', '.join(str(clips[i].video) for i in mine)}). This step was not applied and nothing was "
-                     f"saved from it; the checkpoints in {args.output_dir} are intact. Try a lower --learning_rate, "
-                     f"or bf16 instead of fp16.")
+            fault = f"the loss is {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm is {grad_norm}"
+            sys.exit(f"error: {fault} at step {step + 1} (clips: {', '.join(str(clips[i].video) for i in step_clips)})."
+                     f" This step was not applied and nothing was saved from it; the checkpoints in "
+                     f"{args.output_dir} are intact. Try a lower --learning_rate, or bf16 instead of fp16, or leave "
+                     f"the clip out.")
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -214,7 +220,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         now = time.perf_counter()
         step_times.append(now - last)
         last = now
-        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "step_time_s": step_times[-1]}
         if torch.cuda.is_available():
             logs["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / memory.GIB
