@@ -25,10 +25,10 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from cogvideox_lora import checkpoints, memory, models
-from cogvideox_lora.args import parse_args, validation_prompts
-from cogvideox_lora.data import DatasetError, FrameSettings, check_clips, epoch_batches, load_clips
+from cogvideox_lora.args import parse_args, tracker_config, validation_prompts
+from cogvideox_lora.data import DatasetError, FrameSettings, check_dataset, epoch_batches
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
-from cogvideox_lora.lora import LORA_WEIGHTS_NAME, adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
+from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
 from cogvideox_lora.loss import compute_loss, draw_batch, rotary_embeddings, sample_seed
 from cogvideox_lora.optim import make_optimizer
 from cogvideox_lora.validation import Validator
@@ -42,30 +42,26 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with models.preferred_attention(args.attention_backend), checkpoints.StopSignal() as stop:
-        train(args, started, stop)
+        try:
+            train(args, started, stop)
+        except (DatasetError, checkpoints.CheckpointError) as e:
+            sys.exit(f"error: {e}")
 
 
 def train(args, started: float, stop: checkpoints.StopSignal):
-    # 1. Data: everything about the clips is checked before any model is loaded.
-    try:
-        clips = load_clips(args.instance_data_root, args.caption_column, args.video_column, args.dataset_file,
-                           args.id_token)
-        transformer_config, vae_config, text_encoder_config = models.read_configs(args)
-        settings = FrameSettings.from_args(args, vae_config["temporal_compression_ratio"])
-        clips, bad_clips = check_clips(clips, settings, skip_bad=args.skip_bad_videos)
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
+    # 1. Data and settings: all is checked before any model is loaded (the settings alone in parse_args).
+    transformer_config, vae_config, text_encoder_config = models.read_configs(args)
+    settings = FrameSettings.from_args(args, vae_config["temporal_compression_ratio"])
+    clips, bad_clips = check_dataset(args.instance_data_root, args.caption_column, args.video_column,
+                                     args.dataset_file, args.id_token, settings, skip_bad=args.skip_bad_videos)
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
     resume_from = checkpoints.checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
-    earlier_run = sorted(p.name for p in Path(args.output_dir).glob("*") if "checkpoint-" in p.name
-                         or p.name == LORA_WEIGHTS_NAME)
-    if earlier_run and args.resume_from_checkpoint is None:
-        sys.exit(f"error: {args.output_dir} holds an earlier run ({', '.join(earlier_run)}), which this one would "
-                 f"overwrite. Continue it with --resume_from_checkpoint latest, or choose another --output_dir.")
 
+    # The lr scheduler goes through prepare() (so accelerate reads it back with weights_only) and is stepped
+    # once per optimizer step, however many processes there are.
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=args.mixed_precision, step_scheduler_with_optimizer=False,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
@@ -75,6 +71,9 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                  f"write the same --output_dir. On a machine without GPUs start several processes with "
                  f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N.")
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
+    if accelerator.mixed_precision == "fp16" and models.trained_in_bf16(transformer_config):
+        logger.warning("fp16 with this model (rotary position embeddings: the CogVideoX-5B family, trained in bf16) "
+                       "is known to give NaN losses: use --mixed_precision bf16.")
     compile_blocks = torch.cuda.is_available() if args.compile_blocks is None else args.compile_blocks
     spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
     needed = memory.estimate(
@@ -146,15 +145,13 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
                                  power=args.lr_power)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     checkpoints.register_lora_hooks(accelerator, transformer, lora_config)
 
     first_step = 0
     if resume_from is not None:
         logger.info("Resuming from %s", resume_from)
-        accelerator.load_state(str(resume_from))
-        first_step = checkpoints.step_of(resume_from)
+        first_step = checkpoints.load_checkpoint(accelerator, resume_from)
     elif args.resume_from_checkpoint:
         logger.info("No checkpoint in %s yet: starting a new run.", args.output_dir)
 
@@ -162,8 +159,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                           prompt_entry[""]["prompt_embeds"], noise_scheduler.config,
                           lambda: models.load_vae(args, weight_dtype, "cpu"), weight_dtype)
     if accelerator.is_main_process:
-        accelerator.init_trackers("cogvideox-lora", config={k: v for k, v in vars(args).items()
-                                                            if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("cogvideox-lora", config=tracker_config(args))
     logger.info("%d clips, %d batches of %d per epoch, %d optimizer steps (accumulating %d), %s on %d process(es)",
                 len(clips), batches_per_epoch, global_batch, max_train_steps, ga, accelerator.mixed_precision,
                 accelerator.num_processes)
@@ -177,12 +173,13 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     for step in range(first_step, max_train_steps):
         if first_step_at is None:
             first_step_at = time.perf_counter() - started
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, step_clips = torch.zeros((), device=device), []
         for k in range(ga):
             micro_step = step * ga + k
             if micro_step // batches_per_epoch != epoch:
                 epoch = micro_step // batches_per_epoch
                 batches = epoch_batches(shapes, global_batch, args.seed, epoch)
+            step_clips += batches[micro_step % batches_per_epoch]
             mine = batches[micro_step % batches_per_epoch][rank * batch_size:(rank + 1) * batch_size]
             seeds = [sample_seed(args.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]
             batch = draw_batch([videos[i] for i in mine], [prompt_entry[clips[i].prompt] for i in mine], seeds,
@@ -198,17 +195,22 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                 accelerator.backward(loss)
             loss_sum += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
-        # One reduction and one host sync a step: every process learns the mean loss and whether any was
-        # signalled, so all stop at the same step.
-        totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)]),
+        # One reduction and one host sync a step: every process learns the mean loss, the gradient norm (the
+        # same in all) and whether any was signalled, so all stop at the same step.
+        totals = accelerator.reduce(torch.stack([loss_sum, grad_norm.float(),
+                                                 torch.tensor(float(stop.requested), device=device)]),
                                     reduction="sum").tolist()
-        step_loss, stopping = totals[0] / accelerator.num_processes, totals[1] > 0
-        if not math.isfinite(step_loss):
+        step_loss, grad_norm = totals[0] / accelerator.num_processes, totals[1] / accelerator.num_processes
+        stopping = totals[2] > 0
+        # fp16's grad scaler skips the steps whose gradients overflow (that is how it finds its scale); without
+        # it a non-finite gradient would put NaN into the adapter, and into the next checkpoint.
+        if not math.isfinite(step_loss) or (accelerator.scaler is None and not math.isfinite(grad_norm)):
             accelerator.end_training()
-            sys.exit(f"error: the loss is {step_loss} at step {step + 1} (clips: "
-                     f"{', '.join(str(clips[i].video) for i in mine)}). This step was not applied and nothing was "
-                     f"saved from it; the checkpoints in {args.output_dir} are intact. Try a lower --learning_rate, "
-                     f"or bf16 instead of fp16.")
+            fault = f"the loss is {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm is {grad_norm}"
+            sys.exit(f"error: {fault} at step {step + 1} (clips: {', '.join(str(clips[i].video) for i in step_clips)})."
+                     f" This step was not applied and nothing was saved from it; the checkpoints in "
+                     f"{args.output_dir} are intact. Try a lower --learning_rate, or bf16 instead of fp16, or leave "
+                     f"the clip out.")
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -216,7 +218,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         now = time.perf_counter()
         step_times.append(now - last)
         last = now
-        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "step_time_s": step_times[-1]}
         if torch.cuda.is_available():
             logs["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / memory.GIB

@@ -156,8 +156,8 @@ def check_args(args) -> list[str]:
         value = getattr(args, name)
         if value <= 0 or value % 16:
             lower = value // 16 * 16
-            problems.append(f"--{name} {value} is not a multiple of 16 (VAE x8, patch x2): use {lower or 16} "
-                            f"or {lower + 16}.")
+            nearest = " or ".join(str(v) for v in (lower, lower + 16) if v >= 16) or "16"
+            problems.append(f"--{name} {value} is not a multiple of 16 (VAE x8, patch x2): use {nearest}.")
     if args.max_num_frames < 1 or (args.max_num_frames - 1) % 4:
         lower = max(1, (args.max_num_frames - 1) // 4 * 4 + 1)
         problems.append(f"--max_num_frames {args.max_num_frames} is not 4k+1: use {lower} or {lower + 4}.")
@@ -165,9 +165,11 @@ def check_args(args) -> list[str]:
         problems.append(f"--validation_prompt {args.validation_prompt!r} holds no prompt once split by "
                         f"{args.validation_prompt_separator!r}.")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                 "rank", "fps", "num_validation_videos"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1, not {getattr(args, name)}.")
+                 "rank", "fps", "num_validation_videos", "max_train_steps", "checkpoints_total_limit",
+                 "validation_steps", "validation_epochs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name} must be at least 1, not {value}.")
     if not 0.0 <= args.random_flip <= 1.0:
         problems.append(f"--random_flip {args.random_flip} is a probability: give a value from 0 to 1.")
     if args.base_weights_dtype == "fp8" and args.mixed_precision == "no":
@@ -176,8 +178,11 @@ def check_args(args) -> list[str]:
         problems.append("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag).")
     if args.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
         problems.append("--optimizer prodigy needs prodigyopt: pip install prodigyopt.")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        problems.append(f"--output_dir {args.output_dir} is a file: name a folder.")
+    # The nearest part of the path that exists must be a folder for the run to create the rest.
+    existing = next(p for p in (Path(args.output_dir).absolute(), *Path(args.output_dir).absolute().parents)
+                    if p.exists())
+    if not existing.is_dir():
+        problems.append(f"--output_dir {args.output_dir}: {existing} is a file, not a folder: name a folder.")
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":
         if not Path(resume).is_dir():
@@ -186,6 +191,16 @@ def check_args(args) -> list[str]:
         elif not re.fullmatch(r"checkpoint-\d+", Path(resume).name):
             problems.append(f"--resume_from_checkpoint {resume} is not a checkpoint-N folder written by this trainer.")
     return problems
+
+
+# Settings named like credentials never reach a tracker. --id_token is a word put in prompts, not one.
+_SECRET = re.compile(r"(?<!id_)token|secret|password|credential|api_key", re.IGNORECASE)
+
+
+def tracker_config(args) -> dict:
+    """The settings recorded with the run's metrics: plain values, and none that could be a credential."""
+    return {name: value for name, value in vars(args).items()
+            if isinstance(value, (int, float, str, bool)) and not _SECRET.search(name)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -56,13 +56,58 @@ def step_of(checkpoint: Path) -> int:
     return int(_NAME.match(Path(checkpoint).name).group(1))
 
 
+class CheckpointError(Exception):
+    """A checkpoint that cannot be resumed from, or a resume that would overwrite another run."""
+
+
 def checkpoint_to_resume(output_dir, resume_from: str | None) -> Path | None:
-    if not resume_from:
-        return None
+    """The checkpoint to continue from (None: a new run), refusing whatever would overwrite an earlier run.
+
+    An --output_dir holds one run: a new run, or one continued from elsewhere, may only start in a folder
+    without checkpoints or LoRA, and a run continued from its own checkpoint-N only if none is newer.
+    """
+    output_dir = Path(output_dir)
+    found = complete_checkpoints(output_dir)
+    earlier = sorted(p.name for p in output_dir.glob("*") if "checkpoint-" in p.name or p.name == LORA_WEIGHTS_NAME)
     if resume_from == "latest":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
-    return Path(resume_from)
+        checkpoint = found[-1] if found else None
+        # With nothing to resume, what a run killed in its first checkpoint left is all it may replace.
+        earlier = [name for name in earlier if not name.endswith(".partial")]
+    else:
+        checkpoint = Path(resume_from) if resume_from else None
+    if checkpoint is None and earlier:
+        raise CheckpointError(
+            f"{output_dir} holds an earlier run ({', '.join(earlier)}), which this one would overwrite. "
+            + ("Continue it with --resume_from_checkpoint latest, or choose another --output_dir." if not resume_from
+               else "It has no checkpoint-N to continue from: choose another --output_dir."))
+    if checkpoint is not None and checkpoint.parent.resolve() == output_dir.resolve():
+        newer = [p.name for p in found if step_of(p) > step_of(checkpoint)]
+        if newer:
+            raise CheckpointError(
+                f"{output_dir} holds checkpoints newer than {checkpoint.name} ({', '.join(newer)}), which this run "
+                f"would overwrite. Resume from the newest with --resume_from_checkpoint latest, or continue "
+                f"{checkpoint.name} in a new --output_dir.")
+    elif checkpoint is not None and earlier:
+        raise CheckpointError(
+            f"{output_dir} holds another run ({', '.join(earlier)}), which continuing {checkpoint} there would "
+            f"overwrite: choose an empty --output_dir.")
+    return checkpoint
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> int:
+    """Restores the LoRA, optimizer, lr schedule and RNG of a checkpoint; returns its step.
+
+    The LoRA is read with safetensors and accelerate reads the rest with torch.load(weights_only=True),
+    so a checkpoint from elsewhere cannot run code.
+    """
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as e:  # torch, safetensors, peft and accelerate each fail their own way on a bad folder
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{checkpoint} cannot be resumed from ({type(e).__name__}: {reason}). It is damaged, "
+                              f"or was written by another trainer or with other settings (--rank, model). Resume "
+                              f"from an earlier checkpoint-N of this run, or start again in a new --output_dir.") from e
+    return step_of(checkpoint)
 
 
 def register_lora_hooks(accelerator, transformer, lora_config) -> None:

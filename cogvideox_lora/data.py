@@ -71,9 +71,14 @@ def _read_text_pair(root: Path, caption_file: str, video_file: str) -> tuple[lis
     if len(prompts) != len(videos):
         longer, shorter = (caption_file, video_file) if len(prompts) > len(videos) else (video_file, caption_file)
         extra_line = max(prompts, videos, key=len)[min(len(prompts), len(videos))][0]
+        # Blank lines are skipped, so a left-out or emptied line shows up as the first pair of entries
+        # whose line numbers differ.
+        parting = next(((p, v) for (p, _), (v, _) in zip(prompts, videos) if p != v), None)
         problems.append(f"{root / caption_file} has {len(prompts)} prompts but {root / video_file} has "
-                        f"{len(videos)} clips: they must pair up line by line. {longer} line {extra_line} is the "
-                        f"first with no partner in {shorter}.")
+                        f"{len(videos)} clips: they must pair up line by line. "
+                        + (f"They part at {caption_file} line {parting[0]} against {video_file} line {parting[1]}: "
+                           f"look for a missing, extra or blank line just before. " if parting else "")
+                        + f"{longer} line {extra_line} is the first with no partner in {shorter}.")
     rows = []
     for (p_line, prompt), (v_line, video) in zip(prompts, videos):
         rows.append((prompt, video, f"{root / caption_file}:{p_line}", f"{root / video_file}:{v_line}"))
@@ -112,12 +117,13 @@ def _read_table(root: Path, dataset_file: str, caption_column: str, video_column
     return rows, problems
 
 
-def load_clips(root, caption_column: str, video_column: str, dataset_file: str | None = None,
-               id_token: str | None = None) -> list[Clip]:
-    """Reads the dataset's index; raises DatasetError listing every entry that is wrong."""
+def read_index(root, caption_column: str, video_column: str, dataset_file: str | None = None,
+               id_token: str | None = None) -> tuple[list[Clip], list[str]]:
+    """The clips the dataset's index lists, and every problem of the index itself."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetError([f"{root}: --instance_data_root is not a folder."])
+        return [], [f"{root}: --instance_data_root is not a folder: give the dataset folder (the one holding "
+                    f"{dataset_file or caption_column + ' and ' + video_column})."]
     if dataset_file:
         rows, problems = _read_table(root, dataset_file, caption_column, video_column)
     else:
@@ -132,10 +138,17 @@ def load_clips(root, caption_column: str, video_column: str, dataset_file: str |
         if id_token:
             prompt = f"{id_token} {prompt}"
         clips.append(Clip(prompt, root / video, video_where))
+    if not clips and not problems:
+        problems.append(f"{root}: the dataset lists no clips.")
+    return clips, problems
+
+
+def load_clips(root, caption_column: str, video_column: str, dataset_file: str | None = None,
+               id_token: str | None = None) -> list[Clip]:
+    """Reads the dataset's index; raises DatasetError listing every entry that is wrong."""
+    clips, problems = read_index(root, caption_column, video_column, dataset_file, id_token)
     if problems:
         raise DatasetError(problems)
-    if not clips:
-        raise DatasetError([f"{root}: the dataset lists no clips."])
     return clips
 
 
@@ -197,6 +210,24 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
     if not good:
         raise DatasetError(problems + ["No usable clip is left."])
     return good, problems
+
+
+def check_dataset(root, caption_column: str, video_column: str, dataset_file: str | None, id_token: str | None,
+                  settings: FrameSettings, skip_bad: bool = False) -> tuple[list[Clip], list[str]]:
+    """The index and every clip it lists, checked at once: one DatasetError holds the problems of both.
+
+    With skip_bad, unusable clips are left out and their problems returned; a wrong index is always an error.
+    """
+    clips, problems = read_index(root, caption_column, video_column, dataset_file, id_token)
+    if not clips:
+        raise DatasetError(problems)
+    try:
+        good, skipped = check_clips(clips, settings, skip_bad)
+    except DatasetError as e:
+        raise DatasetError(problems + e.problems) from None
+    if problems:
+        raise DatasetError(problems)
+    return good, skipped
 
 
 def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str, rng: random.Random) -> torch.Tensor:

@@ -35,6 +35,17 @@ def read_configs(args) -> tuple[dict, dict, dict]:
     return transformer, vae, text_encoder
 
 
+def trained_in_bf16(transformer_config: dict) -> bool:
+    """Whether the transformer is of the CogVideoX family trained in bf16, which gives NaN losses in fp16.
+
+    CogVideoX-2B was trained in fp16 and the 5B models in bf16, whose range their activations use. The
+    config does not record the training dtype, and a name or a size says little (a local folder, a
+    pruned or merged model), but rotary position embeddings mark the family: the 5B, 5B-I2V and 1.5-5B
+    transformers use them, 2B uses sin-cos position embeddings.
+    """
+    return bool(transformer_config.get("use_rotary_positional_embeddings"))
+
+
 def load_transformer(args, dtype: torch.dtype):
     return CogVideoXTransformer3DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
                                                        variant=args.variant, torch_dtype=dtype, **_hub_kwargs(args))

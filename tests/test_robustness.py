@@ -1,0 +1,498 @@
+"""Issue 4, hard to break: bad datasets and settings stop before any model loads; signals, kills, NaN and
+damaged caches or checkpoints never cost more than the work since the last checkpoint, nor leave anything bad."""
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import (REPO, SCRIPT, check, lora, max_abs_diff, run_main, run_script, subprocess_env, summary,
+                     train_argv, tree_state)
+from cogvideox_lora import models
+from cogvideox_lora.args import parse_args, tracker_config
+from cogvideox_lora.data import epoch_batches
+from cogvideox_lora.latent_cache import LatentCache
+from cogvideox_lora.synthetic import write_clips
+
+STEPS, EVERY = 12, 4
+TRAINING = ["--max_train_steps", STEPS, "--checkpointing_steps", EVERY, "--learning_rate", "1e-3",
+            "--lr_scheduler", "cosine"]
+SECRET = "hf_robustnessTestSecretTokenDoNotLog0123"
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Makes loading any model fail the test: what it guards must be decided from configs and files alone."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for name in ("load_transformer", "load_vae", "load_text_encoder"):
+        monkeypatch.setattr(models, name, refuse)
+
+
+def exit_message(argv) -> str:
+    """run_main(argv), which must refuse: the message it exits with."""
+    with pytest.raises(SystemExit) as exit_:
+        run_main(argv)
+    assert exit_.value.code not in (0, None)
+    return str(exit_.value.code)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dataset: every problem at once, before any model, nothing written
+
+
+def test_every_dataset_problem_is_reported_at_once(tmp_path, tiny_model_dir, tiny_dataset_dir, no_models):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_dir, data)
+    write_clips(tmp_path / "short", num_clips=1, num_frames=5, fps=8)
+    shutil.copy(tmp_path / "short" / "videos" / "clip_000.mp4", data / "videos" / "short.mp4")
+    (data / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + b"not a video" * 200)
+    (data / "videos.txt").write_text("videos/clip_000.mp4\nvideos/missing.mp4\nvideos/broken.mp4\n"
+                                     "videos/short.mp4\nvideos/clip_001.mp4\n")
+    # Line 3 is blank: the third prompt was emptied, so the files part there and videos.txt is a line longer.
+    (data / "prompts.txt").write_text("a red square\na bear\n\na car\na mouse\n")
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("mine")
+    before = tree_state(output_dir)
+
+    started = time.perf_counter()
+    message = exit_message(train_argv(tiny_model_dir, data, output_dir, tmp_path / "cache", *TRAINING))
+    elapsed = time.perf_counter() - started
+
+    prompts, videos = data / "prompts.txt", data / "videos.txt"
+    assert f"{prompts} has 4 prompts but {videos} has 5 clips" in message
+    assert "They part at prompts.txt line 4 against videos.txt line 3" in message
+    assert "videos.txt line 5 is the first with no partner in prompts.txt" in message
+    assert f"{videos}:2: {data / 'videos' / 'missing.mp4'} does not exist" in message
+    assert f"{videos}:3: {data / 'videos' / 'broken.mp4'} cannot be decoded" in message
+    assert f"{videos}:4: {data / 'videos' / 'short.mp4'} gives 5 frames" in message
+    assert "lower --max_num_frames to 5" in message
+    assert "4 problem(s) in the dataset" in message
+    assert tree_state(output_dir) == before
+    assert not (tmp_path / "cache").exists()
+    assert elapsed < 10, elapsed
+
+
+def test_table_dataset_problems_are_reported_together(tmp_path, tiny_model_dir, tiny_dataset_dir, no_models):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_dir, data)
+    (data / "meta.csv").write_text("video,caption\nvideos/clip_000.mp4,a red square\nvideos/clip_001.mp4,\n"
+                                   "videos/gone.mp4,a bear\n")
+    message = exit_message(train_argv(tiny_model_dir, data, tmp_path / "out", tmp_path / "cache",
+                                      "--dataset_file", "meta.csv"))
+    # An index problem and a clip problem in the same message.
+    assert f"{data / 'meta.csv'}:3: empty prompt: write a caption for videos/clip_001.mp4" in message
+    assert f"{data / 'meta.csv'}:4: {data / 'videos' / 'gone.mp4'} does not exist" in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_missing_root_and_index_files(tmp_path, tiny_model_dir, no_models):
+    message = exit_message(train_argv(tiny_model_dir, tmp_path / "nowhere", tmp_path / "out", tmp_path / "cache"))
+    assert f"{tmp_path / 'nowhere'}: --instance_data_root is not a folder" in message
+
+    (tmp_path / "empty").mkdir()
+    message = exit_message(train_argv(tiny_model_dir, tmp_path / "empty", tmp_path / "out", tmp_path / "cache"))
+    assert f"{tmp_path / 'empty' / 'prompts.txt'}: not found" in message
+    assert f"{tmp_path / 'empty' / 'videos.txt'}: not found" in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_skip_bad_videos_trains_on_the_rest_with_a_warning(tmp_path, tiny_model_dir, tiny_dataset_dir, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_dir, data)
+    (data / "videos" / "broken.mp4").write_bytes(b"garbage" * 100)
+    with open(data / "videos.txt", "a") as f:
+        f.write("videos/missing.mp4\nvideos/broken.mp4\n")
+    with open(data / "prompts.txt", "a") as f:
+        f.write("not there\nnot a video\n")
+    out = tmp_path / "out"
+    caplog.set_level(logging.WARNING)
+    run_main(train_argv(tiny_model_dir, data, out, tmp_path / "cache", "--max_train_steps", 1, "--skip_bad_videos"))
+    assert summary(out)["clips"] == 4
+    warning = next(r.getMessage() for r in caplog.records if "--skip_bad_videos" in r.getMessage())
+    assert "Leaving out 2 clip(s)" in warning
+    assert f"{data / 'videos.txt'}:5: " in warning and f"{data / 'videos.txt'}:6: " in warning
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings: all problems at once, before any model
+
+
+def test_bad_settings_are_all_reported_before_anything(tmp_path, tiny_model_dir, tiny_dataset_dir, capsys,
+                                                       monkeypatch, no_models):
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("mine")
+    # bitsandbytes is installed here: the flag alone is fine...
+    parse_args(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache", "--use_8bit_adam"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # ...and now it is not
+    with pytest.raises(SystemExit) as exit_:
+        run_main(train_argv(tiny_model_dir, tiny_dataset_dir, a_file, tmp_path / "cache", "--use_8bit_adam",
+                            "--height", 50, "--width", 8, "--max_num_frames", 10, "--validation_prompt", " ::: ",
+                            "--resume_from_checkpoint", tmp_path / "checkpoint-3", "--checkpoints_total_limit", 0))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    expected = ["--height 50 is not a multiple of 16 (VAE x8, patch x2): use 48 or 64.",
+                "--width 8 is not a multiple of 16 (VAE x8, patch x2): use 16.",
+                "--max_num_frames 10 is not 4k+1: use 9 or 13.",
+                "--validation_prompt ' ::: ' holds no prompt once split by ':::'.",
+                "--checkpoints_total_limit must be at least 1, not 0.",
+                "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes",
+                f"--output_dir {a_file}: {a_file} is a file, not a folder",
+                f"--resume_from_checkpoint {tmp_path / 'checkpoint-3'} does not exist"]
+    assert [e for e in expected if e not in err] == []
+    assert a_file.read_text() == "mine" and not (tmp_path / "cache").exists()
+
+
+def test_output_dir_below_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path),
+                    "--output_dir", str(tmp_path / "file" / "run")])
+    assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, precision, warned", [("5b", "fp16", True), ("5b", "bf16", False),
+                                                      ("2b", "fp16", False)])
+def test_fp16_with_a_5b_model_warns(tmp_path, tiny_model_dir, tiny_5b_model_dir, tiny_dataset_dir, caplog, no_models,
+                                    model, precision, warned):
+    caplog.set_level(logging.WARNING)
+    run_main(train_argv(tiny_5b_model_dir if model == "5b" else tiny_model_dir, tiny_dataset_dir, tmp_path / "out",
+                        tmp_path / "cache", "--mixed_precision", precision, "--dry_run"))
+    warnings = [r.getMessage() for r in caplog.records if "NaN" in r.getMessage()]
+    assert warnings == (["fp16 with this model (rotary position embeddings: the CogVideoX-5B family, trained in bf16) "
+                         "is known to give NaN losses: use --mixed_precision bf16."] if warned else [])
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_never_overwrites_another_run(tmp_path, tiny_model_dir, tiny_dataset_dir, no_models):
+    def attempt(output_dir, resume):
+        return exit_message(train_argv(tiny_model_dir, tiny_dataset_dir, output_dir, tmp_path / "cache",
+                                       "--resume_from_checkpoint", resume, "--dry_run"))
+
+    run = tmp_path / "run"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        (run / name).mkdir(parents=True)
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"mine")
+    lone_lora = tmp_path / "lone"
+    lone_lora.mkdir()
+    (lone_lora / "pytorch_lora_weights.safetensors").write_bytes(b"mine")
+    before = tree_state(tmp_path)
+
+    message = attempt(run, str(run / "checkpoint-2"))
+    assert "holds checkpoints newer than checkpoint-2 (checkpoint-4), which this run would overwrite" in message
+    message = attempt(lone_lora, str(run / "checkpoint-4"))
+    assert f"{lone_lora} holds another run (pytorch_lora_weights.safetensors)" in message
+    message = attempt(lone_lora, "latest")
+    assert "no checkpoint-N to continue from: choose another --output_dir" in message
+    assert tree_state(tmp_path) == before
+
+    # What a run killed while writing its first checkpoint left is no earlier run to protect.
+    killed = tmp_path / "killed"
+    (killed / ".checkpoint-2.partial").mkdir(parents=True)
+    run_main(train_argv(tiny_model_dir, tiny_dataset_dir, killed, tmp_path / "cache", "--resume_from_checkpoint",
+                        "latest", "--dry_run"))
+
+
+def test_tracker_config_leaves_out_credentials():
+    args = Namespace(hub_token="hf_x", wandb_api_key="k", password="p", client_secret="s", HF_TOKEN="t",
+                     id_token="DISNEY", rank=4, learning_rate=1e-4, output_dir="out", gradient_checkpointing=True,
+                     validation_prompt=None)
+    assert tracker_config(args) == {"id_token": "DISNEY", "rank": 4, "learning_rate": 1e-4, "output_dir": "out",
+                                    "gradient_checkpointing": True}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signals and kills, through the real command line
+
+
+class Trainer:
+    """The trainer in a subprocess whose output (stdout and stderr together) is read as it comes."""
+
+    def __init__(self, command, **env):
+        self.process = subprocess.Popen(command, cwd=REPO, env={**subprocess_env(), **env}, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT)
+        self.chunks = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for chunk in iter(lambda: os.read(self.process.stdout.fileno(), 65536), b""):
+            self.chunks.append(chunk)
+
+    @property
+    def output(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def steps_done(self) -> int:
+        return max(map(int, re.findall(rf"\| *(\d+)/{STEPS} \[", self.output)), default=0)
+
+    def wait_until(self, condition, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.process.poll() is None, f"the trainer ended first:\n{self.output[-6000:]}"
+            assert time.monotonic() < deadline, f"timed out:\n{self.output[-6000:]}"
+            time.sleep(0.02)
+
+    def finish(self, timeout=300) -> int:
+        returncode = self.process.wait(timeout)
+        self.reader.join(10)
+        return returncode
+
+
+def script(*argv) -> list[str]:
+    return [sys.executable, str(SCRIPT), *map(str, argv)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
+    """An uninterrupted run with a Hugging Face token in its environment, and its argv maker."""
+    root = tmp_path_factory.mktemp("robust")
+
+    def argv(name, *extra, report_to="none"):
+        return train_argv(tiny_model_dir, tiny_dataset_dir, root / name, root / "cache", *TRAINING, *extra,
+                          report_to=report_to)
+
+    trainer = Trainer(script(*argv("straight", report_to="tensorboard")), HF_TOKEN=SECRET)
+    assert trainer.finish() == 0, trainer.output[-6000:]
+    return root, argv, trainer.output
+
+
+def test_no_token_is_logged(straight):
+    root, _, output = straight
+    logged = [output.encode()] + [p.read_bytes() for p in (root / "straight").rglob("*") if p.is_file()]
+    assert any(b"learning_rate" in data for data in logged[1:])  # the settings were logged to TensorBoard...
+    assert not any(SECRET.encode() in data for data in logged)  # ...and the token nowhere
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_as_the_straight_one(straight):
+    root, argv, _ = straight
+    out = root / "sigterm"
+    trainer = Trainer(script(*argv("sigterm")))
+    trainer.wait_until(lambda: trainer.steps_done() >= 2)
+    trainer.process.send_signal(signal.SIGTERM)
+    assert trainer.finish() == 1
+    stopped = re.search(r"Stopped by a signal after step (\d+); checkpoint-\1 is saved", trainer.output)
+    assert stopped, trainer.output[-6000:]
+    assert "SIGTERM: saving a checkpoint after this step" in trainer.output and "Traceback" not in trainer.output
+    k = int(stopped.group(1))
+    assert 2 <= k < STEPS
+    assert f"checkpoint-{k}" in {p.name for p in out.iterdir()}
+    assert not list(out.glob(".*partial")) and not (out / "pytorch_lora_weights.safetensors").exists()
+
+    resumed = check(run_script(argv("sigterm", "--resume_from_checkpoint", "latest")))
+    assert summary(out)["resumed_at_step"] == k
+    assert max_abs_diff(lora(out), lora(root / "straight")) <= 1e-6
+    assert max_abs_diff(lora(out), lora(out / f"checkpoint-{k}")) > 1e-4  # the resumed run did train
+    assert f"Resuming from {out / f'checkpoint-{k}'}" in resumed.stderr
+
+
+def test_a_second_signal_stops_at_once(straight):
+    root, argv, _ = straight
+    trainer = Trainer(script(*argv("twice")))
+    trainer.wait_until(lambda: "optimizer steps" in trainer.output)
+    # Sent together, they are handled in signal-number order: SIGINT asks for a checkpoint, SIGTERM ends it.
+    trainer.process.send_signal(signal.SIGINT)
+    trainer.process.send_signal(signal.SIGTERM)
+    assert trainer.finish() == 128 + signal.SIGTERM
+    assert "SIGINT: saving a checkpoint after this step" in trainer.output
+    assert "Stopped by a signal" not in trainer.output
+    assert all(int(p.name.split("-")[1]) % EVERY == 0 for p in (root / "twice").glob("checkpoint-*"))
+
+
+STALL_AT_CHECKPOINT = """\
+import os, runpy, sys, time
+from pathlib import Path
+
+import accelerate.accelerator
+
+save_state = accelerate.accelerator.save_accelerator_state
+
+
+def stall(output_dir, *args, **kwargs):
+    # The LoRA is in the folder (accelerate's pre-hook wrote it), the optimizer and the rest are not yet.
+    if os.path.basename(output_dir) == os.environ["STALL_IN"]:
+        Path(os.environ["STALLED"]).touch()
+        time.sleep(600)
+    return save_state(output_dir, *args, **kwargs)
+
+
+accelerate.accelerator.save_accelerator_state = stall
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as when the script itself is run
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_resumes_from_the_one_before(straight, tmp_path):
+    root, argv, _ = straight
+    out = root / "sigkill"
+    wrapper = tmp_path / "stall_at_checkpoint.py"
+    wrapper.write_text(STALL_AT_CHECKPOINT)
+    stalled = tmp_path / "stalled"
+    limit = ["--checkpoints_total_limit", 2]
+    trainer = Trainer([sys.executable, str(wrapper), str(SCRIPT), *map(str, argv("sigkill", *limit))],
+                      STALL_IN=f".checkpoint-{2 * EVERY}.partial", STALLED=str(stalled))
+    trainer.wait_until(stalled.exists)
+    partial = out / f".checkpoint-{2 * EVERY}.partial"
+    assert (partial / "pytorch_lora_weights.safetensors").exists() and not (partial / "optimizer.bin").exists()
+    trainer.process.kill()
+    assert trainer.finish() == -signal.SIGKILL
+    assert sorted(p.name for p in out.iterdir()) == [partial.name, f"checkpoint-{EVERY}"]
+
+    # Not a checkpoint of this trainer's: pruning must leave it alone.
+    (out / "checkpoint-best").mkdir()
+    (out / "checkpoint-best" / "notes.txt").write_text("mine")
+    check(run_script(argv("sigkill", *limit, "--resume_from_checkpoint", "latest")))
+    assert summary(out)["resumed_at_step"] == EVERY
+    assert max_abs_diff(lora(out), lora(root / "straight")) <= 1e-6
+    assert {p.name for p in out.iterdir() if "checkpoint" in p.name} == {
+        f"checkpoint-{STEPS - EVERY}", f"checkpoint-{STEPS}", "checkpoint-best"}
+    assert (out / "checkpoint-best" / "notes.txt").read_text() == "mine"
+
+
+class RunsCode:
+    """Unpickling this runs code: it creates the file named by `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_checkpoint_pickles_are_never_trusted(straight, tmp_path, tiny_model_dir, tiny_dataset_dir):
+    root, _, _ = straight
+    checkpoint = root / "straight" / f"checkpoint-{EVERY}"
+    pickled = sorted(p.name for p in checkpoint.iterdir() if p.suffix != ".safetensors")
+    assert {"optimizer.bin", "scheduler.bin"} <= set(pickled)
+    marker = tmp_path / "code-ran"
+    for name in pickled:
+        out = tmp_path / name
+        shutil.copytree(checkpoint, out / checkpoint.name)
+        torch.save(RunsCode(marker), out / checkpoint.name / name)
+        argv = train_argv(tiny_model_dir, tiny_dataset_dir, out, root / "cache", "--max_train_steps", EVERY,
+                          "--resume_from_checkpoint", "latest")
+        if name.startswith("random_states"):
+            run_main(argv)  # accelerate goes on without the RNG state, which no draw of ours depends on
+        else:
+            message = exit_message(argv)
+            assert f"{out / checkpoint.name} cannot be resumed from (UnpicklingError: Weights only load failed" \
+                   in message
+        assert not marker.exists(), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numerical faults
+
+
+@pytest.mark.parametrize("fault", ["loss", "gradient"])
+def test_a_non_finite_step_stops_the_run_and_saves_nothing_from_it(tmp_path, tiny_model_dir, tiny_dataset_dir,
+                                                                   monkeypatch, fault):
+    import train_cogvideox_lora
+
+    calls = []
+    compute_loss = train_cogvideox_lora.compute_loss
+
+    def faulty(*args, **kwargs):
+        loss = compute_loss(*args, **kwargs)
+        calls.append(None)
+        if len(calls) == 4:  # step 4, a checkpointing step
+            if fault == "loss":
+                return loss * float("nan")
+            loss.register_hook(lambda grad: grad * float("inf"))  # a finite loss whose gradient overflows
+        return loss
+
+    monkeypatch.setattr(train_cogvideox_lora, "compute_loss", faulty)
+    out = tmp_path / "out"
+    argv = train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache", "--max_train_steps", 6,
+                      "--checkpointing_steps", 2)
+    message = exit_message(argv)
+
+    # Step 4 of batch size 1 trains the 4th clip of epoch 0's order.
+    clip = (tiny_dataset_dir / "videos.txt").read_text().split()[epoch_batches([()] * 4, 1, 7, 0)[3][0]]
+    expected = "the loss is nan" if fault == "loss" else "the gradient norm is"
+    assert f"error: {expected}" in message and f"at step 4 (clips: {tiny_dataset_dir / clip})" in message
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+    assert all(torch.isfinite(w).all() for w in lora(out / "checkpoint-2").values())
+
+    if fault == "loss":
+        monkeypatch.setattr(train_cogvideox_lora, "compute_loss", compute_loss)
+        run_main(argv + ["--resume_from_checkpoint", "latest"])
+        assert summary(out)["resumed_at_step"] == 2
+        assert all(torch.isfinite(w).all() for w in lora(out).values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The latent cache
+
+
+def test_damaged_cache_files_are_encoded_again(tmp_path, tiny_model_dir, tiny_dataset_dir, caplog):
+    cache = tmp_path / "cache"
+    run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "first", cache, "--max_train_steps", 2))
+    files = {}
+    for path in sorted(cache.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            files.setdefault("prompt_embeds" in f.keys(), []).append(path)
+    videos, prompts = files[False], files[True]
+    truncated, flipped, garbage = videos[0], videos[1], prompts[0]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    data = bytearray(flipped.read_bytes())
+    data[-100] ^= 0xFF  # in the tensor bytes: the file still parses, only the checksum can tell
+    flipped.write_bytes(bytes(data))
+    garbage.write_bytes(b"\x00" * 64)
+
+    caplog.set_level(logging.WARNING)
+    run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "second", cache, "--max_train_steps", 2))
+    info = summary(tmp_path / "second")
+    assert (info["encoded_clips"], info["encoded_prompts"]) == (2, 1)
+    assert max_abs_diff(lora(tmp_path / "first"), lora(tmp_path / "second")) == 0  # trained on the re-encoded
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(str(truncated) in m and "unreadable" in m for m in messages)
+    assert any(str(flipped) in m and "fails its checksum" in m for m in messages)
+    assert any(str(garbage) in m for m in messages)
+    assert all(LatentCache(cache).load(p.stem) is not None for p in cache.glob("*.safetensors"))
+
+
+def _write_repeatedly(root, tensor):
+    cache = LatentCache(root)
+    for _ in range(30):
+        cache.save("entry", {"latent_params": tensor})
+
+
+def test_processes_writing_the_cache_at_once_never_corrupt_it(tmp_path, caplog):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    # Each writer's tensor is made here, before the fork: a forked child had better not start torch's threads.
+    writers = [context.Process(target=_write_repeatedly, args=(tmp_path, torch.full((256, 1024), float(w))))
+               for w in range(3)]
+    for w in writers:
+        w.start()
+    seen = set()
+    caplog.set_level(logging.WARNING)
+    cache = LatentCache(tmp_path)
+    while any(w.is_alive() for w in writers):
+        entry = cache.load("entry")
+        if entry is None:
+            assert not seen, "a reader found a damaged entry"
+            continue
+        values = entry["latent_params"].unique().tolist()
+        assert len(values) == 1  # one writer's whole entry, never a mix
+        seen.add(values[0])
+    assert all(w.exitcode == 0 for w in writers)
+    assert seen and not caplog.records
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.safetensors"]  # no temporary file left
