@@ -17,6 +17,10 @@ class Clip:
     prompt: str
     video: Path
     where: str  # "file:line" of the entry, for messages
+    image: Path | None = None  # the I2V conditioning image; None: the clip's first frame
+
+
+IMAGES_FILE, IMAGE_COLUMN = "images.txt", "image"
 
 
 @dataclass(frozen=True)
@@ -52,14 +56,20 @@ def _lines(path: Path) -> list[tuple[int, str]]:
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
-def _read_text_pair(root: Path, caption_file: str, video_file: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+def _read_text_pair(root: Path, caption_file: str, video_file: str, image_file: str | None):
     problems = []
     files = {}
-    for name in (caption_file, video_file):
+    # The images file is optional unless named: without it, each clip's first frame conditions I2V.
+    optional = image_file is None
+    image_file = image_file or IMAGES_FILE
+    with_images = (root / image_file).is_file() or not optional
+    for name in (caption_file, video_file) + ((image_file,) if with_images else ()):
         path = root / name
         if not path.is_file():
             problems.append(f"{path}: not found. The dataset folder needs {caption_file} (one prompt a line) and "
-                            f"{video_file} (one clip path a line, relative to the folder).")
+                            f"{video_file} (one clip path a line, relative to the folder)"
+                            + (f", and {image_file} (one image a line) as --image_column names it." if name == image_file
+                               else "."))
             continue
         try:
             files[name] = _lines(path)
@@ -74,13 +84,18 @@ def _read_text_pair(root: Path, caption_file: str, video_file: str) -> tuple[lis
         problems.append(f"{root / caption_file} has {len(prompts)} prompts but {root / video_file} has "
                         f"{len(videos)} clips: they must pair up line by line. {longer} line {extra_line} is the "
                         f"first with no partner in {shorter}.")
+    images = files.get(image_file, [(None, None)] * len(videos))
+    if len(images) != len(videos):
+        problems.append(f"{root / image_file} has {len(images)} images but {root / video_file} has {len(videos)} "
+                        f"clips: they must pair up line by line (or remove {image_file} to condition on each clip's "
+                        f"first frame).")
     rows = []
-    for (p_line, prompt), (v_line, video) in zip(prompts, videos):
-        rows.append((prompt, video, f"{root / caption_file}:{p_line}", f"{root / video_file}:{v_line}"))
+    for (p_line, prompt), (v_line, video), (_, image) in zip(prompts, videos, images):
+        rows.append((prompt, video, image, f"{root / caption_file}:{p_line}", f"{root / video_file}:{v_line}"))
     return rows, problems
 
 
-def _read_table(root: Path, dataset_file: str, caption_column: str, video_column: str):
+def _read_table(root: Path, dataset_file: str, caption_column: str, video_column: str, image_column: str | None):
     path = root / dataset_file
     if not path.is_file():
         return [], [f"{path}: not found (--dataset_file is relative to --instance_data_root)."]
@@ -101,29 +116,35 @@ def _read_table(root: Path, dataset_file: str, caption_column: str, video_column
         records = [(reader.line_num, row) for row in reader]
     rows = []
     for n, record in records:
-        missing = [c for c in (caption_column, video_column) if c not in record]
+        required = (caption_column, video_column) + ((image_column,) if image_column else ())
+        missing = [c for c in required if c not in record]
         if missing:
             problems.append(f"{path}:{n}: no column {', '.join(missing)}; it has {', '.join(record)}. "
-                            f"Name the columns with --caption_column and --video_column.")
+                            f"Name the columns with --caption_column, --video_column and --image_column.")
             continue
         where = f"{path}:{n}"
-        rows.append((str(record[caption_column] or "").strip(), str(record[video_column] or "").strip(), where,
-                     where))
+        image = str(record.get(image_column or IMAGE_COLUMN) or "").strip() or None
+        rows.append((str(record[caption_column] or "").strip(), str(record[video_column] or "").strip(), image,
+                     where, where))
     return rows, problems
 
 
 def load_clips(root, caption_column: str, video_column: str, dataset_file: str | None = None,
-               id_token: str | None = None) -> list[Clip]:
-    """Reads the dataset's index; raises DatasetError listing every entry that is wrong."""
+               id_token: str | None = None, image_column: str | None = None) -> list[Clip]:
+    """Reads the dataset's index; raises DatasetError listing every entry that is wrong.
+
+    Conditioning images come from image_column (a file like videos.txt, or a column of dataset_file); if it
+    is not given, from images.txt or an "image" column where there is one.
+    """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError([f"{root}: --instance_data_root is not a folder."])
     if dataset_file:
-        rows, problems = _read_table(root, dataset_file, caption_column, video_column)
+        rows, problems = _read_table(root, dataset_file, caption_column, video_column, image_column)
     else:
-        rows, problems = _read_text_pair(root, caption_column, video_column)
+        rows, problems = _read_text_pair(root, caption_column, video_column, image_column)
     clips = []
-    for prompt, video, prompt_where, video_where in rows:
+    for prompt, video, image, prompt_where, video_where in rows:
         if not prompt:
             problems.append(f"{prompt_where}: empty prompt: write a caption for {video}.")
         if not video:
@@ -131,7 +152,7 @@ def load_clips(root, caption_column: str, video_column: str, dataset_file: str |
             continue
         if id_token:
             prompt = f"{id_token} {prompt}"
-        clips.append(Clip(prompt, root / video, video_where))
+        clips.append(Clip(prompt, root / video, video_where, root / image if image else None))
     if problems:
         raise DatasetError(problems)
     if not clips:
@@ -158,6 +179,24 @@ def _open(path: Path):
     import decord  # imported here so that tools which never read clips do not need decord
 
     return decord.VideoReader(str(path), num_threads=1)
+
+
+def open_image(path: Path) -> torch.Tensor:
+    """[3, H, W] uint8 of an image file."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def _image_problem(clip: Clip) -> str | None:
+    if not clip.image.is_file():
+        return f"{clip.where}: its conditioning image {clip.image} does not exist: fix the path in the images list."
+    try:
+        open_image(clip.image)
+    except Exception as e:  # Pillow raises many error types for bad files
+        return f"{clip.where}: its conditioning image {clip.image} cannot be read ({e}): re-save it as PNG or JPEG."
+    return None
 
 
 def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = False) -> tuple[list[Clip], list[str]]:
@@ -188,6 +227,8 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
                                f"{settings.skip_frames_end}) but --max_num_frames is {settings.max_num_frames}: "
                                + (f"lower --max_num_frames to {usable} or " if usable else "")
                                + "lower --fps or the skips, or pass --skip_bad_videos.")
+        if problem is None and clip.image is not None:
+            problem = _image_problem(clip)
         if problem:
             problems.append(problem)
         else:
@@ -214,28 +255,43 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str, rn
     return frames[..., top: top + height, left: left + width]
 
 
-def read_frames(path: Path, settings: FrameSettings, crop_seed: int = 0) -> torch.Tensor:
-    """The clip as the model sees it: [F, 3, height, width] in [-1, 1]."""
-    reader = _open(path)
-    indices = sample_frame_indices(len(reader), reader.get_avg_fps(), settings)
-    frames = torch.from_numpy(np.ascontiguousarray(reader.get_batch(indices).asnumpy()))
-    frames = frames.permute(0, 3, 1, 2).float()
-    frames = resize_and_crop(frames, settings.height, settings.width, settings.reshape_mode,
+def _as_model_input(frames: torch.Tensor, settings: FrameSettings, crop_seed: int) -> torch.Tensor:
+    frames = resize_and_crop(frames.float(), settings.height, settings.width, settings.reshape_mode,
                              random.Random(crop_seed))
     return (frames / 127.5 - 1.0).clamp(-1.0, 1.0)
 
 
-class ClipFrames(torch.utils.data.Dataset):
-    """Frames of some clips, so a DataLoader can decode the next clips while the VAE encodes."""
+def read_frames(path: Path, settings: FrameSettings, crop_seed: int = 0, first_only: bool = False) -> torch.Tensor:
+    """The clip as the model sees it: [F, 3, height, width] in [-1, 1] (F = 1 with first_only)."""
+    reader = _open(path)
+    indices = sample_frame_indices(len(reader), reader.get_avg_fps(), settings)[:1 if first_only else None]
+    frames = torch.from_numpy(np.ascontiguousarray(reader.get_batch(indices).asnumpy()))
+    return _as_model_input(frames.permute(0, 3, 1, 2), settings, crop_seed)
 
-    def __init__(self, paths: list[Path], settings: FrameSettings, crop_seeds: list[int]):
-        self.paths, self.settings, self.crop_seeds = paths, settings, crop_seeds
+
+def read_conditioning_image(clip: Clip, settings: FrameSettings, crop_seed: int = 0) -> torch.Tensor:
+    """The I2V image of a clip as the model sees it, [1, 3, height, width] in [-1, 1]: its own image, resized
+    and cropped like the clip (with the clip's crop seed), or else the clip's first trained frame."""
+    if clip.image is None:
+        return read_frames(clip.video, settings, crop_seed, first_only=True)
+    return _as_model_input(open_image(clip.image)[None], settings, crop_seed)
+
+
+class ClipFrames(torch.utils.data.Dataset):
+    """Frames of some clips (or their conditioning images), so a DataLoader can decode the next clips while the
+    VAE encodes. settings and crop_seeds are per clip."""
+
+    def __init__(self, clips: list[Clip], settings: list[FrameSettings], crop_seeds: list[int], images: bool = False):
+        self.clips, self.settings, self.crop_seeds, self.images = clips, settings, crop_seeds, images
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.clips)
 
     def __getitem__(self, i):
-        return i, read_frames(self.paths[i], self.settings, self.crop_seeds[i])
+        clip, settings, crop_seed = self.clips[i], self.settings[i], self.crop_seeds[i]
+        if self.images:
+            return i, read_conditioning_image(clip, settings, crop_seed)
+        return i, read_frames(clip.video, settings, crop_seed)
 
 
 def epoch_batches(shapes: list[tuple], global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -1,0 +1,211 @@
+"""Every CogVideoX family on tiny random models: T2V and I2V, 1.0 and 1.5, trained through the command line and
+loaded by the matching stock diffusers pipeline."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
+from PIL import Image
+
+from helpers import load_lora_and_collect_warnings, lora, run_main, summary, train_argv
+import cli_demo
+from cogvideox_lora import latent_cache, loss
+from cogvideox_lora.data import load_clips, read_frames, DatasetError, FrameSettings
+from cogvideox_lora.synthetic import build_model_folder, write_clips
+
+FAMILIES = {  # tiny size: (pipeline, image-to-video)
+    "tiny-5b": (CogVideoXPipeline, False),
+    "tiny-i2v": (CogVideoXImageToVideoPipeline, True),
+    "tiny-1.5": (CogVideoXPipeline, False),
+    "tiny-1.5-i2v": (CogVideoXImageToVideoPipeline, True),
+}
+PROMPT = "a red square drifting"
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family_models")
+    return {size: build_model_folder(root / size, size=size) for size in FAMILIES}
+
+
+def first_frame_png(video, path) -> str:
+    """The first frame the trainer takes from a clip (9 frames of 48x64 at 8 fps), as a PNG."""
+    frame = read_frames(video, FrameSettings(48, 64, 8, 9, 0, 0, "center"), first_only=True)[0]
+    Image.fromarray(((frame + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory, family_models, tiny_dataset_dir):
+    """Each family trained 2 steps with a validation video; I2V validates from a clip's first frame."""
+    root = tmp_path_factory.mktemp("family_runs")
+    image = first_frame_png(tiny_dataset_dir / "videos" / "clip_000.mp4", root / "first_frame.png")
+    outputs = {}
+    for size, (_, image_to_video) in FAMILIES.items():
+        outputs[size] = root / size
+        run_main(train_argv(family_models[size], tiny_dataset_dir, outputs[size], root / "cache",
+                            "--max_train_steps", 2, "--learning_rate", "1e-2", "--validation_prompt", PROMPT,
+                            *(["--validation_images", image] if image_to_video else [])))
+    return outputs, image
+
+
+@pytest.mark.parametrize("size", FAMILIES)
+def test_each_family_trains_and_its_stock_pipeline_loads_the_lora(size, family_runs, family_models):
+    outputs, image = family_runs
+    pipeline_class, image_to_video = FAMILIES[size]
+    info = summary(outputs[size])
+    assert info["steps"] == 2
+    assert info["encoded_images"] == (4 if image_to_video else 0)
+    assert len(info["validation_videos"]) == 1
+    weights = lora(outputs[size])
+    assert max(w.abs().max().item() for k, w in weights.items() if "lora_B" in k) > 0
+
+    pipe = pipeline_class.from_pretrained(family_models[size])
+    pipe.set_progress_bar_config(disable=True)
+    assert load_lora_and_collect_warnings(pipe, outputs[size]) == []
+    assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
+    extra = {"image": Image.open(image)} if image_to_video else {}
+    frames = pipe(prompt=PROMPT, num_frames=9, height=48, width=64, num_inference_steps=2, max_sequence_length=16,
+                  output_type="np", generator=torch.Generator().manual_seed(0), **extra).frames
+    assert frames.shape == (1, 9, 48, 64, 3) and np.isfinite(frames).all()
+
+
+def test_cli_demo_generates_with_an_i2v_lora(family_runs, family_models, tmp_path):
+    outputs, image = family_runs
+    path = cli_demo.main(["--prompt", PROMPT, "--model_path", str(family_models["tiny-i2v"]), "--generate_type",
+                          "i2v", "--image_or_video_path", image, "--lora_path", str(outputs["tiny-i2v"]),
+                          "--num_frames", "9", "--height", "48", "--width", "64", "--num_inference_steps", "2",
+                          "--dtype", "float32", "--output_path", str(tmp_path / "i2v.mp4")])
+    assert path.stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the transformer is given: the trainer's inputs against the pipeline's.
+
+
+def _record_transformer_inputs(monkeypatch) -> list[dict]:
+    calls = []
+    forward = CogVideoXTransformer3DModel.forward
+
+    def recording(self, hidden_states, encoder_hidden_states, timestep, *args, **kwargs):
+        calls.append({"hidden_states": hidden_states.detach().clone(), "ofs": kwargs.get("ofs"),
+                      "rotary": kwargs.get("image_rotary_emb")})
+        return forward(self, hidden_states, encoder_hidden_states, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "forward", recording)
+    return calls
+
+
+@pytest.mark.parametrize("size", ["tiny-i2v", "tiny-1.5-i2v"])
+def test_i2v_training_input_carries_the_first_frame_latent_where_the_pipeline_puts_it(
+        size, family_models, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_clips(data, num_clips=1, num_frames=25)
+    image = first_frame_png(data / "videos" / "clip_000.mp4", tmp_path / "first.png")
+    # Without the randomness that is there on purpose (pixel noise, latent sampling, dropout), the trainer's and
+    # the pipeline's image latents are the same numbers.
+    monkeypatch.setattr(latent_cache, "_add_pixel_noise", lambda image, key: image)
+    monkeypatch.setattr(loss, "_sample", lambda params, generator, device: params.chunk(2)[0].permute(1, 0, 2, 3))
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    calls = _record_transformer_inputs(monkeypatch)
+    run_main(train_argv(family_models[size], data, tmp_path / "out", tmp_path / "cache", "--max_train_steps", 1,
+                        "--noised_image_dropout", 0))
+    trained = calls[0]
+    calls.clear()
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(family_models[size])
+    pipe.set_progress_bar_config(disable=True)
+    pipe(prompt=PROMPT, image=Image.open(image), num_frames=9, height=48, width=64, num_inference_steps=1,
+         guidance_scale=1.0, max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(0))
+    inferred = calls[0]
+
+    x, y = trained["hidden_states"], inferred["hidden_states"]
+    channels = x.shape[2] // 2
+    # 1.0: 3 latent frames; 1.5: padded to 4 at the front, as the pipeline pads (and later drops).
+    assert x.shape == y.shape == (1, 4 if "1.5" in size else 3, 2 * channels, 6, 8)
+    image_x, image_y = x[:, :, channels:], y[:, :, channels:]
+    assert image_y[:, 0].abs().max() > 0.1 and image_y[:, 1:].abs().max() == 0
+    torch.testing.assert_close(image_x, image_y, atol=2e-2, rtol=0)  # the PNG's 8-bit rounding
+    assert (trained["ofs"] is None) == (inferred["ofs"] is None) == ("1.5" not in size)
+    if "1.5" in size:
+        assert torch.equal(trained["ofs"], inferred["ofs"])
+    for a, b in zip(trained["rotary"], inferred["rotary"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_image_dropout_zeroes_the_image_latent_and_shares_the_flip():
+    g = torch.Generator().manual_seed(0)
+    entry = {"image_latent_params": torch.randn(8, 1, 6, 8, generator=g),
+             "image_latent_params_flipped": torch.randn(8, 1, 6, 8, generator=g)}
+    entry["image_latent_params"][4:] = entry["image_latent_params_flipped"][4:] = -30.0  # sample = mean
+    videos = {"latent_params": torch.randn(8, 3, 6, 8, generator=g)}
+    videos["latent_params"][4:] = -30.0
+    videos["latent_params_flipped"] = videos["latent_params"].flip(-1)
+    kept = dropped = 0
+    for seed in range(40):
+        images = loss.draw_image_latents([entry], [seed], 0.7, 0.5, 1000, 0.5, 4, "cpu")[0]
+        assert images.shape == (4, 4, 6, 8) and images[1:].abs().max() == 0
+        latent = loss.draw_batch([videos], [{"prompt_embeds": torch.zeros(2, 2)}], [seed], 1.0, 0.5, 1000, "cpu")[0]
+        flipped = torch.allclose(latent[0], videos["latent_params_flipped"][:4].permute(1, 0, 2, 3), atol=1e-5)
+        if images.abs().max() == 0:
+            dropped += 1
+            continue
+        kept += 1
+        key = "image_latent_params_flipped" if flipped else "image_latent_params"
+        torch.testing.assert_close(images[0], entry[key][:4, 0] * 0.7, atol=1e-5, rtol=0)
+    assert kept and dropped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learned positional embeddings, conditioning images in the dataset
+
+
+def test_learned_positional_embeddings_keep_training_at_the_native_size(family_models, tiny_dataset_dir, tmp_path,
+                                                                         capsys):
+    argv = train_argv(family_models["tiny-i2v"], tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
+                      "--max_train_steps", 2, "--height", 64, "--width", 96)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(argv)
+    message = str(exit_.value.code)
+    assert "9x48x64" in message and "9x64x96" in message and "--ignore_learned_positional_embeddings" in message
+    assert not (tmp_path / "out").exists()
+
+    image = first_frame_png(tiny_dataset_dir / "videos" / "clip_000.mp4", tmp_path / "first.png")
+    run_main(argv + ["--ignore_learned_positional_embeddings", "--validation_prompt", PROMPT, "--validation_images",
+                     image])
+    assert len(summary(tmp_path / "out")["validation_videos"]) == 1
+    # The LoRA generates the same way, at the size it was trained at.
+    cli_demo.main(["--prompt", PROMPT, "--model_path", str(family_models["tiny-i2v"]), "--generate_type", "i2v",
+                   "--image_or_video_path", image, "--lora_path", str(tmp_path / "out"),
+                   "--ignore_learned_positional_embeddings", "--num_frames", "9", "--height", "64", "--width", "96",
+                   "--num_inference_steps", "2", "--dtype", "float32", "--output_path", str(tmp_path / "v.mp4")])
+    assert (tmp_path / "v.mp4").stat().st_size > 0
+
+
+def test_images_file_pairs_with_the_clips(tmp_path):
+    (tmp_path / "prompts.txt").write_text("one\ntwo\n")
+    (tmp_path / "videos.txt").write_text("a.mp4\nb.mp4\n")
+    assert [c.image for c in load_clips(tmp_path, "prompts.txt", "videos.txt")] == [None, None]
+    (tmp_path / "images.txt").write_text("a.png\n\nb.png\n")
+    assert [c.image for c in load_clips(tmp_path, "prompts.txt", "videos.txt")] == [tmp_path / "a.png",
+                                                                                   tmp_path / "b.png"]
+    (tmp_path / "images.txt").write_text("a.png\n")
+    with pytest.raises(DatasetError, match="images.txt has 1 images but .*videos.txt has 2 clips"):
+        load_clips(tmp_path, "prompts.txt", "videos.txt")
+    with pytest.raises(DatasetError, match="other.txt: not found"):
+        load_clips(tmp_path, "prompts.txt", "videos.txt", image_column="other.txt")
+
+
+def test_i2v_trains_on_the_images_file(family_models, tiny_dataset_dir, tmp_path):
+    data = tmp_path / "data"
+    write_clips(data, num_clips=2, num_frames=25)
+    for i in range(2):
+        Image.fromarray(np.full((60, 80, 3), 40 * i, np.uint8)).save(data / f"image_{i}.png")
+    (data / "images.txt").write_text("image_0.png\nimage_1.png\n")
+    run_main(train_argv(family_models["tiny-i2v"], data, tmp_path / "out", tmp_path / "cache", "--max_train_steps", 1))
+    assert summary(tmp_path / "out")["encoded_images"] == 2
+    # Another image for a clip is another cache entry; the clip's own entry is reused.
+    Image.fromarray(np.full((60, 80, 3), 200, np.uint8)).save(data / "image_1.png")
+    run_main(train_argv(family_models["tiny-i2v"], data, tmp_path / "again", tmp_path / "cache",
+                        "--max_train_steps", 1))
+    assert (summary(tmp_path / "again")["encoded_clips"], summary(tmp_path / "again")["encoded_images"]) == (0, 1)
