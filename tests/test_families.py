@@ -9,8 +9,9 @@ from PIL import Image
 
 from helpers import load_lora_and_collect_warnings, lora, run_main, summary, train_argv
 import cli_demo
-from cogvideox_lora import latent_cache, loss
-from cogvideox_lora.data import load_clips, read_frames, DatasetError, FrameSettings
+from cogvideox_lora import latent_cache, loss, synthetic
+from cogvideox_lora.data import DatasetError, FrameSettings, load_clips, read_frames
+from cogvideox_lora.models import Family, ModelError
 from cogvideox_lora.synthetic import build_model_folder, write_clips
 
 FAMILIES = {  # tiny size: (pipeline, image-to-video)
@@ -209,3 +210,25 @@ def test_i2v_trains_on_the_images_file(family_models, tiny_dataset_dir, tmp_path
     run_main(train_argv(family_models["tiny-i2v"], data, tmp_path / "again", tmp_path / "cache",
                         "--max_train_steps", 1))
     assert (summary(tmp_path / "again")["encoded_clips"], summary(tmp_path / "again")["encoded_images"]) == (0, 1)
+
+
+@pytest.mark.parametrize("size, image_to_video, patch_size_t, ofs, learned", [
+    ("5b", False, None, False, False), ("5b-i2v", True, None, False, True), ("1.5-5b", False, 2, False, False),
+    ("1.5-5b-i2v", True, 2, True, False)])
+def test_real_size_families(size, image_to_video, patch_size_t, ofs, learned):
+    # On the meta device nothing is allocated: the real sizes are checked without their memory.
+    spec = synthetic._SPECS[size]
+    with torch.device("meta"):
+        transformer = CogVideoXTransformer3DModel(**spec["transformer"])
+    assert sum(p.numel() for p in transformer.parameters()) == pytest.approx(5.57e9, rel=0.01)
+    vae = {"block_out_channels": (128, 256, 256, 512), "scaling_factor": 0.7, **spec["vae"]}
+    pipeline = "CogVideoXImageToVideoPipeline" if image_to_video else "CogVideoXPipeline"
+    family = Family.from_configs(dict(transformer.config), vae, pipeline, size)
+    assert (family.image_to_video, family.patch_size_t, family.ofs, family.learned_positions) == (
+        image_to_video, patch_size_t, ofs, learned)
+    assert family.image_latent_scale == pytest.approx(1 / 0.7 if patch_size_t else 0.7)
+    if learned:
+        assert (family.native_frames, family.native_height, family.native_width) == (49, 480, 720)
+    with pytest.raises(ModelError, match="model_index.json names"):
+        Family.from_configs(dict(transformer.config), vae, "CogVideoXPipeline" if image_to_video else
+                            "CogVideoXImageToVideoPipeline", size)
