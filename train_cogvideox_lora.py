@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from cogvideox_lora import checkpoints, memory, models
 from cogvideox_lora.args import parse_args, validation_images, validation_prompts
-from cogvideox_lora.data import DatasetError, FrameSettings, check_clips, epoch_batches, load_clips
+from cogvideox_lora.data import (Buckets, DatasetError, FrameSettings, check_clips, clip_settings, epoch_batches,
+                                 load_clips)
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
 from cogvideox_lora.lora import LORA_WEIGHTS_NAME, adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
 from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
@@ -52,11 +53,14 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                            args.id_token, args.image_column)
         transformer_config, vae_config, text_encoder_config, family = models.read_configs(args)
         settings = FrameSettings.from_args(args, vae_config["temporal_compression_ratio"])
-        clips, bad_clips = check_clips(clips, settings, skip_bad=args.skip_bad_videos)
+        buckets = Buckets.from_args(args)
+        clips, bad_clips = check_clips(clips, settings, skip_bad=args.skip_bad_videos, buckets=buckets)
+        # Each clip's own size and length: its bucket's, or --height, --width and --max_num_frames.
+        per_clip = clip_settings(clips, settings, buckets)
     except (DatasetError, models.ModelError) as e:
         sys.exit(f"error: {e}")
-    problems = family.problems(args, [(settings.max_num_frames, settings.height, settings.width)],
-                               settings.temporal_compression)
+    sizes = sorted({(s.max_num_frames, s.height, s.width) for s in per_clip}, key=lambda s: s[0] * s[1] * s[2])
+    problems = family.problems(args, sizes, settings.temporal_compression)
     if problems:
         sys.exit("error: " + "\n  ".join(problems))
     if bad_clips:
@@ -83,11 +87,11 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     if compile_blocks is None:
         compile_blocks = torch.cuda.is_available() and args.base_weights_dtype != "fp8"
     spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    largest = sizes[-1]
     needed = memory.estimate(
-        transformer_config, family.padded_latent_frames((args.max_num_frames - 1) // settings.temporal_compression + 1),
-        args.height // spatial,
-        args.width // spatial, args.train_batch_size, args.rank, args.gradient_checkpointing, compile_blocks,
-        weight_bytes=1 if args.base_weights_dtype == "fp8" else weight_dtype.itemsize,
+        transformer_config, family.padded_latent_frames((largest[0] - 1) // settings.temporal_compression + 1),
+        largest[1] // spatial, largest[2] // spatial, args.train_batch_size, args.rank, args.gradient_checkpointing,
+        compile_blocks, weight_bytes=1 if args.base_weights_dtype == "fp8" else weight_dtype.itemsize,
         optimizer_state_bytes=2 if args.use_8bit_adam else 8)
     logger.info("Estimated peak GPU memory of a training step: %s", needed)
     if torch.cuda.is_available():
@@ -109,7 +113,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     model_id = {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
                 "dtype": str(weight_dtype)}
     videos, encoded_clips, encoded_images = encode_videos(
-        accelerator, cache, clips, [settings] * len(clips),
+        accelerator, cache, clips, per_clip,
         encoder_id={**model_id, "vae": vae_config, "tiling": args.enable_tiling, "slicing": args.enable_slicing},
         with_flipped=args.random_flip > 0, with_images=family.image_to_video, num_workers=args.dataloader_num_workers,
         load_vae=lambda: models.load_vae(args, weight_dtype, device))
@@ -148,7 +152,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     batches_per_epoch = len(epoch_batches(shapes, global_batch, args.seed, 0))
     if batches_per_epoch == 0:
         sys.exit(f"error: {len(clips)} clip(s) cannot fill one batch of {global_batch} "
-                 f"(--train_batch_size x processes): lower --train_batch_size or add clips.")
+                 f"(--train_batch_size x processes) from clips of one size ({len(sizes)} size(s)): lower "
+                 f"--train_batch_size, add clips, or use fewer buckets.")
     ga = args.gradient_accumulation_steps
     max_train_steps = args.max_train_steps or math.ceil(args.num_train_epochs * batches_per_epoch / ga)
     optimizer = make_optimizer(trainable_parameters(transformer), args)

@@ -62,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="How frames reach --height x --width: resize keeping the aspect ratio, then crop at the "
                            "centre or at a random place (fixed per clip, as clips are encoded once); or 'none', "
                            "a plain resize that may distort.")
+    data.add_argument("--height_buckets", type=int, nargs="+", default=None,
+                      help="Frame heights of the size buckets (with --width_buckets: every pair is a bucket; "
+                           "either defaults to --height/--width). Each clip goes to the bucket nearest its aspect "
+                           "ratio and is resized and cropped to it without distortion; a batch is of one bucket.")
+    data.add_argument("--width_buckets", type=int, nargs="+", default=None, help="Frame widths of the size buckets.")
+    data.add_argument("--frame_buckets", type=int, nargs="+", default=None,
+                      help="Clip lengths (4k+1) of the buckets: each clip takes the longest it can fill at --fps. "
+                           "Default: --max_num_frames alone.")
+    data.add_argument("--auto_buckets", action="store_true",
+                      help="Size buckets from the data: each clip keeps its own aspect ratio at about "
+                           "--height x --width pixels (multiples of 16).")
     data.add_argument("--random_flip", type=float, default=0.0,
                       help="Probability of training on the horizontally mirrored clip (both are encoded once).")
     data.add_argument("--noised_image_dropout", type=float, default=0.05,
@@ -170,18 +181,27 @@ def validation_images(args) -> list[Path]:
     return [Path(p).expanduser() for p in _split(args.validation_images, args.validation_prompt_separator)]
 
 
+def _flag_values(args, *names) -> list[tuple[str, int]]:
+    """(flag, value) for each value of the named flags, list-valued (buckets) or not."""
+    pairs = []
+    for name in names:
+        value = getattr(args, name)
+        pairs += [(name, v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
+    return pairs
+
+
 def check_args(args) -> list[str]:
     """Settings that would fail later, said now, before any model is loaded."""
     problems = []
-    for name in ("height", "width"):
-        value = getattr(args, name)
+    for name, value in _flag_values(args, "height", "width", "height_buckets", "width_buckets"):
         if value <= 0 or value % 16:
             lower = value // 16 * 16
             problems.append(f"--{name} {value} is not a multiple of 16 (VAE x8, patch x2): use {lower or 16} "
                             f"or {lower + 16}.")
-    if args.max_num_frames < 1 or (args.max_num_frames - 1) % 4:
-        lower = max(1, (args.max_num_frames - 1) // 4 * 4 + 1)
-        problems.append(f"--max_num_frames {args.max_num_frames} is not 4k+1: use {lower} or {lower + 4}.")
+    for name, value in _flag_values(args, "max_num_frames", "frame_buckets"):
+        if value < 1 or (value - 1) % 4:
+            lower = max(1, (value - 1) // 4 * 4 + 1)
+            problems.append(f"--{name} {value} is not 4k+1: use {lower} or {lower + 4}.")
     if args.validation_prompt is not None and not validation_prompts(args):
         problems.append(f"--validation_prompt {args.validation_prompt!r} holds no prompt once split by "
                         f"{args.validation_prompt_separator!r}.")

@@ -1,10 +1,11 @@
 """The dataset folder: reading its index files, checking every clip, and turning a clip into frames."""
 
 import csv
+import itertools
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,12 @@ class Clip:
 
 
 IMAGES_FILE, IMAGE_COLUMN = "images.txt", "image"
+# A dataset entry with one of these suffixes is a single image, trained as a one-frame clip.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def is_single_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,40 @@ class FrameSettings:
     def from_args(cls, args, temporal_compression: int) -> "FrameSettings":
         return cls(args.height, args.width, args.fps, args.max_num_frames, args.skip_frames_start,
                    args.skip_frames_end, args.video_reshape_mode, temporal_compression)
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Frame sizes and lengths that clips are sorted into, so that a batch of mixed clips has one shape.
+
+    A clip goes to the size nearest its aspect ratio (then its pixel count) and to the longest length it can
+    fill. With auto_area the sizes are not listed: each clip keeps its own aspect ratio at about auto_area
+    pixels, in multiples of 16.
+    """
+
+    heights: tuple[int, ...]
+    widths: tuple[int, ...]
+    frames: tuple[int, ...]
+    auto_area: int | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "Buckets | None":
+        if not (args.height_buckets or args.width_buckets or args.frame_buckets or args.auto_buckets):
+            return None
+        return cls(tuple(args.height_buckets or [args.height]), tuple(args.width_buckets or [args.width]),
+                   tuple(sorted(args.frame_buckets or [args.max_num_frames])),
+                   args.height * args.width if args.auto_buckets else None)
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        if self.auto_area:
+            h = math.sqrt(self.auto_area * height / width)
+            return max(16, round(h / 16) * 16), max(16, round(self.auto_area / h / 16) * 16)
+        ratio = math.log(width / height)
+        return min(itertools.product(self.heights, self.widths),
+                   key=lambda s: (abs(math.log(s[1] / s[0]) - ratio), abs(s[0] * s[1] - height * width)))
+
+    def length(self, frames_given: int) -> int | None:
+        return max((f for f in self.frames if f <= frames_given), default=None)
 
 
 class DatasetError(Exception):
@@ -199,12 +240,28 @@ def _image_problem(clip: Clip) -> str | None:
     return None
 
 
-def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = False) -> tuple[list[Clip], list[str]]:
+def _probe(path: Path, settings: FrameSettings) -> tuple[int, int, float, int, int]:
+    """(frames it gives at settings, frames it has, its frame rate, height, width); raises if undecodable."""
+    if is_single_image(path):
+        height, width = open_image(path).shape[-2:]
+        return 1, 1, 0.0, height, width
+    reader = _open(path)
+    n, clip_fps = len(reader), reader.get_avg_fps()
+    height, width = reader[0].shape[:2] if n else (0, 0)
+    return len(sample_frame_indices(n, clip_fps, settings)), n, clip_fps, height, width
+
+
+def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = False,
+                buckets: Buckets | None = None) -> tuple[list[Clip], list[str]]:
     """Opens every clip once; returns the usable clips and the problems of the others.
 
     Raises DatasetError with all problems unless skip_bad, in which case the problems are returned
-    for a warning and the clips that have them are left out.
+    for a warning and the clips that have them are left out. With buckets, a clip must fill the shortest.
     """
+    needed, flag = settings.max_num_frames, "--max_num_frames"
+    if buckets is not None:
+        needed, flag = buckets.frames[0], "the shortest of --frame_buckets"
+        settings = replace(settings, max_num_frames=buckets.frames[-1])
     good, problems = [], []
     for clip in clips:
         problem = None
@@ -212,20 +269,18 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
             problem = f"{clip.where}: {clip.video} does not exist: fix the path (relative to the dataset folder)."
         else:
             try:
-                reader = _open(clip.video)
-                n, clip_fps = len(reader), reader.get_avg_fps()
-            except Exception as e:  # decord raises its own error types for every kind of bad file
+                got, n, clip_fps, _, _ = _probe(clip.video, settings)
+            except Exception as e:  # decord and Pillow raise their own error types for every kind of bad file
                 problem = f"{clip.where}: {clip.video} cannot be decoded ({str(e).splitlines()[0]}): re-encode it " \
                           f"(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it."
             else:
-                got = len(sample_frame_indices(n, clip_fps, settings))
-                if got < settings.max_num_frames:
+                if got < needed and not is_single_image(clip.video):
                     t = settings.temporal_compression
                     usable = (got - 1) // t * t + 1 if got else 0
                     problem = (f"{clip.where}: {clip.video} gives {got} frames at --fps {settings.fps} (it has {n} "
                                f"at {clip_fps:g} fps, skipping {settings.skip_frames_start}+"
-                               f"{settings.skip_frames_end}) but --max_num_frames is {settings.max_num_frames}: "
-                               + (f"lower --max_num_frames to {usable} or " if usable else "")
+                               f"{settings.skip_frames_end}) but {flag} is {needed}: "
+                               + (f"lower it to {usable} or " if usable else "")
                                + "lower --fps or the skips, or pass --skip_bad_videos.")
         if problem is None and clip.image is not None:
             problem = _image_problem(clip)
@@ -238,6 +293,23 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
     if not good:
         raise DatasetError(problems + ["No usable clip is left."])
     return good, problems
+
+
+def clip_settings(clips: list[Clip], settings: FrameSettings, buckets: Buckets | None = None) -> list[FrameSettings]:
+    """The frame settings of each (checked) clip: those of its bucket, or `settings` for all; a single image
+    takes one frame."""
+    result = []
+    for clip in clips:
+        if buckets is None and not is_single_image(clip.video):
+            result.append(settings)
+            continue
+        capped = settings if buckets is None else replace(settings, max_num_frames=buckets.frames[-1])
+        got, _, _, height, width = _probe(clip.video, capped)
+        frames = 1 if is_single_image(clip.video) else settings.max_num_frames if buckets is None \
+            else buckets.length(got)
+        size = (settings.height, settings.width) if buckets is None else buckets.size(height, width)
+        result.append(replace(settings, height=size[0], width=size[1], max_num_frames=frames))
+    return result
 
 
 def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str, rng: random.Random) -> torch.Tensor:
@@ -263,6 +335,8 @@ def _as_model_input(frames: torch.Tensor, settings: FrameSettings, crop_seed: in
 
 def read_frames(path: Path, settings: FrameSettings, crop_seed: int = 0, first_only: bool = False) -> torch.Tensor:
     """The clip as the model sees it: [F, 3, height, width] in [-1, 1] (F = 1 with first_only)."""
+    if is_single_image(path):
+        return _as_model_input(open_image(path)[None], settings, crop_seed)
     reader = _open(path)
     indices = sample_frame_indices(len(reader), reader.get_avg_fps(), settings)[:1 if first_only else None]
     frames = torch.from_numpy(np.ascontiguousarray(reader.get_batch(indices).asnumpy()))

@@ -1,5 +1,7 @@
 """Every CogVideoX family on tiny random models: T2V and I2V, 1.0 and 1.5, trained through the command line and
-loaded by the matching stock diffusers pipeline."""
+loaded by the matching stock diffusers pipeline; buckets of mixed clips."""
+
+import itertools
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from PIL import Image
 from helpers import load_lora_and_collect_warnings, lora, run_main, summary, train_argv
 import cli_demo
 from cogvideox_lora import latent_cache, loss, synthetic
-from cogvideox_lora.data import DatasetError, FrameSettings, load_clips, read_frames
+from cogvideox_lora.data import Buckets, DatasetError, FrameSettings, load_clips, read_frames
 from cogvideox_lora.models import Family, ModelError
 from cogvideox_lora.synthetic import build_model_folder, write_clips
 
@@ -232,3 +234,62 @@ def test_real_size_families(size, image_to_video, patch_size_t, ofs, learned):
     with pytest.raises(ModelError, match="model_index.json names"):
         Family.from_configs(dict(transformer.config), vae, "CogVideoXPipeline" if image_to_video else
                             "CogVideoXImageToVideoPipeline", size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Buckets
+
+
+def test_bucket_of_a_clip_is_the_nearest_aspect_ratio_and_longest_length():
+    buckets = Buckets((48, 64), (64, 96), (5, 9, 17))
+    assert buckets.size(480, 640) == (48, 64)       # 4:3
+    assert buckets.size(1080, 1080) == (64, 64)     # 1:1
+    assert buckets.size(720, 1280) == (48, 96)      # 16:9 is nearer 2:1 than 3:2 (on a log scale)
+    assert buckets.size(620, 960) == (64, 96)
+    assert [buckets.length(n) for n in (4, 5, 8, 9, 16, 17, 100)] == [None, 5, 5, 9, 9, 17, 17]
+    auto = Buckets((48,), (64,), (9,), auto_area=48 * 64)
+    assert auto.size(1080, 1920) == (48, 80) and auto.size(1000, 1000) == (48, 48)
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory):
+    """Three frame sizes x two lengths (25 and 7 frames at 8 fps), two clips each, and two single images."""
+    root = tmp_path_factory.mktemp("mixed")
+    videos, prompts = [], []
+    for n, ((height, width), frames) in enumerate(itertools.product([(48, 64), (64, 64), (48, 96)], [25, 7])):
+        folder = f"set{n}"
+        for video in write_clips(root / folder, num_clips=2, height=height, width=width, num_frames=frames,
+                                 id_offset=2 * n):
+            videos.append(f"{folder}/{video}")
+            prompts.append(f"a square, clip {len(videos)}")
+    for i in range(2):
+        Image.fromarray(np.full((60, 80, 3), 50 + 100 * i, np.uint8)).save(root / f"still_{i}.png")
+        videos.append(f"still_{i}.png")
+        prompts.append(f"a still image {i}")
+    (root / "videos.txt").write_text("\n".join(videos) + "\n")
+    (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return root
+
+
+def test_mixed_sizes_and_lengths_train_in_batches_of_one_bucket(family_models, mixed_dataset, tmp_path,
+                                                                 monkeypatch):
+    calls = _record_transformer_inputs(monkeypatch)
+    buckets = ["--height_buckets", 48, 64, "--width_buckets", 64, 96, "--frame_buckets", 5, 9]
+    run_main(train_argv(family_models["tiny-1.5-i2v"], mixed_dataset, tmp_path / "out", tmp_path / "cache",
+                        "--train_batch_size", 2, "--max_train_steps", 7, *buckets))
+    shapes = [tuple(c["hidden_states"].shape) for c in calls]
+    # 7 buckets of 2 entries: (48x64, 64x64, 48x96) x (5, 9 frames) and the stills' one frame at 48x64; their
+    # latent frames 2, 3 and 1 are padded to 2, 4 and 2 for 1.5's temporal patches.
+    assert sorted(shapes) == sorted([(2, f, 8, h // 8, w // 8) for (h, w) in [(48, 64), (64, 64), (48, 96)]
+                                     for f in (2, 4)] + [(2, 2, 8, 6, 8)])
+    info = summary(tmp_path / "out")
+    assert (info["clips"], info["encoded_clips"], info["encoded_images"]) == (14, 14, 14)
+
+    # Same buckets, same cache entries; other buckets, other entries.
+    run_main(train_argv(family_models["tiny-1.5-i2v"], mixed_dataset, tmp_path / "again", tmp_path / "cache",
+                        "--train_batch_size", 2, "--max_train_steps", 1, *buckets))
+    assert (summary(tmp_path / "again")["encoded_clips"], summary(tmp_path / "again")["encoded_images"]) == (0, 0)
+    run_main(train_argv(family_models["tiny-1.5-i2v"], mixed_dataset, tmp_path / "auto", tmp_path / "cache",
+                        "--train_batch_size", 2, "--max_train_steps", 1, "--auto_buckets", "--frame_buckets", 5, 9))
+    info = summary(tmp_path / "auto")
+    assert info["encoded_clips"] == 14 - 6  # only the 48x64 clips and stills keep their size (48x64)
