@@ -3,6 +3,8 @@
 
     python cli_demo.py --prompt "a red car drives along a coastal road" --lora_path cogvideox-lora
     python cli_demo.py --prompt "..." --lora_path cogvideox-lora --compare   # without | with, side by side
+    python cli_demo.py --prompt "..." --model_path THUDM/CogVideoX-5b-I2V --generate_type i2v \
+        --image_or_video_path first.png --lora_path my-i2v-lora
 
 The LoRA is applied at the strength it was trained at (lora_alpha / rank, read from the file), times
 --lora_scale. Any LoRA that diffusers' load_lora_weights takes works: a folder, a .safetensors file or a
@@ -35,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate_type", choices=sorted(inference.PIPELINES), default="t2v",
                    help="t2v: from the prompt alone; i2v: from the prompt and --image_or_video_path.")
     p.add_argument("--image_or_video_path", default=None, help="The image an i2v video starts from.")
+    p.add_argument("--ignore_learned_positional_embeddings", action="store_true",
+                   help="CogVideoX-5B-I2V: run without its learned positional embeddings, as a LoRA trained with "
+                        "the trainer's flag of that name must be (and as other sizes than 49x480x720 need).")
     p.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps.")
     p.add_argument("--guidance_scale", type=float, default=6.0, help="Classifier-free guidance.")
     p.add_argument("--use_dynamic_cfg", action="store_true",
@@ -77,7 +82,8 @@ def main(argv=None) -> Path:
     try:
         if args.lora_path:
             inference.check_lora_path(args.lora_path)
-        pipe = inference.load_pipeline(args.model_path, args.generate_type, inference.DTYPES[args.dtype])
+        pipe = inference.load_pipeline(args.model_path, args.generate_type, inference.DTYPES[args.dtype],
+                                       args.ignore_learned_positional_embeddings)
         if args.lora_path:
             strength = inference.load_lora(pipe, args.lora_path, args.lora_scale)
             print(f"LoRA {args.lora_path}: applied at {strength:g} (its alpha/rank x --lora_scale {args.lora_scale:g})")

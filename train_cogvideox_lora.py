@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Train a LoRA for a CogVideoX text-to-video model.
+"""Train a LoRA for a CogVideoX model: text- or image-to-video, 1.0 or 1.5.
 
     accelerate launch train_cogvideox_lora.py --pretrained_model_name_or_path THUDM/CogVideoX-2b \\
         --instance_data_root ~/disney --output_dir cogvideox-lora [--help for every flag]
 
 The recipe: check the data, encode clips and prompts once (cached on disk), load the transformer and
-add LoRA adapters, train, checkpoint, validate, save the LoRA for a stock CogVideoXPipeline.
+add LoRA adapters, train, checkpoint, validate, save the LoRA for the model's stock diffusers pipeline.
 """
 
 import json
@@ -25,11 +25,11 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from cogvideox_lora import checkpoints, memory, models
-from cogvideox_lora.args import parse_args, tracker_config, validation_prompts
-from cogvideox_lora.data import DatasetError, FrameSettings, check_dataset, epoch_batches
+from cogvideox_lora.args import parse_args, tracker_config, validation_images, validation_prompts
+from cogvideox_lora.data import Buckets, DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
 from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
-from cogvideox_lora.loss import compute_loss, draw_batch, rotary_embeddings, sample_seed
+from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
 from cogvideox_lora.optim import make_optimizer
 from cogvideox_lora.validation import Validator
 
@@ -44,16 +44,24 @@ def main(argv=None):
     with models.preferred_attention(args.attention_backend), checkpoints.StopSignal() as stop:
         try:
             train(args, started, stop)
-        except (DatasetError, checkpoints.CheckpointError) as e:
+        except (DatasetError, models.ModelError, checkpoints.CheckpointError) as e:
             sys.exit(f"error: {e}")
 
 
 def train(args, started: float, stop: checkpoints.StopSignal):
     # 1. Data and settings: all is checked before any model is loaded (the settings alone in parse_args).
-    transformer_config, vae_config, text_encoder_config = models.read_configs(args)
+    transformer_config, vae_config, text_encoder_config, family = models.read_configs(args)
     settings = FrameSettings.from_args(args, vae_config["temporal_compression_ratio"])
+    buckets = Buckets.from_args(args)
     clips, bad_clips = check_dataset(args.instance_data_root, args.caption_column, args.video_column,
-                                     args.dataset_file, args.id_token, settings, skip_bad=args.skip_bad_videos)
+                                     args.dataset_file, args.id_token, args.image_column, settings,
+                                     skip_bad=args.skip_bad_videos, buckets=buckets)
+    # Each clip's own size and length: its bucket's, or --height, --width and --max_num_frames.
+    per_clip = clip_settings(clips, settings, buckets)
+    sizes = sorted({(s.max_num_frames, s.height, s.width) for s in per_clip}, key=lambda s: s[0] * s[1] * s[2])
+    problems = family.problems(args, sizes, settings.temporal_compression)
+    if problems:
+        sys.exit("error: " + "\n  ".join(problems))
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
     resume_from = checkpoints.checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
@@ -76,10 +84,11 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                        "is known to give NaN losses: use --mixed_precision bf16.")
     compile_blocks = torch.cuda.is_available() if args.compile_blocks is None else args.compile_blocks
     spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    largest = sizes[-1]
     needed = memory.estimate(
-        transformer_config, (args.max_num_frames - 1) // settings.temporal_compression + 1, args.height // spatial,
-        args.width // spatial, args.train_batch_size, args.rank, args.gradient_checkpointing, compile_blocks,
-        weight_bytes=weight_dtype.itemsize, optimizer_state_bytes=2 if args.use_8bit_adam else 8,
+        transformer_config, family.padded_latent_frames((largest[0] - 1) // settings.temporal_compression + 1),
+        largest[1] // spatial, largest[2] // spatial, args.train_batch_size, args.rank, args.gradient_checkpointing,
+        compile_blocks, weight_bytes=weight_dtype.itemsize, optimizer_state_bytes=2 if args.use_8bit_adam else 8,
         float8_blocks=args.base_weights_dtype == "fp8")
     logger.info("Estimated peak GPU memory of a training step: %s", needed)
     if torch.cuda.is_available():
@@ -100,10 +109,10 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     cache = LatentCache(args.latent_cache_dir)
     model_id = {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
                 "dtype": str(weight_dtype)}
-    videos, encoded_clips = encode_videos(
-        accelerator, cache, [c.video for c in clips], settings,
+    videos, encoded_clips, encoded_images = encode_videos(
+        accelerator, cache, clips, per_clip,
         encoder_id={**model_id, "vae": vae_config, "tiling": args.enable_tiling, "slicing": args.enable_slicing},
-        with_flipped=args.random_flip > 0, num_workers=args.dataloader_num_workers,
+        with_flipped=args.random_flip > 0, with_images=family.image_to_video, num_workers=args.dataloader_num_workers,
         load_vae=lambda: models.load_vae(args, weight_dtype, device))
     val_prompts = validation_prompts(args)
     prompts = list(dict.fromkeys([c.prompt for c in clips] + val_prompts + [""]))  # "" is the negative prompt
@@ -118,6 +127,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     # 3. The transformer, frozen in the training precision, with fp32 LoRA adapters.
     loading = time.perf_counter()
     transformer = models.load_transformer(args, weight_dtype).requires_grad_(False)
+    if args.ignore_learned_positional_embeddings and family.learned_positions:
+        models.drop_learned_positional_embeddings(transformer)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.base_weights_dtype == "fp8":
@@ -138,7 +149,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     batches_per_epoch = len(epoch_batches(shapes, global_batch, args.seed, 0))
     if batches_per_epoch == 0:
         sys.exit(f"error: {len(clips)} clip(s) cannot fill one batch of {global_batch} "
-                 f"(--train_batch_size x processes): lower --train_batch_size or add clips.")
+                 f"(--train_batch_size x processes) from clips of one size ({len(sizes)} size(s)): lower "
+                 f"--train_batch_size, add clips, or use fewer buckets.")
     ga = args.gradient_accumulation_steps
     max_train_steps = args.max_train_steps or math.ceil(args.num_train_epochs * batches_per_epoch / ga)
     optimizer = make_optimizer(trainable_parameters(transformer), args)
@@ -157,16 +169,17 @@ def train(args, started: float, stop: checkpoints.StopSignal):
 
     validator = Validator(args, val_prompts, [prompt_entry[p]["prompt_embeds"] for p in val_prompts],
                           prompt_entry[""]["prompt_embeds"], noise_scheduler.config,
-                          lambda: models.load_vae(args, weight_dtype, "cpu"), weight_dtype)
+                          lambda: models.load_vae(args, weight_dtype, "cpu"), weight_dtype, family.pipeline_class,
+                          validation_images(args) if family.image_to_video else None)
     if accelerator.is_main_process:
         accelerator.init_trackers("cogvideox-lora", config=tracker_config(args))
-    logger.info("%d clips, %d batches of %d per epoch, %d optimizer steps (accumulating %d), %s on %d process(es)",
-                len(clips), batches_per_epoch, global_batch, max_train_steps, ga, accelerator.mixed_precision,
-                accelerator.num_processes)
+    logger.info("%s model, %d clips, %d batches of %d per epoch, %d optimizer steps (accumulating %d), %s on %d "
+                "process(es)", family.name, len(clips), batches_per_epoch, global_batch, max_train_steps, ga,
+                accelerator.mixed_precision, accelerator.num_processes)
 
     # 5. Train.
     rank, batch_size = accelerator.process_index, args.train_batch_size
-    epoch, batches, rotary = None, [], {}
+    epoch, batches, inputs = None, [], {}
     step_times, first_step_at, last = [], None, time.perf_counter()
     progress = tqdm(range(first_step, max_train_steps), initial=first_step, total=max_train_steps, desc="Steps",
                     disable=not accelerator.is_local_main_process)
@@ -182,16 +195,23 @@ def train(args, started: float, stop: checkpoints.StopSignal):
             step_clips += batches[micro_step % batches_per_epoch]
             mine = batches[micro_step % batches_per_epoch][rank * batch_size:(rank + 1) * batch_size]
             seeds = [sample_seed(args.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]
-            batch = draw_batch([videos[i] for i in mine], [prompt_entry[clips[i].prompt] for i in mine], seeds,
-                               vae_config["scaling_factor"], args.random_flip, len(alphas_cumprod), device)
-            latent_shape = shapes[mine[0]][1:]
-            if latent_shape not in rotary:
-                rotary[latent_shape] = rotary_embeddings(accelerator.unwrap_model(transformer).config,
-                                                         *latent_shape, device)
+            entries = [videos[i] for i in mine]
+            batch = draw_batch(entries, [prompt_entry[clips[i].prompt] for i in mine], seeds,
+                               vae_config["scaling_factor"], args.random_flip, len(alphas_cumprod), device,
+                               family.patch_size_t)
+            frames, _, height, width = batch[0].shape[1:]
+            if (frames, height, width) not in inputs:
+                inputs[frames, height, width] = transformer_inputs(accelerator.unwrap_model(transformer).config,
+                                                                   frames, height, width, device)
+            # Image-to-video models also take each clip's first-frame latent (or nothing, at times).
+            image_latents = draw_image_latents(
+                entries, seeds, family.image_latent_scale, args.random_flip, len(alphas_cumprod),
+                args.noised_image_dropout, frames, device) if family.image_to_video else None
             # Gradients are all-reduced once, on the last batch of the accumulation.
             with accelerator.no_sync(transformer) if k < ga - 1 else nullcontext(), \
                     adapter_inputs_uncast(transformer, weight_dtype):
-                loss = compute_loss(transformer, batch, alphas_cumprod, weight_dtype, rotary[latent_shape]) / ga
+                loss = compute_loss(transformer, batch, alphas_cumprod, weight_dtype, inputs[frames, height, width],
+                                    image_latents) / ga
                 accelerator.backward(loss)
             loss_sum += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
@@ -252,7 +272,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         timed = step_times[2:] if len(step_times) > 3 else step_times  # the first steps warm up kernels
         summary = {
             "steps": max_train_steps, "resumed_at_step": first_step, "clips": len(clips),
-            "encoded_clips": encoded_clips, "encoded_prompts": encoded_prompts,
+            "encoded_clips": encoded_clips, "encoded_images": encoded_images, "encoded_prompts": encoded_prompts,
             "seconds_to_first_step": first_step_at, "model_load_seconds": model_load_seconds,
             "median_step_time_s": statistics.median(timed) if timed else None,
             "peak_memory_allocated_gib": torch.cuda.max_memory_allocated() / memory.GIB if torch.cuda.is_available() else None,

@@ -1,16 +1,20 @@
 """Speed and memory of train_cogvideox_lora.py on random-init, real-size CogVideoX models.
 
     python benchmarks/bench_train.py --workdir /tmp/bench              # GPU: the rows of BENCHMARKS.md
+    python benchmarks/bench_train.py --workdir /tmp/bench --rows 5b-i2v-ckpt,1.5-5b-ckpt,1.5-5b-i2v-ckpt
     python benchmarks/bench_train.py --tiny --workdir /tmp/bench       # CPU: the same flow, tiny models
+    python benchmarks/bench_train.py --workdir /tmp/bench --rows 1.5-5b-ckpt -- --use_8bit_adam
 
 Builds the model folders (real configs, T5-XXL-size text encoder, random weights; nothing is
-downloaded) and generated 480x720 clips, runs the real trainer through `accelerate launch` for each
-row, and prints the figures the trainer itself wrote to train_summary.json. A model's first row runs
-on an empty latent cache (cold), its later rows reuse it (warm).
+downloaded) and generated clips, runs the real trainer through `accelerate launch` for each row at its
+model's native size (CogVideoX 1.0: 49x480x720, 1.5: 81x768x1360), and prints the figures the trainer
+itself wrote to train_summary.json. A model's first row runs on an empty latent cache (cold), its later
+rows reuse it (warm). Flags after `--` go to every row's trainer.
 """
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -28,8 +32,17 @@ ROWS = {  # name: (model size, extra trainer flags)
     "2b-ckpt": ("2b", ["--gradient_checkpointing"]),
     "5b-ckpt": ("5b", ["--gradient_checkpointing"]),
     "5b-ckpt-fp8": ("5b", ["--gradient_checkpointing", "--base_weights_dtype", "fp8"]),
+    "5b-i2v-ckpt": ("5b-i2v", ["--gradient_checkpointing"]),
+    "1.5-5b-ckpt": ("1.5-5b", ["--gradient_checkpointing"]),
+    "1.5-5b-i2v-ckpt": ("1.5-5b-i2v", ["--gradient_checkpointing"]),
 }
-TINY_SIZES = {"2b": "tiny", "5b": "tiny-5b"}
+TINY_SIZES = {"2b": "tiny", "5b": "tiny-5b", "5b-i2v": "tiny-i2v", "1.5-5b": "tiny-1.5", "1.5-5b-i2v": "tiny-1.5-i2v"}
+TINY_SHAPE = (9, 48, 64)
+
+
+def native_shape(size: str) -> tuple[int, int, int]:
+    """Frames, height and width a model of this size was trained at (5B-I2V's learned embeddings need it)."""
+    return (81, 768, 1360) if size.startswith("1.5") else (49, 480, 720)
 
 
 def step_flops(config: dict, latent_frames: int, latent_height: int, latent_width: int, recompute: bool) -> float:
@@ -39,23 +52,37 @@ def step_flops(config: dict, latent_frames: int, latent_height: int, latent_widt
     backward needs activation gradients only: once the projections' cost and twice the attention's.
     Gradient checkpointing adds a second forward.
     """
-    p = config["patch_size"]
-    tokens = config["max_text_seq_length"] + latent_frames * (latent_height // p) * (latent_width // p)
+    p, p_t = config["patch_size"], config.get("patch_size_t") or 1
+    tokens = config["max_text_seq_length"] + math.ceil(latent_frames / p_t) * (latent_height // p) * (latent_width // p)
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     linear, attention = 24 * tokens * dim**2, 4 * tokens**2 * dim
     per_layer = 2 * linear + 3 * attention + (linear + attention if recompute else 0)
     return config["num_layers"] * per_layer
 
 
-def run_row(name, model_dir, data_dir, workdir, frames, height, width, steps, extra):
+def write_data(data_dir: Path, frames: int, height: int, width: int) -> int:
+    """Clips for frames x height x width; returns the --fps that takes `frames` from them.
+
+    Generated clips hold at most synthetic.MAX_FRAMES frames: longer ones are sampled at a multiple of the
+    clips' 8 fps, which repeats frames (all the same to the speed and memory measured).
+    """
+    repeat = math.ceil(frames / synthetic.MAX_FRAMES)
+    if not (data_dir / "videos.txt").exists():
+        synthetic.write_clips(data_dir, num_clips=4, height=height, width=width, num_frames=math.ceil(frames / repeat),
+                              fps=8)
+    return 8 * repeat
+
+
+def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, extra):
     size, flags = ROWS[name]
+    frames, height, width = shape
     out = workdir / f"out-{name}"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(REPO / "accelerate_config_machine_single.yaml"), str(REPO / "train_cogvideox_lora.py"),
         "--pretrained_model_name_or_path", str(model_dir), "--instance_data_root", str(data_dir),
         "--output_dir", str(out), "--latent_cache_dir", str(workdir / "cache"),
-        "--height", str(height), "--width", str(width), "--max_num_frames", str(frames), "--fps", "8",
+        "--height", str(height), "--width", str(width), "--max_num_frames", str(frames), "--fps", str(fps),
         "--rank", "128", "--lora_alpha", "128", "--train_batch_size", "1", "--max_train_steps", str(steps),
         "--checkpointing_steps", "100000", "--mixed_precision", "bf16", "--optimizer", "adamw",
         "--enable_tiling", "--enable_slicing", "--report_to", "none", *flags, *extra,
@@ -101,13 +128,15 @@ def main():
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
-    frames, height, width = (9, 48, 64) if args.tiny else (49, 480, 720)
-    data_dir = Path(args.clips) if args.clips else workdir / "data"
-    if not args.clips and not (data_dir / "videos.txt").exists():
-        synthetic.write_clips(data_dir, num_clips=4, height=height, width=width, num_frames=frames, fps=8)
     results = []
     for name in args.rows.split(","):
         size = ROWS[name][0]
+        shape = TINY_SHAPE if args.tiny else native_shape(size)
+        if args.clips:
+            data_dir, fps = Path(args.clips), 8
+        else:
+            data_dir = workdir / f"data-{'x'.join(map(str, shape))}"
+            fps = write_data(data_dir, *shape)
         model_dir = workdir / f"model-{size}"
         if not (model_dir / "model_index.json").exists():
             import torch
@@ -115,7 +144,7 @@ def main():
             synthetic.build_model_folder(model_dir, size=TINY_SIZES[size] if args.tiny else size,
                                          dtype=torch.float32 if args.tiny else torch.bfloat16,
                                          device="cuda" if torch.cuda.is_available() else "cpu")
-        results.append(run_row(name, model_dir, data_dir, workdir, frames, height, width, args.steps, args.extra))
+        results.append(run_row(name, model_dir, data_dir, workdir, shape, fps, args.steps, args.extra))
 
     environment = describe_environment()
     if args.out:

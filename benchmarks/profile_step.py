@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cogvideox_lora import synthetic  # noqa: E402
 from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, trainable_parameters  # noqa: E402
-from cogvideox_lora.loss import compute_loss, draw_batch, rotary_embeddings  # noqa: E402
+from cogvideox_lora.loss import compute_loss, draw_batch, transformer_inputs  # noqa: E402
 from cogvideox_lora.models import compile_blocks, preferred_attention, store_base_weights_in_fp8  # noqa: E402
 
 GIB = 2**30
@@ -61,14 +61,14 @@ def run_variant(name: str, args) -> dict:
     video = {"latent_params": torch.randn(2 * config.in_channels, latent_frames, h, w, dtype=torch.bfloat16)}
     prompt = {"prompt_embeds": torch.randn(config.max_text_seq_length, config.text_embed_dim, dtype=torch.bfloat16)}
     alphas = torch.linspace(0.999, 0.001, 1000, device=DEVICE)
-    rotary = rotary_embeddings(config, latent_frames, h, w, DEVICE)
+    inputs = transformer_inputs(config, latent_frames, h, w, DEVICE)
     uncast = "cast" not in options
 
     def step(i):
         batch = draw_batch([video], [prompt], [i], 1.0, 0.0, 1000, DEVICE)
         with torch.autocast(DEVICE, dtype=torch.bfloat16), (adapter_inputs_uncast(transformer, torch.bfloat16)
                                                             if uncast else nullcontext()):
-            loss = compute_loss(transformer, batch, alphas, torch.bfloat16, rotary)
+            loss = compute_loss(transformer, batch, alphas, torch.bfloat16, inputs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

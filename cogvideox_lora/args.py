@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
     model.add_argument("--variant", default=None, help="Weights variant to load, e.g. fp16.")
     model.add_argument("--cache_dir", default=None, help="Where models downloaded from the hub are stored.")
+    model.add_argument("--ignore_learned_positional_embeddings", action="store_true",
+                       help="CogVideoX-5B-I2V only: drop its learned positional embeddings, which fit 49x480x720 "
+                            "alone, to train at other sizes on its rotary embeddings. Generate with the LoRA the "
+                            "same way (cli_demo.py --ignore_learned_positional_embeddings).")
 
     data = p.add_argument_group("data")
     data.add_argument("--instance_data_root", required=True,
@@ -37,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--video_column", default=None,
                       help="File of clip paths relative to the root, one a line (default videos.txt); "
                            "with --dataset_file, the column holding the path.")
+    data.add_argument("--image_column", default=None,
+                      help="Image-to-video models: file of conditioning image paths relative to the root, one a line "
+                           "beside videos.txt (default images.txt, used if it exists); with --dataset_file, the "
+                           "column holding the path (default image, used if present). Without one, each clip's "
+                           "first frame is its image.")
     data.add_argument("--id_token", default=None,
                       help="Identifier token put in front of every prompt, followed by a space.")
     data.add_argument("--height", type=int, default=480, help="Frame height clips are resized and cropped to.")
@@ -53,8 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="How frames reach --height x --width: resize keeping the aspect ratio, then crop at the "
                            "centre or at a random place (fixed per clip, as clips are encoded once); or 'none', "
                            "a plain resize that may distort.")
+    data.add_argument("--height_buckets", type=int, nargs="+", default=None,
+                      help="Frame heights of the size buckets (with --width_buckets: every pair is a bucket; "
+                           "either defaults to --height/--width). Each clip goes to the bucket nearest its aspect "
+                           "ratio and is resized and cropped to it without distortion; a batch is of one bucket.")
+    data.add_argument("--width_buckets", type=int, nargs="+", default=None, help="Frame widths of the size buckets.")
+    data.add_argument("--frame_buckets", type=int, nargs="+", default=None,
+                      help="Clip lengths (4k+1) of the buckets: each clip takes the longest it can fill at --fps. "
+                           "Default: --max_num_frames alone.")
+    data.add_argument("--auto_buckets", action="store_true",
+                      help="Size buckets from the data: each clip keeps its own aspect ratio at about "
+                           "--height x --width pixels (multiples of 16).")
     data.add_argument("--random_flip", type=float, default=0.0,
                       help="Probability of training on the horizontally mirrored clip (both are encoded once).")
+    data.add_argument("--noised_image_dropout", type=float, default=0.05,
+                      help="Image-to-video models: probability that a step trains a clip without its (slightly "
+                           "noised) conditioning image, which keeps the model able to follow the prompt alone.")
     data.add_argument("--skip_bad_videos", action="store_true",
                       help="Leave out clips that are missing, undecodable or too short, with a warning listing them, "
                            "instead of stopping.")
@@ -71,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     val = p.add_argument_group("validation")
     val.add_argument("--validation_prompt", default=None,
                      help="Prompts for validation videos, split by --validation_prompt_separator.")
-    val.add_argument("--validation_prompt_separator", default=":::", help="Separator between validation prompts.")
+    val.add_argument("--validation_images", default=None,
+                     help="Image-to-video models: the image each validation video starts from, one per validation "
+                          "prompt, split by --validation_prompt_separator.")
+    val.add_argument("--validation_prompt_separator", default=":::",
+                     help="Separator between validation prompts, and between validation images.")
     val.add_argument("--num_validation_videos", type=int, default=1, help="Videos generated per validation prompt.")
     val.add_argument("--validation_epochs", type=int, default=None,
                      help="Validate every this many epochs (and always at the end).")
@@ -143,35 +170,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _split(text: str | None, separator: str) -> list[str]:
+    return [p.strip() for p in text.split(separator) if p.strip()] if text else []
+
+
 def validation_prompts(args) -> list[str]:
-    if not args.validation_prompt:
-        return []
-    return [p.strip() for p in args.validation_prompt.split(args.validation_prompt_separator) if p.strip()]
+    return _split(args.validation_prompt, args.validation_prompt_separator)
+
+
+def validation_images(args) -> list[Path]:
+    return [Path(p).expanduser() for p in _split(args.validation_images, args.validation_prompt_separator)]
+
+
+def _flag_values(args, *names) -> list[tuple[str, int]]:
+    """(flag, value) for each value of the named flags, list-valued (buckets) or not."""
+    pairs = []
+    for name in names:
+        value = getattr(args, name)
+        pairs += [(name, v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
+    return pairs
 
 
 def check_args(args) -> list[str]:
     """Settings that would fail later, said now, before any model is loaded."""
     problems = []
-    for name in ("height", "width"):
-        value = getattr(args, name)
+    for name, value in _flag_values(args, "height", "width", "height_buckets", "width_buckets"):
         if value <= 0 or value % 16:
             lower = value // 16 * 16
             nearest = " or ".join(str(v) for v in (lower, lower + 16) if v >= 16) or "16"
             problems.append(f"--{name} {value} is not a multiple of 16 (VAE x8, patch x2): use {nearest}.")
-    if args.max_num_frames < 1 or (args.max_num_frames - 1) % 4:
-        lower = max(1, (args.max_num_frames - 1) // 4 * 4 + 1)
-        problems.append(f"--max_num_frames {args.max_num_frames} is not 4k+1: use {lower} or {lower + 4}.")
+    for name, value in _flag_values(args, "max_num_frames", "frame_buckets"):
+        if value < 1 or (value - 1) % 4:
+            lower = max(1, (value - 1) // 4 * 4 + 1)
+            problems.append(f"--{name} {value} is not 4k+1: use {lower} or {lower + 4}.")
     if args.validation_prompt is not None and not validation_prompts(args):
         problems.append(f"--validation_prompt {args.validation_prompt!r} holds no prompt once split by "
                         f"{args.validation_prompt_separator!r}.")
+    images, prompts = validation_images(args), validation_prompts(args)
+    if images and len(images) != len(prompts):
+        problems.append(f"--validation_images gives {len(images)} image(s) for {len(prompts)} --validation_prompt "
+                        f"prompt(s): give one image per prompt, split by {args.validation_prompt_separator!r}.")
+    problems += [f"--validation_images: {p} is not a file." for p in images if not p.is_file()]
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
                  "rank", "fps", "num_validation_videos", "max_train_steps", "checkpoints_total_limit",
                  "validation_steps", "validation_epochs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be at least 1, not {value}.")
-    if not 0.0 <= args.random_flip <= 1.0:
-        problems.append(f"--random_flip {args.random_flip} is a probability: give a value from 0 to 1.")
+    for name in ("random_flip", "noised_image_dropout"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            problems.append(f"--{name} {getattr(args, name)} is a probability: give a value from 0 to 1.")
     if args.base_weights_dtype == "fp8" and args.mixed_precision == "no":
         problems.append("--base_weights_dtype fp8 computes in half precision: add --mixed_precision bf16.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:

@@ -1,10 +1,11 @@
 """The dataset folder: reading its index files, checking every clip, and turning a clip into frames."""
 
 import csv
+import itertools
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,16 @@ class Clip:
     prompt: str
     video: Path
     where: str  # "file:line" of the entry, for messages
+    image: Path | None = None  # the I2V conditioning image; None: the clip's first frame
+
+
+IMAGES_FILE, IMAGE_COLUMN = "images.txt", "image"
+# A dataset entry with one of these suffixes is a single image, trained as a one-frame clip.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def is_single_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,40 @@ class FrameSettings:
                    args.skip_frames_end, args.video_reshape_mode, temporal_compression)
 
 
+@dataclass(frozen=True)
+class Buckets:
+    """Frame sizes and lengths that clips are sorted into, so that a batch of mixed clips has one shape.
+
+    A clip goes to the size nearest its aspect ratio (then its pixel count) and to the longest length it can
+    fill. With auto_area the sizes are not listed: each clip keeps its own aspect ratio at about auto_area
+    pixels, in multiples of 16.
+    """
+
+    heights: tuple[int, ...]
+    widths: tuple[int, ...]
+    frames: tuple[int, ...]
+    auto_area: int | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "Buckets | None":
+        if not (args.height_buckets or args.width_buckets or args.frame_buckets or args.auto_buckets):
+            return None
+        return cls(tuple(args.height_buckets or [args.height]), tuple(args.width_buckets or [args.width]),
+                   tuple(sorted(args.frame_buckets or [args.max_num_frames])),
+                   args.height * args.width if args.auto_buckets else None)
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        if self.auto_area:
+            h = math.sqrt(self.auto_area * height / width)
+            return max(16, round(h / 16) * 16), max(16, round(self.auto_area / h / 16) * 16)
+        ratio = math.log(width / height)
+        return min(itertools.product(self.heights, self.widths),
+                   key=lambda s: (abs(math.log(s[1] / s[0]) - ratio), abs(s[0] * s[1] - height * width)))
+
+    def length(self, frames_given: int) -> int | None:
+        return max((f for f in self.frames if f <= frames_given), default=None)
+
+
 class DatasetError(Exception):
     """Every problem found in the dataset, so the user can fix them all in one go."""
 
@@ -52,14 +97,20 @@ def _lines(path: Path) -> list[tuple[int, str]]:
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
-def _read_text_pair(root: Path, caption_file: str, video_file: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+def _read_text_pair(root: Path, caption_file: str, video_file: str, image_file: str | None):
     problems = []
     files = {}
-    for name in (caption_file, video_file):
+    # The images file is optional unless named: without it, each clip's first frame conditions I2V.
+    optional = image_file is None
+    image_file = image_file or IMAGES_FILE
+    with_images = (root / image_file).is_file() or not optional
+    for name in (caption_file, video_file) + ((image_file,) if with_images else ()):
         path = root / name
         if not path.is_file():
             problems.append(f"{path}: not found. The dataset folder needs {caption_file} (one prompt a line) and "
-                            f"{video_file} (one clip path a line, relative to the folder).")
+                            f"{video_file} (one clip path a line, relative to the folder)"
+                            + (f", and {image_file} (one image a line) as --image_column names it." if name == image_file
+                               else "."))
             continue
         try:
             files[name] = _lines(path)
@@ -79,13 +130,18 @@ def _read_text_pair(root: Path, caption_file: str, video_file: str) -> tuple[lis
                         + (f"They part at {caption_file} line {parting[0]} against {video_file} line {parting[1]}: "
                            f"look for a missing, extra or blank line just before. " if parting else "")
                         + f"{longer} line {extra_line} is the first with no partner in {shorter}.")
+    images = files.get(image_file, [(None, None)] * len(videos))
+    if len(images) != len(videos):
+        problems.append(f"{root / image_file} has {len(images)} images but {root / video_file} has {len(videos)} "
+                        f"clips: they must pair up line by line (or remove {image_file} to condition on each clip's "
+                        f"first frame).")
     rows = []
-    for (p_line, prompt), (v_line, video) in zip(prompts, videos):
-        rows.append((prompt, video, f"{root / caption_file}:{p_line}", f"{root / video_file}:{v_line}"))
+    for (p_line, prompt), (v_line, video), (_, image) in zip(prompts, videos, images):
+        rows.append((prompt, video, image, f"{root / caption_file}:{p_line}", f"{root / video_file}:{v_line}"))
     return rows, problems
 
 
-def _read_table(root: Path, dataset_file: str, caption_column: str, video_column: str):
+def _read_table(root: Path, dataset_file: str, caption_column: str, video_column: str, image_column: str | None):
     path = root / dataset_file
     if not path.is_file():
         return [], [f"{path}: not found (--dataset_file is relative to --instance_data_root)."]
@@ -106,30 +162,36 @@ def _read_table(root: Path, dataset_file: str, caption_column: str, video_column
         records = [(reader.line_num, row) for row in reader]
     rows = []
     for n, record in records:
-        missing = [c for c in (caption_column, video_column) if c not in record]
+        required = (caption_column, video_column) + ((image_column,) if image_column else ())
+        missing = [c for c in required if c not in record]
         if missing:
             problems.append(f"{path}:{n}: no column {', '.join(missing)}; it has {', '.join(record)}. "
-                            f"Name the columns with --caption_column and --video_column.")
+                            f"Name the columns with --caption_column, --video_column and --image_column.")
             continue
         where = f"{path}:{n}"
-        rows.append((str(record[caption_column] or "").strip(), str(record[video_column] or "").strip(), where,
-                     where))
+        image = str(record.get(image_column or IMAGE_COLUMN) or "").strip() or None
+        rows.append((str(record[caption_column] or "").strip(), str(record[video_column] or "").strip(), image,
+                     where, where))
     return rows, problems
 
 
 def read_index(root, caption_column: str, video_column: str, dataset_file: str | None = None,
-               id_token: str | None = None) -> tuple[list[Clip], list[str]]:
-    """The clips the dataset's index lists, and every problem of the index itself."""
+               id_token: str | None = None, image_column: str | None = None) -> tuple[list[Clip], list[str]]:
+    """The clips the dataset's index lists, and every problem of the index itself.
+
+    Conditioning images come from image_column (a file like videos.txt, or a column of dataset_file); if it
+    is not given, from images.txt or an "image" column where there is one.
+    """
     root = Path(root).expanduser()
     if not root.is_dir():
         return [], [f"{root}: --instance_data_root is not a folder: give the dataset folder (the one holding "
                     f"{dataset_file or caption_column + ' and ' + video_column})."]
     if dataset_file:
-        rows, problems = _read_table(root, dataset_file, caption_column, video_column)
+        rows, problems = _read_table(root, dataset_file, caption_column, video_column, image_column)
     else:
-        rows, problems = _read_text_pair(root, caption_column, video_column)
+        rows, problems = _read_text_pair(root, caption_column, video_column, image_column)
     clips = []
-    for prompt, video, prompt_where, video_where in rows:
+    for prompt, video, image, prompt_where, video_where in rows:
         if not prompt:
             problems.append(f"{prompt_where}: empty prompt: write a caption for {video}.")
         if not video:
@@ -137,16 +199,16 @@ def read_index(root, caption_column: str, video_column: str, dataset_file: str |
             continue
         if id_token:
             prompt = f"{id_token} {prompt}"
-        clips.append(Clip(prompt, root / video, video_where))
+        clips.append(Clip(prompt, root / video, video_where, root / image if image else None))
     if not clips and not problems:
         problems.append(f"{root}: the dataset lists no clips.")
     return clips, problems
 
 
 def load_clips(root, caption_column: str, video_column: str, dataset_file: str | None = None,
-               id_token: str | None = None) -> list[Clip]:
+               id_token: str | None = None, image_column: str | None = None) -> list[Clip]:
     """Reads the dataset's index; raises DatasetError listing every entry that is wrong."""
-    clips, problems = read_index(root, caption_column, video_column, dataset_file, id_token)
+    clips, problems = read_index(root, caption_column, video_column, dataset_file, id_token, image_column)
     if problems:
         raise DatasetError(problems)
     return clips
@@ -173,12 +235,46 @@ def _open(path: Path):
     return decord.VideoReader(str(path), num_threads=1)
 
 
-def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = False) -> tuple[list[Clip], list[str]]:
+def open_image(path: Path) -> torch.Tensor:
+    """[3, H, W] uint8 of an image file."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def _image_problem(clip: Clip) -> str | None:
+    if not clip.image.is_file():
+        return f"{clip.where}: its conditioning image {clip.image} does not exist: fix the path in the images list."
+    try:
+        open_image(clip.image)
+    except Exception as e:  # Pillow raises many error types for bad files
+        return f"{clip.where}: its conditioning image {clip.image} cannot be read ({e}): re-save it as PNG or JPEG."
+    return None
+
+
+def _probe(path: Path, settings: FrameSettings) -> tuple[int, int, float, int, int]:
+    """(frames it gives at settings, frames it has, its frame rate, height, width); raises if undecodable."""
+    if is_single_image(path):
+        height, width = open_image(path).shape[-2:]
+        return 1, 1, 0.0, height, width
+    reader = _open(path)
+    n, clip_fps = len(reader), reader.get_avg_fps()
+    height, width = reader[0].shape[:2] if n else (0, 0)
+    return len(sample_frame_indices(n, clip_fps, settings)), n, clip_fps, height, width
+
+
+def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = False,
+                buckets: Buckets | None = None) -> tuple[list[Clip], list[str]]:
     """Opens every clip once; returns the usable clips and the problems of the others.
 
     Raises DatasetError with all problems unless skip_bad, in which case the problems are returned
-    for a warning and the clips that have them are left out.
+    for a warning and the clips that have them are left out. With buckets, a clip must fill the shortest.
     """
+    needed, flag = settings.max_num_frames, "--max_num_frames"
+    if buckets is not None:
+        needed, flag = buckets.frames[0], "the shortest of --frame_buckets"
+        settings = replace(settings, max_num_frames=buckets.frames[-1])
     good, problems = [], []
     for clip in clips:
         problem = None
@@ -186,21 +282,21 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
             problem = f"{clip.where}: {clip.video} does not exist: fix the path (relative to the dataset folder)."
         else:
             try:
-                reader = _open(clip.video)
-                n, clip_fps = len(reader), reader.get_avg_fps()
-            except Exception as e:  # decord raises its own error types for every kind of bad file
+                got, n, clip_fps, _, _ = _probe(clip.video, settings)
+            except Exception as e:  # decord and Pillow raise their own error types for every kind of bad file
                 problem = f"{clip.where}: {clip.video} cannot be decoded ({str(e).splitlines()[0]}): re-encode it " \
                           f"(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it."
             else:
-                got = len(sample_frame_indices(n, clip_fps, settings))
-                if got < settings.max_num_frames:
+                if got < needed and not is_single_image(clip.video):
                     t = settings.temporal_compression
                     usable = (got - 1) // t * t + 1 if got else 0
                     problem = (f"{clip.where}: {clip.video} gives {got} frames at --fps {settings.fps} (it has {n} "
                                f"at {clip_fps:g} fps, skipping {settings.skip_frames_start}+"
-                               f"{settings.skip_frames_end}) but --max_num_frames is {settings.max_num_frames}: "
-                               + (f"lower --max_num_frames to {usable} or " if usable else "")
+                               f"{settings.skip_frames_end}) but {flag} is {needed}: "
+                               + (f"lower it to {usable} or " if usable else "")
                                + "lower --fps or the skips, or pass --skip_bad_videos.")
+        if problem is None and clip.image is not None:
+            problem = _image_problem(clip)
         if problem:
             problems.append(problem)
         else:
@@ -213,21 +309,39 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
 
 
 def check_dataset(root, caption_column: str, video_column: str, dataset_file: str | None, id_token: str | None,
-                  settings: FrameSettings, skip_bad: bool = False) -> tuple[list[Clip], list[str]]:
+                  image_column: str | None, settings: FrameSettings, skip_bad: bool = False,
+                  buckets: Buckets | None = None) -> tuple[list[Clip], list[str]]:
     """The index and every clip it lists, checked at once: one DatasetError holds the problems of both.
 
     With skip_bad, unusable clips are left out and their problems returned; a wrong index is always an error.
     """
-    clips, problems = read_index(root, caption_column, video_column, dataset_file, id_token)
+    clips, problems = read_index(root, caption_column, video_column, dataset_file, id_token, image_column)
     if not clips:
         raise DatasetError(problems)
     try:
-        good, skipped = check_clips(clips, settings, skip_bad)
+        good, skipped = check_clips(clips, settings, skip_bad, buckets)
     except DatasetError as e:
         raise DatasetError(problems + e.problems) from None
     if problems:
         raise DatasetError(problems)
     return good, skipped
+
+
+def clip_settings(clips: list[Clip], settings: FrameSettings, buckets: Buckets | None = None) -> list[FrameSettings]:
+    """The frame settings of each (checked) clip: those of its bucket, or `settings` for all; a single image
+    takes one frame."""
+    result = []
+    for clip in clips:
+        if buckets is None and not is_single_image(clip.video):
+            result.append(settings)
+            continue
+        capped = settings if buckets is None else replace(settings, max_num_frames=buckets.frames[-1])
+        got, _, _, height, width = _probe(clip.video, capped)
+        frames = 1 if is_single_image(clip.video) else settings.max_num_frames if buckets is None \
+            else buckets.length(got)
+        size = (settings.height, settings.width) if buckets is None else buckets.size(height, width)
+        result.append(replace(settings, height=size[0], width=size[1], max_num_frames=frames))
+    return result
 
 
 def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str, rng: random.Random) -> torch.Tensor:
@@ -245,28 +359,45 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str, rn
     return frames[..., top: top + height, left: left + width]
 
 
-def read_frames(path: Path, settings: FrameSettings, crop_seed: int = 0) -> torch.Tensor:
-    """The clip as the model sees it: [F, 3, height, width] in [-1, 1]."""
-    reader = _open(path)
-    indices = sample_frame_indices(len(reader), reader.get_avg_fps(), settings)
-    frames = torch.from_numpy(np.ascontiguousarray(reader.get_batch(indices).asnumpy()))
-    frames = frames.permute(0, 3, 1, 2).float()
-    frames = resize_and_crop(frames, settings.height, settings.width, settings.reshape_mode,
+def _as_model_input(frames: torch.Tensor, settings: FrameSettings, crop_seed: int) -> torch.Tensor:
+    frames = resize_and_crop(frames.float(), settings.height, settings.width, settings.reshape_mode,
                              random.Random(crop_seed))
     return (frames / 127.5 - 1.0).clamp(-1.0, 1.0)
 
 
-class ClipFrames(torch.utils.data.Dataset):
-    """Frames of some clips, so a DataLoader can decode the next clips while the VAE encodes."""
+def read_frames(path: Path, settings: FrameSettings, crop_seed: int = 0, first_only: bool = False) -> torch.Tensor:
+    """The clip as the model sees it: [F, 3, height, width] in [-1, 1] (F = 1 with first_only)."""
+    if is_single_image(path):
+        return _as_model_input(open_image(path)[None], settings, crop_seed)
+    reader = _open(path)
+    indices = sample_frame_indices(len(reader), reader.get_avg_fps(), settings)[:1 if first_only else None]
+    frames = torch.from_numpy(np.ascontiguousarray(reader.get_batch(indices).asnumpy()))
+    return _as_model_input(frames.permute(0, 3, 1, 2), settings, crop_seed)
 
-    def __init__(self, paths: list[Path], settings: FrameSettings, crop_seeds: list[int]):
-        self.paths, self.settings, self.crop_seeds = paths, settings, crop_seeds
+
+def read_conditioning_image(clip: Clip, settings: FrameSettings, crop_seed: int = 0) -> torch.Tensor:
+    """The I2V image of a clip as the model sees it, [1, 3, height, width] in [-1, 1]: its own image, resized
+    and cropped like the clip (with the clip's crop seed), or else the clip's first trained frame."""
+    if clip.image is None:
+        return read_frames(clip.video, settings, crop_seed, first_only=True)
+    return _as_model_input(open_image(clip.image)[None], settings, crop_seed)
+
+
+class ClipFrames(torch.utils.data.Dataset):
+    """Frames of some clips (or their conditioning images), so a DataLoader can decode the next clips while the
+    VAE encodes. settings and crop_seeds are per clip."""
+
+    def __init__(self, clips: list[Clip], settings: list[FrameSettings], crop_seeds: list[int], images: bool = False):
+        self.clips, self.settings, self.crop_seeds, self.images = clips, settings, crop_seeds, images
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.clips)
 
     def __getitem__(self, i):
-        return i, read_frames(self.paths[i], self.settings, self.crop_seeds[i])
+        clip, settings, crop_seed = self.clips[i], self.settings[i], self.crop_seeds[i]
+        if self.images:
+            return i, read_conditioning_image(clip, settings, crop_seed)
+        return i, read_frames(clip.video, settings, crop_seed)
 
 
 def epoch_batches(shapes: list[tuple], global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:

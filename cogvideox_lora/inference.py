@@ -12,6 +12,8 @@ import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
 from diffusers.utils import export_to_video
 
+from .models import drop_learned_positional_embeddings
+
 ADAPTER = "lora"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PIPELINES = {"t2v": CogVideoXPipeline, "i2v": CogVideoXImageToVideoPipeline}
@@ -25,8 +27,13 @@ class LoraMismatchError(ValueError):
     """The LoRA was trained for a model of another size."""
 
 
-def load_pipeline(model_path: str, generate_type: str = "t2v", dtype: torch.dtype = torch.bfloat16):
+def load_pipeline(model_path: str, generate_type: str = "t2v", dtype: torch.dtype = torch.bfloat16,
+                  ignore_learned_positional_embeddings: bool = False):
+    """ignore_learned_positional_embeddings: run CogVideoX-5B-I2V without its learned positional table, as the
+    trainer does with the flag of that name (for a LoRA trained so, or for sizes other than 49x480x720)."""
     pipe = PIPELINES[generate_type].from_pretrained(model_path, dtype=dtype)
+    if ignore_learned_positional_embeddings and pipe.transformer.config.use_learned_positional_embeddings:
+        drop_learned_positional_embeddings(pipe.transformer)
     # The sampler of CogVideo's own cli_demo, so that a seed gives the kind of video its authors show.
     pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     return pipe

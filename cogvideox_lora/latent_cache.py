@@ -1,14 +1,18 @@
-"""Encode once: VAE latents of clips and T5 embeddings of prompts, kept on disk between runs.
+"""Encode once: VAE latents of clips (and of their I2V images) and T5 embeddings of prompts, kept on disk
+between runs.
 
 Entries are named by a hash of everything that decides their content (the clip's bytes, the frame
 settings, the encoder's identity and dtype), so a later run on the same clips and settings reuses
 them whatever its --output_dir, and a changed clip or setting simply misses and is encoded again.
 """
 
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
+import random
 import tempfile
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import ClipFrames, FrameSettings
+from .data import Clip, ClipFrames, FrameSettings
 
 logger = logging.getLogger(__name__)
 
@@ -101,30 +105,59 @@ def _fill(cache, keys, accelerator, encode_mine):
     return entries, len(mine)
 
 
+# The I2V image is noised in pixel space before encoding, as CogVideoX I2V was trained: the noise's standard
+# deviation is exp(N(mean, std)) of these, drawn once per clip (as the clip is encoded once).
+IMAGE_NOISE = {"log_sigma_mean": -3.0, "log_sigma_std": 0.5}
+
+
 @torch.no_grad()
-def encode_videos(accelerator, cache: LatentCache, paths: list[Path], settings: FrameSettings, encoder_id: dict,
-                  with_flipped: bool, load_vae, num_workers: int = 0):
-    """Latent distribution parameters [2C, F, H, W] of each clip (and of its mirror image if with_flipped).
+def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: list[FrameSettings],
+                  encoder_id: dict, with_flipped: bool, with_images: bool, load_vae, num_workers: int = 0):
+    """Latent distribution parameters [2C, F, H, W] of each clip (and of its mirror image if with_flipped),
+    with the same of its I2V image ([2C, 1, H, W], "image_latent_params…") if with_images; settings are per clip.
 
-    Returns (entries, how many this process encoded). load_vae is only called when something is missing.
+    Returns (entries, clips and images this process encoded). load_vae is only called if something is missing.
     """
-    keys = [entry_key("video", clip=file_digest(p), frames=settings, encoder=encoder_id, flipped=with_flipped)
-            for p in paths]
+    load_vae = functools.cache(load_vae)
+    keys = [entry_key("video", clip=file_digest(c.video), frames=s, encoder=encoder_id, flipped=with_flipped)
+            for c, s in zip(clips, settings)]
+    # A per-clip seed keeps the random crop the same for a clip however the work is shared out, and the
+    # image's crop the clip's.
+    crop_seeds = [int(k[:8], 16) for k in keys]
 
-    def encode_mine(indices):
-        vae = load_vae()
-        # A per-clip seed keeps the random crop the same for a clip however the work is shared out.
-        seeds = [int(keys[i][:8], 16) for i in indices]
-        loader = torch.utils.data.DataLoader(ClipFrames([paths[i] for i in indices], settings, seeds),
-                                             batch_size=None, num_workers=num_workers)
-        for j, frames in tqdm(loader, desc="Encoding clips", disable=not accelerator.is_local_main_process):
-            video = frames.to(accelerator.device, vae.dtype).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
-            tensors = {"latent_params": vae.encode(video).latent_dist.parameters[0]}
-            if with_flipped:
-                tensors["latent_params_flipped"] = vae.encode(video.flip(-1)).latent_dist.parameters[0]
-            yield indices[j], tensors
+    def encoder(images: bool, prefix: str, desc: str):
+        def encode_mine(indices):
+            vae = load_vae()
+            loader = torch.utils.data.DataLoader(
+                ClipFrames([clips[i] for i in indices], [settings[i] for i in indices],
+                           [crop_seeds[i] for i in indices], images=images),
+                batch_size=None, num_workers=num_workers)
+            for j, frames in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
+                video = frames.to(accelerator.device, vae.dtype).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
+                if images:
+                    video = _add_pixel_noise(video, keys[indices[j]])
+                tensors = {f"{prefix}latent_params": vae.encode(video).latent_dist.parameters[0]}
+                if with_flipped:
+                    tensors[f"{prefix}latent_params_flipped"] = vae.encode(video.flip(-1)).latent_dist.parameters[0]
+                yield indices[j], tensors
 
-    return _fill(cache, keys, accelerator, encode_mine)
+        return encode_mine
+
+    entries, encoded = _fill(cache, keys, accelerator, encoder(False, "", "Encoding clips"))
+    if not with_images:
+        return entries, encoded, 0
+    image_keys = [entry_key("image", video_key=k, image=c.image and file_digest(c.image), noise=IMAGE_NOISE)
+                  for k, c in zip(keys, clips)]
+    images, encoded_images = _fill(cache, image_keys, accelerator, encoder(True, "image_", "Encoding images"))
+    return [{**e, **i} for e, i in zip(entries, images)], encoded, encoded_images
+
+
+def _add_pixel_noise(image: torch.Tensor, key: str) -> torch.Tensor:
+    """The image with Gaussian noise of a drawn strength, both drawn from the clip's key (the same every run)."""
+    rng = random.Random(key)
+    sigma = math.exp(rng.gauss(IMAGE_NOISE["log_sigma_mean"], IMAGE_NOISE["log_sigma_std"]))
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(rng.getrandbits(63)))
+    return image + sigma * noise.to(image.device, image.dtype)
 
 
 @torch.no_grad()

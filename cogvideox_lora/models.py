@@ -1,8 +1,11 @@
 """Loading the parts of a CogVideoX model folder or hub id, each only when it is needed."""
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+from diffusers import (AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline,
+                       CogVideoXPipeline, CogVideoXTransformer3DModel)
 from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -24,15 +27,99 @@ def _hub_kwargs(args) -> dict:
     return {"revision": args.revision, "cache_dir": args.cache_dir}
 
 
-def read_configs(args) -> tuple[dict, dict, dict]:
-    """The transformer's, VAE's and text encoder's configs: all that differs between models is read from them."""
+class ModelError(Exception):
+    """The model folder contradicts itself."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What kind of CogVideoX a model folder holds, read from its configs (never from its name).
+
+    image_to_video: the transformer takes the first frame's latent beside the video latents (twice the
+    input channels); patch_size_t: 1.5 models patch two latent frames together; ofs: 1.5 I2V's extra
+    embedding; learned_positions: 1.0 I2V's positional table, made for one size only.
+    """
+
+    image_to_video: bool
+    patch_size_t: int | None
+    ofs: bool
+    rotary: bool
+    learned_positions: bool
+    native_frames: int
+    native_height: int
+    native_width: int
+    image_latent_scale: float  # what the I2V pipeline multiplies the image latent by
+
+    @classmethod
+    def from_configs(cls, transformer: dict, vae: dict, pipeline_class: str, where: str) -> "Family":
+        image_to_video = transformer["in_channels"] == 2 * (transformer.get("out_channels") or transformer["in_channels"])
+        expected = "CogVideoXImageToVideoPipeline" if image_to_video else "CogVideoXPipeline"
+        if pipeline_class != expected:
+            raise ModelError(
+                f"{where}: model_index.json names {pipeline_class}, but the transformer takes "
+                f"{transformer['in_channels']} input channels for {transformer.get('out_channels')} output channels, "
+                f"which is a {expected} model. Fix _class_name in model_index.json or the transformer config.")
+        spatial = 2 ** (len(vae["block_out_channels"]) - 1)
+        return cls(image_to_video=image_to_video, patch_size_t=transformer.get("patch_size_t"),
+                   ofs=transformer.get("ofs_embed_dim") is not None,
+                   rotary=bool(transformer.get("use_rotary_positional_embeddings")),
+                   learned_positions=bool(transformer.get("use_learned_positional_embeddings")),
+                   native_frames=transformer["sample_frames"], native_height=transformer["sample_height"] * spatial,
+                   native_width=transformer["sample_width"] * spatial,
+                   # 1.5's VAE is flagged invert_scale_latents: its I2V model was trained on image latents
+                   # divided by the scaling factor, and the pipeline feeds them so.
+                   image_latent_scale=1 / vae["scaling_factor"] if vae.get("invert_scale_latents")
+                   else vae["scaling_factor"])
+
+    @property
+    def name(self) -> str:
+        return f"CogVideoX{'1.5' if self.patch_size_t else ''} {'I2V' if self.image_to_video else 'T2V'}"
+
+    @property
+    def pipeline_class(self):
+        return CogVideoXImageToVideoPipeline if self.image_to_video else CogVideoXPipeline
+
+    def padded_latent_frames(self, latent_frames: int) -> int:
+        """1.5 patches latent frames in pairs: the pipelines pad an odd count with one frame at the front."""
+        p_t = self.patch_size_t or 1
+        return latent_frames + (-latent_frames) % p_t
+
+    def problems(self, args, sizes, temporal_compression: int) -> list[str]:
+        """What in the command line does not fit this model; sizes are the (frames, height, width) to train at."""
+        problems = []
+        if self.image_to_video and args.validation_prompt and not args.validation_images:
+            problems.append(f"{args.pretrained_model_name_or_path} is an image-to-video model ({self.name}): give "
+                            f"--validation_images, one image per --validation_prompt, for its validation videos.")
+        if not self.image_to_video and args.validation_images:
+            problems.append(f"{args.pretrained_model_name_or_path} is a text-to-video model ({self.name}): drop "
+                            f"--validation_images, or train an image-to-video model.")
+        if self.learned_positions and not args.ignore_learned_positional_embeddings:
+            f0, h0, w0 = self.native_frames, self.native_height, self.native_width
+            # Any frame count of the same latent length uses the table; another length silently replaces it
+            # by a sin-cos table in diffusers, and another height or width fails there.
+            problems += [
+                f"{self.name} has learned positional embeddings made for {f0}x{h0}x{w0} (frames x height x width) "
+                f"only, but would train at {f}x{h}x{w}. Train at that size (--max_num_frames {f0} --height {h0} "
+                f"--width {w0}), or pass --ignore_learned_positional_embeddings to train (and then generate) "
+                f"without them."
+                for f, h, w in sorted(set(sizes))
+                if ((f - 1) // temporal_compression, h, w) != ((f0 - 1) // temporal_compression, h0, w0)]
+        return problems
+
+
+def read_configs(args) -> tuple[dict, dict, dict, Family]:
+    """The transformer's, VAE's and text encoder's configs and the model's family: all that differs between
+    models is read from them."""
     transformer = CogVideoXTransformer3DModel.load_config(args.pretrained_model_name_or_path,
                                                           subfolder="transformer", **_hub_kwargs(args))
     vae = AutoencoderKLCogVideoX.load_config(args.pretrained_model_name_or_path, subfolder="vae",
                                              **_hub_kwargs(args))
     text_encoder = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
                                               **_hub_kwargs(args)).to_dict()
-    return transformer, vae, text_encoder
+    pipeline_class = CogVideoXPipeline.load_config(args.pretrained_model_name_or_path,
+                                                   **_hub_kwargs(args))["_class_name"]
+    family = Family.from_configs(transformer, vae, pipeline_class, args.pretrained_model_name_or_path)
+    return transformer, vae, text_encoder, family
 
 
 def trained_in_bf16(transformer_config: dict) -> bool:
@@ -49,6 +136,16 @@ def trained_in_bf16(transformer_config: dict) -> bool:
 def load_transformer(args, dtype: torch.dtype):
     return CogVideoXTransformer3DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
                                                        variant=args.variant, torch_dtype=dtype, **_hub_kwargs(args))
+
+
+def drop_learned_positional_embeddings(transformer) -> None:
+    """1.0 I2V without its learned positional table, so it runs at any size on its rotary embeddings alone.
+
+    A LoRA trained so must be used so: pass the same flag to cli_demo.py.
+    """
+    del transformer.patch_embed.pos_embedding
+    transformer.patch_embed.use_learned_positional_embeddings = False
+    transformer.register_to_config(use_learned_positional_embeddings=False)
 
 
 def load_vae(args, dtype: torch.dtype, device):

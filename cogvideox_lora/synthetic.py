@@ -22,10 +22,15 @@ import torch
 # diffusers, transformers and the codecs are imported inside the functions that need them, so that
 # writing clips does not pay the seconds it takes to import the model libraries.
 
-SIZES = ("tiny", "tiny-5b", "2b", "5b")
+SIZES = ("tiny", "tiny-5b", "tiny-i2v", "tiny-1.5", "tiny-1.5-i2v", "2b", "5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v")
 
 # Real sizes: the diffusers class defaults are CogVideoX-2b; the 5b values are those of
 # THUDM/CogVideoX-5b transformer/config.json, vae/config.json and scheduler_config.json.
+# The I2V and 1.5 values are those diffusers' scripts/convert_cogvideox_to_diffusers.py writes for
+# THUDM/CogVideoX-5b-I2V (--i2v: in_channels 32, learned positional embeddings) and
+# THUDM/CogVideoX1.5-5B(-I2V) (--version 1.5: patch_size_t 2, no patch bias, sample 300x300x81, VAE
+# invert_scale_latents; with --i2v in_channels 32 and ofs_embed_dim 512), which match the published
+# transformer/config.json files of those repos. Their schedulers are taken to be 5b's (snr_shift_scale 1.0).
 _TINY_TRANSFORMER = dict(
     num_attention_heads=2,
     # 16, not 8: the 3D rotary embedding splits the head dim into t/h/w parts of
@@ -59,14 +64,37 @@ _TINY_T5 = dict(d_model=32, d_ff=37, num_layers=2, num_heads=2, d_kv=8, feed_for
 _XXL_T5 = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, feed_forward_proj="gated-gelu",
                vocab_size=32128)
 _5B_TRANSFORMER = dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True)
+_I2V = dict(in_channels=32, use_learned_positional_embeddings=True)
+_1_5 = dict(patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300, sample_frames=81)
+_1_5_I2V = dict(_1_5, in_channels=32, ofs_embed_dim=512)
+_1_5_VAE = dict(scaling_factor=0.7, invert_scale_latents=True)
+# Tiny versions of the same: twice the latent channels in, the learned table made for the tests' 9x48x64,
+# and an ofs embedding as wide as the time embedding it is added to. 1.5's sample size only bounds its
+# rotary grid, so the real one serves.
+_TINY_5B_TRANSFORMER = {**_TINY_TRANSFORMER, "use_rotary_positional_embeddings": True}
+_TINY_I2V = dict(in_channels=8, use_learned_positional_embeddings=True, sample_frames=9)
+_TINY_1_5_I2V = dict(_1_5, in_channels=8, ofs_embed_dim=_TINY_TRANSFORMER["time_embed_dim"])
+
+
+def _spec(transformer, vae, text_encoder, snr_shift_scale, image_to_video=False):
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, snr_shift_scale=snr_shift_scale,
+                image_to_video=image_to_video)
+
 
 _SPECS = {
-    "tiny": dict(transformer=_TINY_TRANSFORMER, vae=_TINY_VAE, text_encoder=_TINY_T5, snr_shift_scale=3.0),
+    "tiny": _spec(_TINY_TRANSFORMER, _TINY_VAE, _TINY_T5, 3.0),
     # Every way 5b differs from 2b, at tiny size: rotary embeddings, VAE scale, SNR shift.
-    "tiny-5b": dict(transformer={**_TINY_TRANSFORMER, "use_rotary_positional_embeddings": True},
-                    vae={**_TINY_VAE, "scaling_factor": 0.7}, text_encoder=_TINY_T5, snr_shift_scale=1.0),
-    "2b": dict(transformer={}, vae={}, text_encoder=_XXL_T5, snr_shift_scale=3.0),
-    "5b": dict(transformer=_5B_TRANSFORMER, vae={"scaling_factor": 0.7}, text_encoder=_XXL_T5, snr_shift_scale=1.0),
+    "tiny-5b": _spec(_TINY_5B_TRANSFORMER, {**_TINY_VAE, "scaling_factor": 0.7}, _TINY_T5, 1.0),
+    "tiny-i2v": _spec({**_TINY_5B_TRANSFORMER, **_TINY_I2V}, {**_TINY_VAE, "scaling_factor": 0.7}, _TINY_T5, 1.0,
+                      image_to_video=True),
+    "tiny-1.5": _spec({**_TINY_5B_TRANSFORMER, **_1_5}, {**_TINY_VAE, **_1_5_VAE}, _TINY_T5, 1.0),
+    "tiny-1.5-i2v": _spec({**_TINY_5B_TRANSFORMER, **_TINY_1_5_I2V}, {**_TINY_VAE, **_1_5_VAE}, _TINY_T5, 1.0,
+                          image_to_video=True),
+    "2b": _spec({}, {}, _XXL_T5, 3.0),
+    "5b": _spec(_5B_TRANSFORMER, {"scaling_factor": 0.7}, _XXL_T5, 1.0),
+    "5b-i2v": _spec({**_5B_TRANSFORMER, **_I2V}, {"scaling_factor": 0.7}, _XXL_T5, 1.0, image_to_video=True),
+    "1.5-5b": _spec({**_5B_TRANSFORMER, **_1_5}, _1_5_VAE, _XXL_T5, 1.0),
+    "1.5-5b-i2v": _spec({**_5B_TRANSFORMER, **_1_5_I2V}, _1_5_VAE, _XXL_T5, 1.0, image_to_video=True),
 }
 
 # As THUDM/CogVideoX-2b scheduler/scheduler_config.json; 5b differs only in snr_shift_scale.
@@ -167,11 +195,13 @@ def build_tokenizer(model_max_length: int = 226):
 
 
 def build_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """An in-memory, randomly initialised CogVideoXPipeline of the given size.
+    """An in-memory, randomly initialised CogVideoXPipeline (CogVideoXImageToVideoPipeline for the I2V
+    sizes) of the given size.
 
     device="cuda" draws the random weights on the GPU: minutes faster for the real sizes.
     """
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline,
+                           CogVideoXPipeline, CogVideoXTransformer3DModel)
     from transformers import T5Config, T5EncoderModel
 
     if size not in _SPECS:
@@ -196,8 +226,9 @@ def build_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch
         vae = AutoencoderKLCogVideoX(**spec["vae"]).eval()
     scheduler = CogVideoXDPMScheduler(**_SCHEDULER, snr_shift_scale=spec["snr_shift_scale"])
 
-    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                             scheduler=scheduler)
+    pipeline_class = CogVideoXImageToVideoPipeline if spec["image_to_video"] else CogVideoXPipeline
+    return pipeline_class(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                          scheduler=scheduler)
 
 
 def build_model_folder(path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,

@@ -1,6 +1,7 @@
 """Validation videos during training: generated with the LoRA being trained, saved and logged."""
 
 import io
+import random
 import re
 from pathlib import Path
 
@@ -9,24 +10,35 @@ import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
 from diffusers.utils import export_to_video
 
+from .data import open_image, resize_and_crop
+
 
 def _slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
 
 
+def load_validation_image(path, height: int, width: int) -> torch.Tensor:
+    """[1, 3, height, width] in [0, 1], resized and centre-cropped as training clips are (the pipeline would
+    stretch it)."""
+    image = open_image(path)[None].float()
+    return resize_and_crop(image, height, width, "center", random.Random(0)) / 255.0
+
+
 @torch.no_grad()
 def generate_validation_videos(transformer, vae, scheduler_config, prompt_embeds: list[torch.Tensor],
-                               negative_embeds: torch.Tensor, args, device, dtype):
+                               negative_embeds: torch.Tensor, args, device, dtype, pipeline_class=CogVideoXPipeline,
+                               images: list[torch.Tensor] | None = None):
     """num_validation_videos [F, H, W, 3] float arrays per prompt, each prompt from the same seed every time.
 
     The prompts arrive as cached T5 embeddings, so the text encoder is never loaded for validation.
+    pipeline_class is the model's stock pipeline; an image-to-video one takes images, one per prompt.
     """
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                             scheduler=CogVideoXDPMScheduler.from_config(scheduler_config,
-                                                                         timestep_spacing="trailing"))
+    pipe = pipeline_class(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                          scheduler=CogVideoXDPMScheduler.from_config(scheduler_config, timestep_spacing="trailing"))
     pipe.set_progress_bar_config(disable=True)
     videos = []
-    for embeds in prompt_embeds:
+    for p, embeds in enumerate(prompt_embeds):
+        extra = {} if images is None else {"image": images[p].to(device, dtype)}
         generator = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 0)
         frames = pipe(
             prompt_embeds=embeds[None].to(device, dtype),
@@ -40,6 +52,7 @@ def generate_validation_videos(transformer, vae, scheduler_config, prompt_embeds
             num_inference_steps=args.validation_num_inference_steps,
             generator=generator,
             output_type="np",
+            **extra,
         ).frames
         videos.append(list(frames))
     return videos
@@ -85,11 +98,18 @@ def log_videos(accelerator, videos, prompts: list[str], saved: list[tuple[str, P
 
 
 class Validator:
-    """Runs validation on the main process; the VAE is loaded at the first use and waits on the CPU between uses."""
+    """Runs validation on the main process; the VAE is loaded at the first use and waits on the CPU between uses.
 
-    def __init__(self, args, prompts: list[str], prompt_embeds, negative_embeds, scheduler_config, load_vae, dtype):
+    image_paths: for an image-to-video pipeline_class, one image per prompt.
+    """
+
+    def __init__(self, args, prompts: list[str], prompt_embeds, negative_embeds, scheduler_config, load_vae, dtype,
+                 pipeline_class=CogVideoXPipeline, image_paths: list[Path] | None = None):
         self.args, self.prompts, self.prompt_embeds, self.negative_embeds = args, prompts, prompt_embeds, negative_embeds
         self.scheduler_config, self.load_vae, self.dtype = scheduler_config, load_vae, dtype
+        self.pipeline_class = pipeline_class
+        self.images = None if image_paths is None else [load_validation_image(p, args.height, args.width)
+                                                        for p in image_paths]
         self.vae = None
 
     def run(self, accelerator, transformer, step: int) -> list[Path]:
@@ -101,7 +121,7 @@ class Validator:
             with torch.compiler.set_stance("force_eager"):
                 videos = generate_validation_videos(accelerator.unwrap_model(transformer), self.vae, self.scheduler_config,
                                                     self.prompt_embeds, self.negative_embeds, self.args,
-                                                    accelerator.device, self.dtype)
+                                                    accelerator.device, self.dtype, self.pipeline_class, self.images)
             self.vae.to("cpu")
             saved = save_videos(videos, self.prompts, Path(self.args.output_dir) / "validation", step, self.args.fps)
             log_videos(accelerator, videos, self.prompts, saved, step, self.args.fps)

@@ -92,3 +92,32 @@ def tree_state(root) -> dict:
         state[str(path.relative_to(root))] = (path.is_dir(), st.st_size, st.st_mtime_ns,
                                               None if path.is_dir() else path.read_bytes())
     return state
+
+
+def load_lora_and_collect_warnings(pipe, lora_path) -> list[str]:
+    """pipe.load_lora_weights(lora_path), returning what diffusers, peft and transformers warned about it
+    (diffusers logs unexpected or missing keys as warnings)."""
+    import logging
+    import re
+    import warnings
+
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                records.append(f"{record.name}: {record.getMessage()}")
+
+    handler = Collect()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(lora_path)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    return records + [str(w.message) for w in caught
+                      if re.search(r"unexpected|missing|no lora keys|not found|incompatible", str(w.message), re.I)]
