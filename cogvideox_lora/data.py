@@ -293,7 +293,7 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
                     problem = (f"{clip.where}: {clip.video} gives {got} frames at --fps {settings.fps} (it has {n} "
                                f"at {clip_fps:g} fps, skipping {settings.skip_frames_start}+"
                                f"{settings.skip_frames_end}) but {flag} is {needed}: "
-                               + (f"lower it to {usable} or " if usable else "")
+                               + (f"lower {flag} to {usable} or " if usable else "")
                                + "lower --fps or the skips, or pass --skip_bad_videos.")
         if problem is None and clip.image is not None:
             problem = _image_problem(clip)

@@ -16,8 +16,8 @@ import random
 import tempfile
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -64,9 +64,12 @@ class LatentCache:
         if not path.exists():
             return None
         try:
-            with safe_open(str(path), framework="pt") as f:
-                expected = (f.metadata() or {}).get("sha256")
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            # One read of the whole file: opening it by name twice (header, then tensors) could mix two
+            # versions that writers renamed into place in between.
+            data = path.read_bytes()
+            header_size = int.from_bytes(data[:8], "little")
+            expected = json.loads(data[8:8 + header_size]).get("__metadata__", {}).get("sha256")
+            tensors = safetensors.torch.load(data)
         except Exception as e:  # a truncated or overwritten file fails in many ways inside safetensors
             logger.warning(f"Latent cache file {path} is unreadable ({e}); it will be encoded again.")
             return None

@@ -15,7 +15,7 @@ from diffusers import CogVideoXTransformer3DModel
 
 from cogvideox_lora import memory, models
 from cogvideox_lora.lora import add_lora, adapter_inputs_uncast, lora_state_dict, load_lora_state_dict
-from cogvideox_lora.loss import compute_loss
+from cogvideox_lora.loss import compute_loss, transformer_inputs
 from tests.helpers import REPO, run_script, summary, train_argv
 
 BF16 = torch.bfloat16
@@ -58,7 +58,8 @@ def step(transformer, batch, uncast: bool = False):
     transformer.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=BF16), adapter_inputs_uncast(transformer, BF16) if uncast else \
             adapter_inputs_uncast(transformer, torch.float32):
-        loss = compute_loss(transformer, (latents, noise, timesteps, prompt_embeds), alphas_cumprod, BF16, None)
+        inputs = transformer_inputs(transformer.config, *latents.shape[1:2], *latents.shape[3:], "cpu")
+        loss = compute_loss(transformer, (latents, noise, timesteps, prompt_embeds), alphas_cumprod, BF16, inputs)
     loss.backward()
     return loss.item(), {n: p.grad.float().clone() for n, p in transformer.named_parameters() if p.requires_grad}
 
