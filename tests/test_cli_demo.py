@@ -1,8 +1,6 @@
 """cli_demo.py and cogvideox_lora.inference on the CPU: generating with a LoRA from the real trainer, and with
 LoRAs saved by diffusers itself."""
 
-import logging
-import warnings
 
 import decord
 import numpy as np
@@ -14,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from helpers import run_main
+from helpers import load_lora_and_collect_warnings, run_main
 import cli_demo
 from cogvideox_lora import inference
 from cogvideox_lora.lora import TARGET_MODULES, add_lora, save_lora
@@ -167,31 +165,9 @@ def test_a_lora_saved_by_diffusers_runs_in_cli_demo(tmp_path, tiny_model_dir, di
     assert "applied at 1 " in capsys.readouterr().out
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(f"{record.levelname} {record.name}: {record.getMessage()}")
-
-
 def test_the_trainers_lora_loads_in_a_stock_pipeline_without_warnings(tiny_model_dir, trained_lora):
     pipe = CogVideoXPipeline.from_pretrained(tiny_model_dir)
-    handler = _Records()
-    # diffusers' loggers do not propagate to the root logger, so pytest's caplog would not see them.
-    loggers = [logging.getLogger(name) for name in ("diffusers", "peft")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(trained_lora)
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-    warned = [r for r in handler.records if not r.startswith(("DEBUG", "INFO"))] + [str(w.message) for w in caught]
-    assert warned == []
+    assert load_lora_and_collect_warnings(pipe, trained_lora) == []
     assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
     assert lora_scalings(pipe, "default_0") == {0.5}
 

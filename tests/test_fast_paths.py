@@ -16,7 +16,7 @@ from diffusers import CogVideoXTransformer3DModel
 from cogvideox_lora import memory, models
 from cogvideox_lora.lora import add_lora, adapter_inputs_uncast, lora_state_dict, load_lora_state_dict
 from cogvideox_lora.loss import compute_loss, transformer_inputs
-from tests.helpers import REPO, run_script, summary, train_argv
+from helpers import REPO, run_script, summary, train_argv
 
 BF16 = torch.bfloat16
 

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 import torch
@@ -315,7 +314,6 @@ def test_a_second_signal_stops_at_once(straight):
 
 STALL_AT_CHECKPOINT = """\
 import os, runpy, sys, time
-from pathlib import Path
 
 import accelerate.accelerator
 
