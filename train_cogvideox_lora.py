@@ -15,16 +15,16 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from cogvideox_lora import checkpoints, memory, models
+from cogvideox_lora import checkpoints, distributed, memory, models
 from cogvideox_lora.args import parse_args, tracker_config, validation_images, validation_prompts
 from cogvideox_lora.data import Buckets, DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
@@ -70,14 +70,20 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     # once per optimizer step, however many processes there are.
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, step_scheduler_with_optimizer=False,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.nccl_timeout)
+                                                if args.nccl_timeout else None)],
     )
     if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
         sys.exit(f"error: WORLD_SIZE is {os.environ['WORLD_SIZE']} but this process runs alone; every process would "
                  f"write the same --output_dir. On a machine without GPUs start several processes with "
                  f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N.")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision == "fp16":
+        sys.exit("error: under DeepSpeed the trainer runs fp16 without loss scaling, which underflows: use "
+                 "--mixed_precision bf16.")
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
     if accelerator.mixed_precision == "fp16" and models.trained_in_bf16(transformer_config):
         logger.warning("fp16 with this model (rotary position embeddings: the CogVideoX-5B family, trained in bf16) "
@@ -157,6 +163,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
                                  power=args.lr_power)
+    distributed.configure_deepspeed(accelerator, args)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     checkpoints.register_lora_hooks(accelerator, transformer, lora_config)
 
@@ -175,7 +182,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         accelerator.init_trackers("cogvideox-lora", config=tracker_config(args))
     logger.info("%s model, %d clips, %d batches of %d per epoch, %d optimizer steps (accumulating %d), %s on %d "
                 "process(es)", family.name, len(clips), batches_per_epoch, global_batch, max_train_steps, ga,
-                accelerator.mixed_precision, accelerator.num_processes)
+                weight_dtype, accelerator.num_processes)
 
     # 5. Train.
     rank, batch_size = accelerator.process_index, args.train_batch_size
@@ -207,20 +214,22 @@ def train(args, started: float, stop: checkpoints.StopSignal):
             image_latents = draw_image_latents(
                 entries, seeds, family.image_latent_scale, args.random_flip, len(alphas_cumprod),
                 args.noised_image_dropout, frames, device) if family.image_to_video else None
-            # Gradients are all-reduced once, on the last batch of the accumulation.
-            with accelerator.no_sync(transformer) if k < ga - 1 else nullcontext(), \
-                    adapter_inputs_uncast(transformer, weight_dtype):
+            # accelerate counts the batches: backward divides the loss by ga, and only the last batch of a
+            # step all-reduces the gradients (DDP) or steps the optimizer inside backward (DeepSpeed).
+            with accelerator.accumulate(transformer), adapter_inputs_uncast(transformer, weight_dtype):
                 loss = compute_loss(transformer, batch, alphas_cumprod, weight_dtype, inputs[frames, height, width],
-                                    image_latents) / ga
+                                    image_latents)
                 accelerator.backward(loss)
             loss_sum += loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+        # A float under DeepSpeed, which clipped (and stepped) inside backward.
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm),
+                                    dtype=torch.float32, device=device)
         # One reduction and one host sync a step: every process learns the mean loss, the gradient norm (the
         # same in all) and whether any was signalled, so all stop at the same step.
-        totals = accelerator.reduce(torch.stack([loss_sum, grad_norm.float(),
+        totals = accelerator.reduce(torch.stack([loss_sum, grad_norm,
                                                  torch.tensor(float(stop.requested), device=device)]),
                                     reduction="sum").tolist()
-        step_loss, grad_norm = totals[0] / accelerator.num_processes, totals[1] / accelerator.num_processes
+        step_loss, grad_norm = totals[0] / (accelerator.num_processes * ga), totals[1] / accelerator.num_processes
         stopping = totals[2] > 0
         # fp16's grad scaler skips the steps whose gradients overflow (that is how it finds its scale); without
         # it a non-finite gradient would put NaN into the adapter, and into the next checkpoint.
@@ -231,7 +240,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                      f" This step was not applied and nothing was saved from it; the checkpoints in "
                      f"{args.output_dir} are intact. Try a lower --learning_rate, or bf16 instead of fp16, or leave "
                      f"the clip out.")
-        optimizer.step()
+        optimizer.step()  # under DeepSpeed a no-op: the engine stepped in backward (skipping non-finite gradients)
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -267,16 +276,31 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     if accelerator.is_main_process:
         lora_path = save_lora(accelerator.unwrap_model(transformer), args.output_dir, lora_config)
         logger.info("LoRA saved to %s", lora_path)
+    # A row per process: what it encoded and its GPU's peak memory in training. Gathered before the last
+    # validation, whose wait is the last one: a collective followed by processes ending at different
+    # moments can leave gloo hanging in its shutdown.
+    cuda = torch.cuda.is_available()
+    per_process = accelerator.gather(torch.tensor(
+        [[encoded_clips, encoded_images, encoded_prompts,
+          torch.cuda.max_memory_allocated() / memory.GIB if cuda else 0.0,
+          torch.cuda.max_memory_reserved() / memory.GIB if cuda else 0.0]], dtype=torch.float64, device=device))
+    clips_encoded, images_encoded, prompts_encoded, allocated, reserved = per_process.T.tolist()
     video_paths = validator.run(accelerator, transformer, max_train_steps)
     if accelerator.is_main_process:
         timed = step_times[2:] if len(step_times) > 3 else step_times  # the first steps warm up kernels
+        step_time = statistics.median(timed) if timed else None
         summary = {
             "steps": max_train_steps, "resumed_at_step": first_step, "clips": len(clips),
-            "encoded_clips": encoded_clips, "encoded_images": encoded_images, "encoded_prompts": encoded_prompts,
+            "processes": accelerator.num_processes, "samples_per_step": global_batch * ga,
+            "encoded_clips": int(sum(clips_encoded)), "encoded_images": int(sum(images_encoded)),
+            "encoded_prompts": int(sum(prompts_encoded)), "encoded_clips_per_process": [int(n) for n in clips_encoded],
             "seconds_to_first_step": first_step_at, "model_load_seconds": model_load_seconds,
-            "median_step_time_s": statistics.median(timed) if timed else None,
-            "peak_memory_allocated_gib": torch.cuda.max_memory_allocated() / memory.GIB if torch.cuda.is_available() else None,
-            "peak_memory_reserved_gib": torch.cuda.max_memory_reserved() / memory.GIB if torch.cuda.is_available() else None,
+            "median_step_time_s": step_time,
+            "samples_per_second": global_batch * ga / step_time if step_time else None,
+            # The fullest GPU's, and each process's.
+            "peak_memory_allocated_gib": max(allocated) if cuda else None,
+            "peak_memory_reserved_gib": max(reserved) if cuda else None,
+            "peak_memory_allocated_gib_per_process": allocated if cuda else None,
             "lora": str(lora_path), "validation_videos": [str(p) for p in video_paths],
         }
         Path(args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry_run", action="store_true",
                        help="Check the data and settings, print the memory estimate, and exit before loading models.")
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matrix products on Ampere and newer.")
+    train.add_argument("--nccl_timeout", type=int, default=None,
+                       help="Seconds a collective (gradient all-reduce, barrier) may wait for the other processes "
+                            "before the run is ended; default: PyTorch's. Encoding and validation wait for each "
+                            "other without this limit.")
 
     ckpt = p.add_argument_group("checkpoints and logs")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500,
@@ -213,7 +217,7 @@ def check_args(args) -> list[str]:
     problems += [f"--validation_images: {p} is not a file." for p in images if not p.is_file()]
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
                  "rank", "fps", "num_validation_videos", "max_train_steps", "checkpoints_total_limit",
-                 "validation_steps", "validation_epochs"):
+                 "validation_steps", "validation_epochs", "nccl_timeout"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be at least 1, not {value}.")

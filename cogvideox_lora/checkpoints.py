@@ -3,6 +3,7 @@
 A checkpoint is accelerate's state (optimizer, lr scheduler, RNG) plus the LoRA in diffusers format,
 so any checkpoint folder also loads in a stock pipeline. It is written as `.checkpoint-N.partial` and
 renamed to `checkpoint-N` once complete: a kill at any moment leaves no folder that `latest` picks.
+Under DeepSpeed the engine writes its own model and optimizer state (pytorch_model/) beside these.
 """
 
 import logging
@@ -12,6 +13,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from accelerate.utils import DistributedType
 from diffusers import CogVideoXPipeline
 
 from .lora import LORA_WEIGHTS_NAME, load_lora_state_dict, save_lora
@@ -98,10 +100,12 @@ def load_checkpoint(accelerator, checkpoint: Path) -> int:
     """Restores the LoRA, optimizer, lr schedule and RNG of a checkpoint; returns its step.
 
     The LoRA is read with safetensors and accelerate reads the rest with torch.load(weights_only=True),
-    so a checkpoint from elsewhere cannot run code.
+    so a checkpoint from elsewhere cannot run code; except under DeepSpeed, whose engine unpickles its own
+    files in pytorch_model/.
     """
     try:
-        accelerator.load_state(str(checkpoint))
+        # A DeepSpeed checkpoint's module state holds the adapter alone (see save_checkpoint).
+        accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if _deepspeed(accelerator) else {}))
     except Exception as e:  # torch, safetensors, peft and accelerate each fail their own way on a bad folder
         reason = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{checkpoint} cannot be resumed from ({type(e).__name__}: {reason}). It is damaged, "
@@ -119,6 +123,8 @@ def register_lora_hooks(accelerator, transformer, lora_config) -> None:
         weights.clear()  # accelerate would otherwise write the whole transformer too
 
     def load_hook(models, input_dir):
+        if not models:
+            return  # DeepSpeed: the engine has already loaded the adapter with its optimizer state
         model = models.pop()
         state_dict = CogVideoXPipeline.lora_state_dict(str(Path(input_dir) / LORA_WEIGHTS_NAME))
         prefix = "transformer."
@@ -137,7 +143,8 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None)
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)  # left by a run killed while saving
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    # The DeepSpeed engine would otherwise write the frozen transformer too (twice under ZeRO-2).
+    accelerator.save_state(str(partial), **({"exclude_frozen_parameters": True} if _deepspeed(accelerator) else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         partial.rename(final)
@@ -147,3 +154,7 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None)
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED

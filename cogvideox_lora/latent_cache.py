@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import Clip, ClipFrames, FrameSettings
+from .distributed import wait_for_everyone_without_deadline
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +91,19 @@ class LatentCache:
                 os.remove(tmp)
 
 
-def _fill(cache, keys, accelerator, encode_mine):
-    """Loads every entry; this process encodes the missing ones of its share, then reads the others'."""
+def _fill(cache, keys, accelerator, encode_mine, name: str):
+    """Loads every entry; this process encodes the missing ones of its share, then reads the others'.
+
+    A process may have nothing to encode while another loads an encoder and works for minutes, so the
+    wait between the two has no deadline.
+    """
     entries = [cache.load(k) for k in keys]
     mine = [i for i, e in enumerate(entries) if e is None and i % accelerator.num_processes == accelerator.process_index]
     if mine:
         for i, tensors in encode_mine(mine):
             cache.save(keys[i], tensors)
             entries[i] = tensors
-    accelerator.wait_for_everyone()
+    wait_for_everyone_without_deadline(accelerator, f"encoded-{name}")
     for i, e in enumerate(entries):
         if e is None:
             entries[i] = cache.load(keys[i])
@@ -146,12 +151,13 @@ def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: 
 
         return encode_mine
 
-    entries, encoded = _fill(cache, keys, accelerator, encoder(False, "", "Encoding clips"))
+    entries, encoded = _fill(cache, keys, accelerator, encoder(False, "", "Encoding clips"), "videos")
     if not with_images:
         return entries, encoded, 0
     image_keys = [entry_key("image", video_key=k, image=c.image and file_digest(c.image), noise=IMAGE_NOISE)
                   for k, c in zip(keys, clips)]
-    images, encoded_images = _fill(cache, image_keys, accelerator, encoder(True, "image_", "Encoding images"))
+    images, encoded_images = _fill(cache, image_keys, accelerator, encoder(True, "image_", "Encoding images"),
+                                   "images")
     return [{**e, **i} for e, i in zip(entries, images)], encoded, encoded_images
 
 
@@ -176,4 +182,4 @@ def encode_prompts(accelerator, cache: LatentCache, prompts: list[str], max_sequ
                             add_special_tokens=True, return_tensors="pt").input_ids
             yield i, {"prompt_embeds": text_encoder(ids.to(accelerator.device))[0][0]}
 
-    return _fill(cache, keys, accelerator, encode_mine)
+    return _fill(cache, keys, accelerator, encode_mine, "prompts")

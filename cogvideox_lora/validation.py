@@ -1,6 +1,11 @@
-"""Validation videos during training: generated with the LoRA being trained, saved and logged."""
+"""Validation videos during training: generated with the LoRA being trained, saved and logged.
+
+The (prompt, video) pairs are spread over the processes; each writes its videos into the shared
+--output_dir, and the main process logs them all to the trackers once every process is done.
+"""
 
 import io
+import logging
 import random
 import re
 from pathlib import Path
@@ -11,6 +16,9 @@ from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
 from diffusers.utils import export_to_video
 
 from .data import open_image, resize_and_crop
+from .distributed import wait_for_everyone_without_deadline
+
+logger = logging.getLogger(__name__)
 
 
 def _slug(text: str, length: int = 40) -> str:
@@ -24,59 +32,45 @@ def load_validation_image(path, height: int, width: int) -> torch.Tensor:
     return resize_and_crop(image, height, width, "center", random.Random(0)) / 255.0
 
 
-@torch.no_grad()
-def generate_validation_videos(transformer, vae, scheduler_config, prompt_embeds: list[torch.Tensor],
-                               negative_embeds: torch.Tensor, args, device, dtype, pipeline_class=CogVideoXPipeline,
-                               images: list[torch.Tensor] | None = None):
-    """num_validation_videos [F, H, W, 3] float arrays per prompt, each prompt from the same seed every time.
-
-    The prompts arrive as cached T5 embeddings, so the text encoder is never loaded for validation.
-    pipeline_class is the model's stock pipeline; an image-to-video one takes images, one per prompt.
-    """
+def validation_pipeline(transformer, vae, scheduler_config, pipeline_class=CogVideoXPipeline):
+    """The model's stock pipeline around the transformer being trained. Prompts arrive as cached T5
+    embeddings, so it has no T5."""
     pipe = pipeline_class(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                           scheduler=CogVideoXDPMScheduler.from_config(scheduler_config, timestep_spacing="trailing"))
     pipe.set_progress_bar_config(disable=True)
-    videos = []
-    for p, embeds in enumerate(prompt_embeds):
-        extra = {} if images is None else {"image": images[p].to(device, dtype)}
-        generator = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 0)
-        frames = pipe(
-            prompt_embeds=embeds[None].to(device, dtype),
-            negative_prompt_embeds=negative_embeds[None].to(device, dtype),
-            num_videos_per_prompt=args.num_validation_videos,
-            num_frames=args.max_num_frames,
-            height=args.height,
-            width=args.width,
-            guidance_scale=args.guidance_scale,
-            use_dynamic_cfg=args.use_dynamic_cfg,
-            num_inference_steps=args.validation_num_inference_steps,
-            generator=generator,
-            output_type="np",
-            **extra,
-        ).frames
-        videos.append(list(frames))
-    return videos
+    return pipe
 
 
-def save_videos(videos, prompts: list[str], directory, step: int, fps: int) -> list[tuple[str, Path]]:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    saved = []
-    for p, (prompt, per_prompt) in enumerate(zip(prompts, videos)):
-        for v, frames in enumerate(per_prompt):
-            path = directory / f"step-{step:06d}_p{p}_v{v}_{_slug(prompt)}.mp4"
-            export_to_video(list(frames), str(path), fps=fps)
-            saved.append((prompt, path))
-    return saved
+@torch.no_grad()
+def generate_validation_video(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, args, seed: int,
+                              device, dtype, image: torch.Tensor | None = None) -> np.ndarray:
+    """One video, [F, H, W, 3] floats in [0, 1]; an image-to-video pipeline takes the image too."""
+    return pipe(
+        prompt_embeds=prompt_embeds[None].to(device, dtype),
+        negative_prompt_embeds=negative_embeds[None].to(device, dtype),
+        num_frames=args.max_num_frames,
+        height=args.height,
+        width=args.width,
+        guidance_scale=args.guidance_scale,
+        use_dynamic_cfg=args.use_dynamic_cfg,
+        num_inference_steps=args.validation_num_inference_steps,
+        generator=torch.Generator(device=device).manual_seed(seed),
+        output_type="np",
+        **({} if image is None else {"image": image.to(device, dtype)}),
+    ).frames[0]
 
 
-def _tensorboard_video(writer, tag: str, frames: np.ndarray, step: int, fps: int) -> None:
+def _tensorboard_video(writer, tag: str, path: Path, step: int, fps: int) -> None:
     # TensorBoard shows videos as animated GIFs in its image tab (what SummaryWriter.add_video does
-    # through moviepy); Pillow writes the GIF without that extra dependency.
+    # through moviepy); Pillow writes the GIF without that extra dependency. The frames are read back
+    # from the file, as another process may have made it.
+    import decord
     from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    images = [Image.fromarray(frame) for frame in (frames * 255).round().astype(np.uint8)]
+    reader = decord.VideoReader(str(path), num_threads=1)
+    frames = reader.get_batch(list(range(len(reader)))).asnumpy()
+    images = [Image.fromarray(frame) for frame in frames]
     gif = io.BytesIO()
     images[0].save(gif, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
     height, width = frames.shape[1:3]
@@ -84,23 +78,24 @@ def _tensorboard_video(writer, tag: str, frames: np.ndarray, step: int, fps: int
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
-def log_videos(accelerator, videos, prompts: list[str], saved: list[tuple[str, Path]], step: int, fps: int) -> None:
+def log_videos(accelerator, videos: list[tuple[str, str, Path]], step: int, fps: int) -> None:
+    """videos: (tag, prompt, path) of each video."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            for p, per_prompt in enumerate(videos):
-                for v, frames in enumerate(per_prompt):
-                    _tensorboard_video(tracker.writer, f"validation/p{p}_v{v}", frames, step, fps)
+            for tag, _, path in videos:
+                _tensorboard_video(tracker.writer, tag, path, step, fps)
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Video(str(path), caption=prompt, fps=fps) for prompt, path in saved]},
+            tracker.log({"validation": [wandb.Video(str(path), caption=prompt, fps=fps) for _, prompt, path in videos]},
                         step=step)
 
 
 class Validator:
-    """Runs validation on the main process; the VAE is loaded at the first use and waits on the CPU between uses.
+    """Validation in every process, each making its share of the videos.
 
-    image_paths: for an image-to-video pipeline_class, one image per prompt.
+    The VAE is loaded at the first use and waits on the CPU between uses. image_paths: for an
+    image-to-video pipeline_class, one image per prompt.
     """
 
     def __init__(self, args, prompts: list[str], prompt_embeds, negative_embeds, scheduler_config, load_vae, dtype,
@@ -113,17 +108,30 @@ class Validator:
         self.vae = None
 
     def run(self, accelerator, transformer, step: int) -> list[Path]:
-        saved = []
-        if self.prompts and accelerator.is_main_process:
+        """Every process must call this; each returns the paths of all the videos of this step."""
+        directory = Path(self.args.output_dir) / "validation"
+        jobs = [(p, v) for p in range(len(self.prompts)) for v in range(self.args.num_validation_videos)]
+        paths = [directory / f"step-{step:06d}_p{p}_v{v}_{_slug(self.prompts[p])}.mp4" for p, v in jobs]
+        mine = range(accelerator.process_index, len(jobs), accelerator.num_processes)
+        if mine:
+            directory.mkdir(parents=True, exist_ok=True)
             self.vae = (self.vae or self.load_vae()).to(accelerator.device)
+            pipe = validation_pipeline(accelerator.unwrap_model(transformer), self.vae, self.scheduler_config,
+                                       self.pipeline_class)
             # Compiled blocks would compile again for inference (no grad, a batch of two for guidance):
             # minutes for a few videos, so they run eagerly here.
             with torch.compiler.set_stance("force_eager"):
-                videos = generate_validation_videos(accelerator.unwrap_model(transformer), self.vae, self.scheduler_config,
-                                                    self.prompt_embeds, self.negative_embeds, self.args,
-                                                    accelerator.device, self.dtype, self.pipeline_class, self.images)
+                for i in mine:
+                    p, v = jobs[i]
+                    # Video v of a prompt starts from seed + v, whichever process makes it.
+                    frames = generate_validation_video(pipe, self.prompt_embeds[p], self.negative_embeds, self.args,
+                                                       self.args.seed + v, accelerator.device, self.dtype,
+                                                       None if self.images is None else self.images[p])
+                    export_to_video(list(frames), str(paths[i]), fps=self.args.fps)
+                    logger.info("Process %d wrote %s", accelerator.process_index, paths[i])
             self.vae.to("cpu")
-            saved = save_videos(videos, self.prompts, Path(self.args.output_dir) / "validation", step, self.args.fps)
-            log_videos(accelerator, videos, self.prompts, saved, step, self.args.fps)
-        accelerator.wait_for_everyone()
-        return [path for _, path in saved]
+        wait_for_everyone_without_deadline(accelerator, f"validation-{step}")
+        if accelerator.is_main_process:
+            log_videos(accelerator, [(f"validation/p{p}_v{v}", self.prompts[p], path)
+                                     for (p, v), path in zip(jobs, paths)], step, self.args.fps)
+        return paths
