@@ -4,17 +4,26 @@
     python benchmarks/bench_train.py --workdir /tmp/bench --rows 5b-i2v-ckpt,1.5-5b-ckpt,1.5-5b-i2v-ckpt
     python benchmarks/bench_train.py --tiny --workdir /tmp/bench       # CPU: the same flow, tiny models
     python benchmarks/bench_train.py --workdir /tmp/bench --rows 1.5-5b-ckpt -- --use_8bit_adam
+    python benchmarks/bench_train.py --workdir /tmp/bench --rows 2b,2b-x2   # 1 and 2 GPUs: scaling
+    ACCELERATE_USE_CPU=1 python benchmarks/bench_train.py --tiny --workdir /tmp/bench --rows 2b,2b-x2
 
 Builds the model folders (real configs, T5-XXL-size text encoder, random weights; nothing is
 downloaded) and generated clips, runs the real trainer through `accelerate launch` for each row at its
 model's native size (CogVideoX 1.0: 49x480x720, 1.5: 81x768x1360), and prints the figures the trainer
 itself wrote to train_summary.json. A model's first row runs on an empty latent cache (cold), its later
 rows reuse it (warm). Flags after `--` go to every row's trainer.
+
+A row is a name from ROWS, then -xN for N processes (one per GPU, each with the same batch), then
+-zero2 for DeepSpeed ZeRO-2: 2b-x2, 2b-ckpt-x4-zero2. A row of N processes is scaled against the row
+of one process with the same name, if its run is in the workdir (from this call or an earlier one).
+--resume_steps continues each row's run with --resume_from_checkpoint latest and checks that it resumed.
 """
 
 import argparse
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 import time
@@ -38,6 +47,15 @@ ROWS = {  # name: (model size, extra trainer flags)
 }
 TINY_SIZES = {"2b": "tiny", "5b": "tiny-5b", "5b-i2v": "tiny-i2v", "1.5-5b": "tiny-1.5", "1.5-5b-i2v": "tiny-1.5-i2v"}
 TINY_SHAPE = (9, 48, 64)
+ROW = re.compile(r"^(?P<base>.+?)(?:-x(?P<processes>\d+))?(?P<zero2>-zero2)?$")
+
+
+def parse_row(name: str) -> tuple[str, int, bool]:
+    """(the ROWS entry, processes, DeepSpeed ZeRO-2) of a row name."""
+    match = ROW.match(name)
+    if not match or match["base"] not in ROWS:
+        raise SystemExit(f"unknown row {name!r}: a name of {', '.join(ROWS)}, then -xN, then -zero2")
+    return match["base"], int(match["processes"] or 1), bool(match["zero2"])
 
 
 def native_shape(size: str) -> tuple[int, int, int]:
@@ -73,29 +91,66 @@ def write_data(data_dir: Path, frames: int, height: int, width: int) -> int:
     return 8 * repeat
 
 
-def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, extra):
-    size, flags = ROWS[name]
+def launcher(processes: int, zero2: bool) -> list[str]:
+    if zero2:
+        config = ["--config_file", str(REPO / "accelerate_config_deepspeed_zero2.yaml")]
+    elif processes > 1:
+        config = ["--config_file", str(REPO / "accelerate_config_machine_multi.yaml")]
+    else:
+        return ["--config_file", str(REPO / "accelerate_config_machine_single.yaml")]
+    return [*config, "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", "0"]
+
+
+def train(command: list[str], out: Path) -> dict:
+    print("$", " ".join(command), flush=True)
+    # NVLink multicast (NVLS) stays off: on shared hosts it can take the GPUs out of service.
+    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+    return json.loads((out / "train_summary.json").read_text())
+
+
+def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, resume_steps, extra):
+    base, processes, zero2 = parse_row(name)
+    size, flags = ROWS[base]
     frames, height, width = shape
     out = workdir / f"out-{name}"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "accelerate_config_machine_single.yaml"), str(REPO / "train_cogvideox_lora.py"),
+        sys.executable, "-m", "accelerate.commands.launch", *launcher(processes, zero2),
+        str(REPO / "train_cogvideox_lora.py"),
         "--pretrained_model_name_or_path", str(model_dir), "--instance_data_root", str(data_dir),
         "--output_dir", str(out), "--latent_cache_dir", str(workdir / "cache"),
         "--height", str(height), "--width", str(width), "--max_num_frames", str(frames), "--fps", str(fps),
-        "--rank", "128", "--lora_alpha", "128", "--train_batch_size", "1", "--max_train_steps", str(steps),
+        "--rank", "128", "--lora_alpha", "128", "--train_batch_size", "1",
         "--checkpointing_steps", "100000", "--mixed_precision", "bf16", "--optimizer", "adamw",
         "--enable_tiling", "--enable_slicing", "--report_to", "none", *flags, *extra,
     ]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO)
-    summary = json.loads((out / "train_summary.json").read_text())
+    summary = train([*command, "--max_train_steps", str(steps)], out)
     config = CogVideoXTransformer3DModel.load_config(model_dir, subfolder="transformer")
     latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
     flops = step_flops(config, *latent, recompute="--gradient_checkpointing" in flags)
     step = summary["median_step_time_s"]
-    return {"row": name, "model": size, **summary, "step_tflop": flops / 1e12,
-            "achieved_tflops": flops / step / 1e12 if step else None}
+    result = {"row": name, "model": size, **summary, "step_tflop": flops / 1e12,
+              "achieved_tflops": flops / step / 1e12 if step else None}
+    if resume_steps:
+        # The run ended with a checkpoint at `steps`; the same command continues it.
+        resumed = train([*command, "--max_train_steps", str(resume_steps), "--resume_from_checkpoint", "latest"], out)
+        if resumed["resumed_at_step"] != steps or resumed["steps"] != resume_steps:
+            raise SystemExit(f"{name}: the continued run started at step {resumed['resumed_at_step']}, not {steps}")
+        result["resumed"] = resumed
+    return result
+
+
+def scaling(result: dict, earlier: list[dict], workdir: Path) -> float | None:
+    """Samples per second against the one-process row of the same name: its result in this call, else the
+    summary of its run in the workdir (which, if it was continued with --resume_steps, is the continued run's)."""
+    base, processes, zero2 = parse_row(result["row"])
+    if processes == 1 and not zero2:
+        return None
+    single = next((r for r in earlier if r["row"] == base), None)
+    if single is None and (workdir / f"out-{base}" / "train_summary.json").exists():
+        single = json.loads((workdir / f"out-{base}" / "train_summary.json").read_text())
+    if single is None or not single["samples_per_second"] or not result["samples_per_second"]:
+        return None
+    return result["samples_per_second"] / single["samples_per_second"]
 
 
 def describe_environment() -> dict:
@@ -119,8 +174,11 @@ def fmt(value, spec=".3f") -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="where models, clips, cache and runs go")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated: each one of {', '.join(ROWS)}, then -xN for N GPUs, then -zero2")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per row")
+    parser.add_argument("--resume_steps", type=int, default=0,
+                        help="then continue each row's run to this many steps from its last checkpoint")
     parser.add_argument("--clips", default=None, help="an existing dataset folder instead of generated clips")
     parser.add_argument("--tiny", action="store_true", help="tiny models and clips, for a CPU")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -130,7 +188,7 @@ def main():
     workdir = Path(args.workdir)
     results = []
     for name in args.rows.split(","):
-        size = ROWS[name][0]
+        size = ROWS[parse_row(name)[0]][0]
         shape = TINY_SHAPE if args.tiny else native_shape(size)
         if args.clips:
             data_dir, fps = Path(args.clips), 8
@@ -144,20 +202,27 @@ def main():
             synthetic.build_model_folder(model_dir, size=TINY_SIZES[size] if args.tiny else size,
                                          dtype=torch.float32 if args.tiny else torch.bfloat16,
                                          device="cuda" if torch.cuda.is_available() else "cpu")
-        results.append(run_row(name, model_dir, data_dir, workdir, shape, fps, args.steps, args.extra))
+        result = run_row(name, model_dir, data_dir, workdir, shape, fps, args.steps, args.resume_steps, args.extra)
+        results.append({**result, "scaling": scaling(result, results, workdir)})
 
     environment = describe_environment()
     if args.out:
         Path(args.out).write_text(json.dumps({"environment": environment, "rows": results}, indent=2))
     print("\n" + ", ".join(f"{k} {v}" for k, v in environment.items()))
-    print("\n| row | median step (s) | peak alloc (GiB) | peak reserved (GiB) | to first step (s) | cache "
-          "| model load (s) | TFLOP/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| row | GPUs | median step (s) | samples/s | scaling (x) | peak alloc per GPU (GiB) "
+          "| peak reserved, max (GiB) | to first step (s) | cache | model load (s) | TFLOP/s per GPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         cache = "warm" if r["encoded_clips"] == 0 else "cold"
-        print(f"| {r['row']} | {fmt(r['median_step_time_s'])} | {fmt(r['peak_memory_allocated_gib'], '.1f')} "
+        per_gpu = ", ".join(fmt(m, ".1f") for m in r["peak_memory_allocated_gib_per_process"] or [None])
+        print(f"| {r['row']} | {r['processes']} | {fmt(r['median_step_time_s'])} "
+              f"| {fmt(r['samples_per_second'], '.2f')} | {fmt(r['scaling'], '.2f')} | {per_gpu} "
               f"| {fmt(r['peak_memory_reserved_gib'], '.1f')} | {fmt(r['seconds_to_first_step'], '.1f')} | {cache} "
               f"| {fmt(r['model_load_seconds'], '.1f')} | {fmt(r['achieved_tflops'], '.0f')} |")
+    for r in results:
+        if "resumed" in r:
+            print(f"{r['row']}: resumed at step {r['resumed']['resumed_at_step']} and trained to "
+                  f"{r['resumed']['steps']}, median step {fmt(r['resumed']['median_step_time_s'])} s")
 
 
 if __name__ == "__main__":

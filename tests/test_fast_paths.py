@@ -6,6 +6,7 @@ step of the tiny model on the CPU; its loss and LoRA gradients are compared with
 
 import copy
 import inspect
+import os
 import subprocess
 import sys
 
@@ -151,12 +152,16 @@ def test_dry_run_prints_the_estimate_and_creates_nothing(tmp_path, tiny_model_di
 
 
 def test_benchmark_runs_in_tiny_mode(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--tiny", "--rows", "2b",
-                             "--steps", "2", "--workdir", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    # On one process and on two, as on two GPUs (ACCELERATE_USE_CPU=1: gloo on the CPU).
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--tiny", "--rows",
+                             "2b,2b-x2", "--steps", "2", "--workdir", str(tmp_path)],
+                            cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    row = [line for line in result.stdout.splitlines() if line.startswith("| 2b |")]
-    assert len(row) == 1, result.stdout
-    cells = [c.strip() for c in row[0].strip("|").split("|")]
-    assert float(cells[1]) > 0 and cells[5] == "cold"  # a median step time was measured, on a fresh cache
-    assert summary(tmp_path / "out-2b")["steps"] == 2
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
+            if line.startswith("| 2b")]
+    assert [cells[:2] for cells in rows] == [["2b", "1"], ["2b-x2", "2"]], result.stdout
+    (one, two) = rows
+    # Median step times measured, the first on a fresh cache, and samples/s on two against one.
+    assert float(one[2]) > 0 and one[8] == "cold" and two[8] == "warm" and float(two[4]) > 0
+    assert summary(tmp_path / "out-2b")["steps"] == 2 and summary(tmp_path / "out-2b-x2")["processes"] == 2
