@@ -314,6 +314,7 @@ def test_a_second_signal_stops_at_once(straight):
 
 STALL_AT_CHECKPOINT = """\
 import os, runpy, sys, time
+from pathlib import Path
 
 import accelerate.accelerator
 
