@@ -4,6 +4,7 @@
 #   1. on 1 GPU, then on 2 GPUs with the same batch per GPU, 12 steps each: step time, samples/s and
 #      their scaling, peak memory of each GPU;
 #   2. the 2-GPU run continued to 16 steps from its last checkpoint (--resume_from_checkpoint latest);
+#      both 2-GPU runs end with validation videos of two prompts, one made on each GPU;
 #   3. if deepspeed imports: DeepSpeed ZeRO-2 on 2 GPUs, 4 steps, then continued to 8.
 # Each part is bench_train.py (which reads the trainer's train_summary.json) and gets its share of the
 # time. The log and a JSON per part go to $OUT.
@@ -33,6 +34,8 @@ if ((${#wheels[@]})); then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export NCCL_NVLS_ENABLE=0
+# imageio without imageio-ffmpeg cannot write mp4; without imageio, diffusers writes them with OpenCV.
+"$PYTHON" -c 'import imageio_ffmpeg' 2>/dev/null || "$PYTHON" -m pip uninstall -y -q imageio
 nvidia-smi -L 2>/dev/null
 "$PYTHON" -c 'import torch; print("torch", torch.__version__, "GPUs:", torch.cuda.device_count())'
 
@@ -51,13 +54,15 @@ bench() {
 
 # The first part builds the model folder and encodes the clips (cold cache); the others reuse both.
 bench 1gpu $((BUDGET * 45 / 100)) --rows 2b --steps 12
-bench 2gpu $((BUDGET * 85 / 100 - SECONDS)) --rows 2b-x2 --steps 12 --resume_steps 16
+bench 2gpu $((BUDGET * 85 / 100 - SECONDS)) --rows 2b-x2 --steps 12 --resume_steps 16 -- \
+  --validation_prompt "a red square:::a brown bear" --validation_num_inference_steps 4
 if "$PYTHON" -c 'import deepspeed' 2>/dev/null; then
   bench zero2 $((BUDGET - SECONDS)) --rows 2b-x2-zero2 --steps 4 --resume_steps 8
 else
   echo "=== zero2: skipped, deepspeed does not import"
 fi
-summary=$(grep -E '^\| [0-9a-z]|resumed at step|^=== [a-z0-9]+: (exit|skipped)' "$OUT/multi_gpu_check.log")
+summary=$(grep -E '^\| [0-9a-z]|resumed at step|Process [0-9]+ wrote|^=== [a-z0-9]+: (exit|skipped)' \
+  "$OUT/multi_gpu_check.log")
 echo "=== summary"
 echo "$summary"
 exit $failed
