@@ -109,8 +109,8 @@ def _read_text_pair(root: Path, caption_file: str, video_file: str, image_file: 
         if not path.is_file():
             problems.append(f"{path}: not found. The dataset folder needs {caption_file} (one prompt a line) and "
                             f"{video_file} (one clip path a line, relative to the folder)"
-                            + (f", and {image_file} (one image a line) as --image_column names it." if name == image_file
-                               else "."))
+                            + (f", and {image_file} (one image a line) as --image_column names it."
+                               if name == image_file else "."))
             continue
         try:
             files[name] = _lines(path)

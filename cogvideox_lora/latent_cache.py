@@ -98,7 +98,8 @@ def _fill(cache, keys, accelerator, encode_mine, name: str):
     wait between the two has no deadline.
     """
     entries = [cache.load(k) for k in keys]
-    mine = [i for i, e in enumerate(entries) if e is None and i % accelerator.num_processes == accelerator.process_index]
+    mine = [i for i, e in enumerate(entries)
+            if e is None and i % accelerator.num_processes == accelerator.process_index]
     if mine:
         for i, tensors in encode_mine(mine):
             cache.save(keys[i], tensors)

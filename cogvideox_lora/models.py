@@ -52,7 +52,8 @@ class Family:
 
     @classmethod
     def from_configs(cls, transformer: dict, vae: dict, pipeline_class: str, where: str) -> "Family":
-        image_to_video = transformer["in_channels"] == 2 * (transformer.get("out_channels") or transformer["in_channels"])
+        out_channels = transformer.get("out_channels") or transformer["in_channels"]
+        image_to_video = transformer["in_channels"] == 2 * out_channels
         expected = "CogVideoXImageToVideoPipeline" if image_to_video else "CogVideoXPipeline"
         if pipeline_class != expected:
             raise ModelError(

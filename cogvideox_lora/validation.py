@@ -100,7 +100,8 @@ class Validator:
 
     def __init__(self, args, prompts: list[str], prompt_embeds, negative_embeds, scheduler_config, load_vae, dtype,
                  pipeline_class=CogVideoXPipeline, image_paths: list[Path] | None = None):
-        self.args, self.prompts, self.prompt_embeds, self.negative_embeds = args, prompts, prompt_embeds, negative_embeds
+        self.args, self.prompts = args, prompts
+        self.prompt_embeds, self.negative_embeds = prompt_embeds, negative_embeds
         self.scheduler_config, self.load_vae, self.dtype = scheduler_config, load_vae, dtype
         self.pipeline_class = pipeline_class
         self.images = None if image_paths is None else [load_validation_image(p, args.height, args.width)
