@@ -85,16 +85,16 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         sys.exit("error: under DeepSpeed the trainer runs fp16 without loss scaling, which underflows: use "
                  "--mixed_precision bf16.")
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
-    if accelerator.mixed_precision == "fp16" and models.trained_in_bf16(transformer_config):
+    if accelerator.mixed_precision == "fp16" and family.trained_in_bf16:
         logger.warning("fp16 with this model (rotary position embeddings: the CogVideoX-5B family, trained in bf16) "
                        "is known to give NaN losses: use --mixed_precision bf16.")
     compile_blocks = torch.cuda.is_available() if args.compile_blocks is None else args.compile_blocks
     spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
     largest = sizes[-1]
     needed = memory.estimate(
-        transformer_config, family.padded_latent_frames((largest[0] - 1) // settings.temporal_compression + 1),
-        largest[1] // spatial, largest[2] // spatial, args.train_batch_size, args.rank, args.gradient_checkpointing,
-        compile_blocks, weight_bytes=weight_dtype.itemsize, optimizer_state_bytes=2 if args.use_8bit_adam else 8,
+        transformer_config, (largest[0] - 1) // settings.temporal_compression + 1, largest[1] // spatial,
+        largest[2] // spatial, args.train_batch_size, args.rank, args.gradient_checkpointing, compile_blocks,
+        weight_bytes=weight_dtype.itemsize, optimizer_state_bytes=2 if args.use_8bit_adam else 8,
         float8_blocks=args.base_weights_dtype == "fp8")
     logger.info("Estimated peak GPU memory of a training step: %s", needed)
     if torch.cuda.is_available():
@@ -199,8 +199,9 @@ def train(args, started: float, stop: checkpoints.StopSignal):
             if micro_step // batches_per_epoch != epoch:
                 epoch = micro_step // batches_per_epoch
                 batches = epoch_batches(shapes, global_batch, args.seed, epoch)
-            step_clips += batches[micro_step % batches_per_epoch]
-            mine = batches[micro_step % batches_per_epoch][rank * batch_size:(rank + 1) * batch_size]
+            global_ids = batches[micro_step % batches_per_epoch]
+            step_clips += global_ids
+            mine = global_ids[rank * batch_size:(rank + 1) * batch_size]
             seeds = [sample_seed(args.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]
             entries = [videos[i] for i in mine]
             batch = draw_batch(entries, [prompt_entry[clips[i].prompt] for i in mine], seeds,

@@ -5,7 +5,7 @@ import itertools
 import json
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,8 @@ class Clip:
     video: Path
     where: str  # "file:line" of the entry, for messages
     image: Path | None = None  # the I2V conditioning image; None: the clip's first frame
+    # (frames it gives at the longest length asked for, height, width), as check_clips found it.
+    probe: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
 
 
 IMAGES_FILE, IMAGE_COLUMN = "images.txt", "image"
@@ -205,15 +207,6 @@ def read_index(root, caption_column: str, video_column: str, dataset_file: str |
     return clips, problems
 
 
-def load_clips(root, caption_column: str, video_column: str, dataset_file: str | None = None,
-               id_token: str | None = None, image_column: str | None = None) -> list[Clip]:
-    """Reads the dataset's index; raises DatasetError listing every entry that is wrong."""
-    clips, problems = read_index(root, caption_column, video_column, dataset_file, id_token, image_column)
-    if problems:
-        raise DatasetError(problems)
-    return clips
-
-
 def sample_frame_indices(num_frames: int, clip_fps: float, settings: FrameSettings) -> list[int]:
     """Source frames to keep: skip the ends, step at --fps from the clip's own rate, cap, cut to k*T+1."""
     first, end = settings.skip_frames_start, num_frames - settings.skip_frames_end
@@ -282,7 +275,7 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
             problem = f"{clip.where}: {clip.video} does not exist: fix the path (relative to the dataset folder)."
         else:
             try:
-                got, n, clip_fps, _, _ = _probe(clip.video, settings)
+                got, n, clip_fps, height, width = _probe(clip.video, settings)
             except Exception as e:  # decord and Pillow raise their own error types for every kind of bad file
                 problem = f"{clip.where}: {clip.video} cannot be decoded ({str(e).splitlines()[0]}): re-encode it " \
                           f"(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it."
@@ -300,7 +293,7 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
         if problem:
             problems.append(problem)
         else:
-            good.append(clip)
+            good.append(replace(clip, probe=(got, height, width)))
     if problems and not skip_bad:
         raise DatasetError(problems)
     if not good:
@@ -328,15 +321,11 @@ def check_dataset(root, caption_column: str, video_column: str, dataset_file: st
 
 
 def clip_settings(clips: list[Clip], settings: FrameSettings, buckets: Buckets | None = None) -> list[FrameSettings]:
-    """The frame settings of each (checked) clip: those of its bucket, or `settings` for all; a single image
-    takes one frame."""
+    """The frame settings of each clip that check_clips passed: those of its bucket, or `settings` for all; a
+    single image takes one frame."""
     result = []
     for clip in clips:
-        if buckets is None and not is_single_image(clip.video):
-            result.append(settings)
-            continue
-        capped = settings if buckets is None else replace(settings, max_num_frames=buckets.frames[-1])
-        got, _, _, height, width = _probe(clip.video, capped)
+        got, height, width = clip.probe
         frames = 1 if is_single_image(clip.video) else settings.max_num_frames if buckets is None \
             else buckets.length(got)
         size = (settings.height, settings.width) if buckets is None else buckets.size(height, width)

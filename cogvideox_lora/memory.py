@@ -48,7 +48,8 @@ def estimate(config: dict, latent_frames: int, latent_height: int, latent_width:
     """
     width = config["num_attention_heads"] * config["attention_head_dim"]
     p, p_t = config["patch_size"], config.get("patch_size_t") or 1
-    tokens = config["max_text_seq_length"] + (latent_frames // p_t) * (latent_height // p) * (latent_width // p)
+    # 1.5 patches latent frames in pairs, after the pipelines pad an odd count with one frame.
+    tokens = config["max_text_seq_length"] + -(-latent_frames // p_t) * (latent_height // p) * (latent_width // p)
     layers = config["num_layers"]
     adapter = layers * 4 * 2 * width * rank  # A and B of q, k, v, out in every block
     one_tensor = batch_size * tokens * width * 2

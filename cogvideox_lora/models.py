@@ -43,7 +43,7 @@ class Family:
     image_to_video: bool
     patch_size_t: int | None
     ofs: bool
-    rotary: bool
+    trained_in_bf16: bool  # gives NaN losses in fp16
     learned_positions: bool
     native_frames: int
     native_height: int
@@ -63,7 +63,11 @@ class Family:
         spatial = 2 ** (len(vae["block_out_channels"]) - 1)
         return cls(image_to_video=image_to_video, patch_size_t=transformer.get("patch_size_t"),
                    ofs=transformer.get("ofs_embed_dim") is not None,
-                   rotary=bool(transformer.get("use_rotary_positional_embeddings")),
+                   # CogVideoX-2B was trained in fp16 and the 5B models in bf16, whose range their activations
+                   # use. The config does not record the training dtype, and a name or a size says little (a
+                   # local folder, a pruned or merged model), but rotary position embeddings mark the family:
+                   # the 5B, 5B-I2V and 1.5-5B transformers use them, 2B uses sin-cos position embeddings.
+                   trained_in_bf16=bool(transformer.get("use_rotary_positional_embeddings")),
                    learned_positions=bool(transformer.get("use_learned_positional_embeddings")),
                    native_frames=transformer["sample_frames"], native_height=transformer["sample_height"] * spatial,
                    native_width=transformer["sample_width"] * spatial,
@@ -79,11 +83,6 @@ class Family:
     @property
     def pipeline_class(self):
         return CogVideoXImageToVideoPipeline if self.image_to_video else CogVideoXPipeline
-
-    def padded_latent_frames(self, latent_frames: int) -> int:
-        """1.5 patches latent frames in pairs: the pipelines pad an odd count with one frame at the front."""
-        p_t = self.patch_size_t or 1
-        return latent_frames + (-latent_frames) % p_t
 
     def problems(self, args, sizes, temporal_compression: int) -> list[str]:
         """What in the command line does not fit this model; sizes are the (frames, height, width) to train at."""
@@ -121,17 +120,6 @@ def read_configs(args) -> tuple[dict, dict, dict, Family]:
                                                    **_hub_kwargs(args))["_class_name"]
     family = Family.from_configs(transformer, vae, pipeline_class, args.pretrained_model_name_or_path)
     return transformer, vae, text_encoder, family
-
-
-def trained_in_bf16(transformer_config: dict) -> bool:
-    """Whether the transformer is of the CogVideoX family trained in bf16, which gives NaN losses in fp16.
-
-    CogVideoX-2B was trained in fp16 and the 5B models in bf16, whose range their activations use. The
-    config does not record the training dtype, and a name or a size says little (a local folder, a
-    pruned or merged model), but rotary position embeddings mark the family: the 5B, 5B-I2V and 1.5-5B
-    transformers use them, 2B uses sin-cos position embeddings.
-    """
-    return bool(transformer_config.get("use_rotary_positional_embeddings"))
 
 
 def load_transformer(args, dtype: torch.dtype):

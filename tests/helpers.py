@@ -121,3 +121,14 @@ def load_lora_and_collect_warnings(pipe, lora_path) -> list[str]:
             logger.removeHandler(handler)
     return records + [str(w.message) for w in caught
                       if re.search(r"unexpected|missing|no lora keys|not found|incompatible", str(w.message), re.I)]
+
+
+def load_clips(root, caption_column: str, video_column: str, dataset_file: str | None = None,
+               id_token: str | None = None, image_column: str | None = None) -> list:
+    """The dataset's index as the trainer reads it; raises DatasetError listing every entry that is wrong."""
+    from cogvideox_lora.data import DatasetError, read_index
+
+    clips, problems = read_index(root, caption_column, video_column, dataset_file, id_token, image_column)
+    if problems:
+        raise DatasetError(problems)
+    return clips

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import helpers  # noqa: F401  (puts the repository on sys.path)
+from helpers import load_clips  # also puts the repository on sys.path
 from cogvideox_lora.args import parse_args
-from cogvideox_lora.data import (Clip, DatasetError, FrameSettings, check_clips, epoch_batches, load_clips,
-                                 read_frames, resize_and_crop, sample_frame_indices)
+from cogvideox_lora.data import (Clip, DatasetError, FrameSettings, check_clips, epoch_batches, read_frames,
+                                 resize_and_crop, sample_frame_indices)
 from cogvideox_lora.synthetic import frame_index_from_pixels, write_clips
 
 

@@ -9,10 +9,10 @@ import torch
 from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
 from PIL import Image
 
-from helpers import load_lora_and_collect_warnings, lora, run_main, summary, train_argv
+from helpers import load_clips, load_lora_and_collect_warnings, lora, run_main, summary, train_argv
 import cli_demo
 from cogvideox_lora import latent_cache, loss, synthetic
-from cogvideox_lora.data import Buckets, DatasetError, FrameSettings, load_clips, read_frames
+from cogvideox_lora.data import Buckets, DatasetError, FrameSettings, read_frames
 from cogvideox_lora.models import Family, ModelError
 from cogvideox_lora.synthetic import build_model_folder, write_clips
 
