@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from cogvideox_lora import checkpoints, distributed, memory, models
+from cogvideox_lora import attention, checkpoints, distributed, memory, models, offload, recompute
 from cogvideox_lora.args import parse_args, tracker_config, validation_images, validation_prompts
 from cogvideox_lora.data import Buckets, DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
@@ -41,10 +41,11 @@ def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    with models.preferred_attention(args.attention_backend), checkpoints.StopSignal() as stop:
+    with attention.preferred_sdpa(args.attention_backend), checkpoints.StopSignal() as stop:
         try:
             train(args, started, stop)
-        except (DatasetError, models.ModelError, checkpoints.CheckpointError) as e:
+        except (DatasetError, models.ModelError, checkpoints.CheckpointError, attention.AttentionError,
+                memory.DoesNotFit) as e:
             sys.exit(f"error: {e}")
 
 
@@ -88,24 +89,40 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     if accelerator.mixed_precision == "fp16" and family.trained_in_bf16:
         logger.warning("fp16 with this model (rotary position embeddings: the CogVideoX-5B family, trained in bf16) "
                        "is known to give NaN losses: use --mixed_precision bf16.")
+    val_prompts = validation_prompts(args)
+    kernel = attention.choose(args.attention_backend, transformer_config["attention_head_dim"], weight_dtype)
+    logger.info("Attention: %s", kernel.description)
     compile_blocks = torch.cuda.is_available() if args.compile_blocks is None else args.compile_blocks
     spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    largest = sizes[-1]
-    needed = memory.estimate(
-        transformer_config, (largest[0] - 1) // settings.temporal_compression + 1, largest[1] // spatial,
-        largest[2] // spatial, args.train_batch_size, args.rank, args.gradient_checkpointing, compile_blocks,
+
+    def latent(frames, height, width):
+        return (frames - 1) // settings.temporal_compression + 1, height // spatial, width // spatial
+
+    work = memory.Workload(
+        transformer_config, latent(*sizes[-1]), args.train_batch_size, args.rank, compile_blocks,
         weight_bytes=weight_dtype.itemsize, optimizer_state_bytes=2 if args.use_8bit_adam else 8,
-        float8_blocks=args.base_weights_dtype == "fp8")
-    logger.info("Estimated peak GPU memory of a training step: %s", needed)
-    if torch.cuda.is_available():
-        available = torch.cuda.get_device_properties(device).total_memory / memory.GIB
-        if needed.total_gib > available:
-            logger.warning("The estimate exceeds this GPU's %.1f GiB: consider --gradient_checkpointing, "
-                           "--use_8bit_adam, --base_weights_dtype fp8 or a lower --rank.", available)
+        float8_blocks=args.base_weights_dtype == "fp8",
+        validation_latent=latent(args.max_num_frames, args.height, args.width) if val_prompts else None)
+    available = torch.cuda.get_device_properties(device).total_memory / memory.GIB if torch.cuda.is_available() \
+        else None
+    budget = args.max_gpu_memory or available
+    plan, needed = memory.fit(work, memory.Plan(args.checkpointing_policy if args.gradient_checkpointing else None,
+                                                args.offload == "activations", args.blocks_to_swap),
+                              budget, auto=args.offload == "auto")
+    if plan.blocks_to_swap > transformer_config["num_layers"]:
+        sys.exit(f"error: --blocks_to_swap {plan.blocks_to_swap}: the model has {transformer_config['num_layers']} "
+                 f"blocks.")
+    logger.info("Memory: %s (%s); offloading: %s. Estimated peak GPU memory: %s", plan, plan.flags(),
+                memory.cost(work, plan), needed)
+    if budget is not None and needed.total_gib > budget:
+        logger.warning("The estimate exceeds the %.1f GiB this run may use: consider --offload auto, "
+                       "--base_weights_dtype fp8, --use_8bit_adam or a lower --rank.", budget)
     if args.dry_run:
         return
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+    if args.max_gpu_memory and available:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory / available), device)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -120,7 +137,6 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         encoder_id={**model_id, "vae": vae_config, "tiling": args.enable_tiling, "slicing": args.enable_slicing},
         with_flipped=args.random_flip > 0, with_images=family.image_to_video, num_workers=args.dataloader_num_workers,
         load_vae=lambda: models.load_vae(args, weight_dtype, device))
-    val_prompts = validation_prompts(args)
     prompts = list(dict.fromkeys([c.prompt for c in clips] + val_prompts + [""]))  # "" is the negative prompt
     embeds, encoded_prompts = encode_prompts(
         accelerator, cache, prompts, transformer_config["max_text_seq_length"],
@@ -135,12 +151,16 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     transformer = models.load_transformer(args, weight_dtype).requires_grad_(False)
     if args.ignore_learned_positional_embeddings and family.learned_positions:
         models.drop_learned_positional_embeddings(transformer)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
     if args.base_weights_dtype == "fp8":
         models.store_base_weights_in_fp8(transformer, weight_dtype, device)
     set_seed(args.seed)  # the same fresh adapter in every process and every run with this seed
     lora_config = add_lora(transformer, args.rank, args.lora_alpha)
+    attention.use(transformer, kernel)
+    swap = offload.BlockSwap(transformer.transformer_blocks, plan.blocks_to_swap, device) \
+        if plan.blocks_to_swap else None
+    if plan.checkpointing:
+        recompute.enable(transformer, plan.checkpointing,
+                         offload.ActivationOffload(device) if plan.offload_activations else None, swap)
     transformer.to(device)
     if compile_blocks:
         models.compile_blocks(transformer)
@@ -177,7 +197,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     validator = Validator(args, val_prompts, [prompt_entry[p]["prompt_embeds"] for p in val_prompts],
                           prompt_entry[""]["prompt_embeds"], noise_scheduler.config,
                           lambda: models.load_vae(args, weight_dtype, "cpu"), weight_dtype, family.pipeline_class,
-                          validation_images(args) if family.image_to_video else None)
+                          validation_images(args) if family.image_to_video else None, swap=swap,
+                          optimizer=None if accelerator.distributed_type == DistributedType.DEEPSPEED else optimizer)
     if accelerator.is_main_process:
         accelerator.init_trackers("cogvideox-lora", config=tracker_config(args))
     logger.info("%s model, %d clips, %d batches of %d per epoch, %d optimizer steps (accumulating %d), %s on %d "
@@ -185,6 +206,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                 weight_dtype, accelerator.num_processes)
 
     # 5. Train.
+    peaks = memory.Peaks()
     rank, batch_size = accelerator.process_index, args.train_batch_size
     epoch, batches, inputs = None, [], {}
     step_times, first_step_at, last = [], None, time.perf_counter()
@@ -251,7 +273,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "step_time_s": step_times[-1]}
         if torch.cuda.is_available():
-            logs["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / memory.GIB
+            logs["peak_memory_allocated_gib"] = max(peaks.gib["training"][0],
+                                                    torch.cuda.max_memory_allocated() / memory.GIB)
         accelerator.log(logs, step=step + 1)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
         progress.update()
@@ -268,7 +291,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                 (args.validation_steps and done % args.validation_steps == 0)
                 or (args.validation_epochs and epochs_after > epochs_before
                     and epochs_after % args.validation_epochs == 0)):
-            validator.run(accelerator, transformer, done)
+            with peaks.validating():
+                validator.run(accelerator, transformer, done)
     progress.close()
 
     # 6. Save: the last checkpoint, the LoRA for inference, a summary of the run; then a last validation.
@@ -282,11 +306,10 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     # moments can leave gloo hanging in its shutdown.
     cuda = torch.cuda.is_available()
     per_process = accelerator.gather(torch.tensor(
-        [[encoded_clips, encoded_images, encoded_prompts,
-          torch.cuda.max_memory_allocated() / memory.GIB if cuda else 0.0,
-          torch.cuda.max_memory_reserved() / memory.GIB if cuda else 0.0]], dtype=torch.float64, device=device))
+        [[encoded_clips, encoded_images, encoded_prompts, *peaks.training()]], dtype=torch.float64, device=device))
     clips_encoded, images_encoded, prompts_encoded, allocated, reserved = per_process.T.tolist()
-    video_paths = validator.run(accelerator, transformer, max_train_steps)
+    with peaks.validating():
+        video_paths = validator.run(accelerator, transformer, max_train_steps)
     if accelerator.is_main_process:
         timed = step_times[2:] if len(step_times) > 3 else step_times  # the first steps warm up kernels
         step_time = statistics.median(timed) if timed else None
@@ -298,10 +321,15 @@ def train(args, started: float, stop: checkpoints.StopSignal):
             "seconds_to_first_step": first_step_at, "model_load_seconds": model_load_seconds,
             "median_step_time_s": step_time,
             "samples_per_second": global_batch * ga / step_time if step_time else None,
-            # The fullest GPU's, and each process's.
+            # Training steps alone (validation apart): the fullest GPU's, and each process's.
             "peak_memory_allocated_gib": max(allocated) if cuda else None,
             "peak_memory_reserved_gib": max(reserved) if cuda else None,
             "peak_memory_allocated_gib_per_process": allocated if cuda else None,
+            # This process's: what its validation videos took, against its training steps.
+            "peak_memory_validation_gib": peaks.gib["validation"][0] if cuda else None,
+            "memory_plan": plan.flags(), "estimated_peak_gib": needed.total_gib,
+            "estimated_training_gib": needed.training_gib, "estimated_validation_gib": needed.validation_gib,
+            "attention": kernel.description,
             "lora": str(lora_path), "validation_videos": [str(p) for p in video_paths],
         }
         Path(args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -20,6 +20,7 @@ of one process with the same name, if its run is in the workdir (from this call 
 """
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -36,26 +37,47 @@ sys.path.insert(0, str(REPO))
 
 from cogvideox_lora import synthetic  # noqa: E402
 
+CKPT, KEEP, FP8 = ["--gradient_checkpointing"], ["--gradient_checkpointing", "--checkpointing_policy", "keep_attention"], \
+    ["--base_weights_dtype", "fp8"]
+# Offloaded rows make a validation video at the training size inside the run, under a cap of the card size they
+# claim (--max_gpu_memory holds the process to it).
+VALIDATE = ["--validation_prompt", "a red square moving on grey", "--validation_num_inference_steps", "2"]
+
+
+def _offloaded(card_gib: int, *flags: str) -> list[str]:
+    return [*CKPT, "--offload", "activations", *flags, "--max_gpu_memory", str(card_gib), *VALIDATE]
+
+
 ROWS = {  # name: (model size, extra trainer flags)
     "2b": ("2b", []),
-    "2b-ckpt": ("2b", ["--gradient_checkpointing"]),
-    "5b-ckpt": ("5b", ["--gradient_checkpointing"]),
-    "5b-ckpt-fp8": ("5b", ["--gradient_checkpointing", "--base_weights_dtype", "fp8"]),
-    "5b-i2v-ckpt": ("5b-i2v", ["--gradient_checkpointing"]),
-    "1.5-5b-ckpt": ("1.5-5b", ["--gradient_checkpointing"]),
-    "1.5-5b-i2v-ckpt": ("1.5-5b-i2v", ["--gradient_checkpointing"]),
+    "2b-keep": ("2b", KEEP),
+    "2b-ckpt": ("2b", CKPT),
+    "5b": ("5b", []),
+    "5b-keep": ("5b", KEEP),
+    "5b-ckpt": ("5b", CKPT),
+    "5b-ckpt-fp8": ("5b", [*CKPT, *FP8]),
+    "5b-i2v-ckpt": ("5b-i2v", CKPT),
+    "1.5-5b-ckpt": ("1.5-5b", CKPT),
+    "1.5-5b-i2v-ckpt": ("1.5-5b-i2v", CKPT),
+    "2b-offload-8gb": ("2b", _offloaded(8, "--blocks_to_swap", "12")),
+    "5b-offload-16gb": ("5b", _offloaded(16)),
+    "5b-fp8-offload-12gb": ("5b", _offloaded(12, *FP8)),
+    "1.5-5b-fp8-offload-16gb": ("1.5-5b", _offloaded(16, *FP8)),
+    "1.5-5b-i2v-fp8-offload-16gb": ("1.5-5b-i2v", _offloaded(16, *FP8)),
 }
+ATTENTION = ("cudnn", "flash4")
 TINY_SIZES = {"2b": "tiny", "5b": "tiny-5b", "5b-i2v": "tiny-i2v", "1.5-5b": "tiny-1.5", "1.5-5b-i2v": "tiny-1.5-i2v"}
 TINY_SHAPE = (9, 48, 64)
-ROW = re.compile(r"^(?P<base>.+?)(?:-x(?P<processes>\d+))?(?P<zero2>-zero2)?$")
+ROW = re.compile(r"^(?P<base>.+?)(?:-(?P<attention>cudnn|flash4))?(?:-x(?P<processes>\d+))?(?P<zero2>-zero2)?$")
 
 
-def parse_row(name: str) -> tuple[str, int, bool]:
-    """(the ROWS entry, processes, DeepSpeed ZeRO-2) of a row name."""
+def parse_row(name: str) -> tuple[str, str | None, int, bool]:
+    """(the ROWS entry, attention backend or None for the default, processes, DeepSpeed ZeRO-2) of a row name."""
     match = ROW.match(name)
     if not match or match["base"] not in ROWS:
-        raise SystemExit(f"unknown row {name!r}: a name of {', '.join(ROWS)}, then -xN, then -zero2")
-    return match["base"], int(match["processes"] or 1), bool(match["zero2"])
+        raise SystemExit(f"unknown row {name!r}: a name of {', '.join(ROWS)}, then -cudnn or -flash4, then -xN, "
+                         f"then -zero2")
+    return match["base"], match["attention"], int(match["processes"] or 1), bool(match["zero2"])
 
 
 def native_shape(size: str) -> tuple[int, int, int]:
@@ -63,18 +85,18 @@ def native_shape(size: str) -> tuple[int, int, int]:
     return (81, 768, 1360) if size.startswith("1.5") else (49, 480, 720)
 
 
-def step_flops(config: dict, latent_frames: int, latent_height: int, latent_width: int, recompute: bool) -> float:
+def step_flops(config: dict, latent_frames: int, latent_height: int, latent_width: int, recompute: str | None) -> float:
     """Matrix FLOPs of one step of batch 1 with a frozen base (LoRA's own FLOPs are negligible).
 
     Per layer, the projections and feed-forward take 24*S*D^2 forward and the attention 4*S^2*D; the
     backward needs activation gradients only: once the projections' cost and twice the attention's.
-    Gradient checkpointing adds a second forward.
+    Gradient checkpointing adds a second forward ("full"), or its projections alone ("keep_attention").
     """
     p, p_t = config["patch_size"], config.get("patch_size_t") or 1
     tokens = config["max_text_seq_length"] + math.ceil(latent_frames / p_t) * (latent_height // p) * (latent_width // p)
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     linear, attention = 24 * tokens * dim**2, 4 * tokens**2 * dim
-    per_layer = 2 * linear + 3 * attention + (linear + attention if recompute else 0)
+    per_layer = 2 * linear + 3 * attention + {None: 0, "full": linear + attention, "keep_attention": linear}[recompute]
     return config["num_layers"] * per_layer
 
 
@@ -103,14 +125,17 @@ def launcher(processes: int, zero2: bool) -> list[str]:
 
 def train(command: list[str], out: Path) -> dict:
     print("$", " ".join(command), flush=True)
-    # NVLink multicast (NVLS) stays off: on shared hosts it can take the GPUs out of service.
-    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+    # NVLink multicast (NVLS) stays off: on shared hosts it can take the GPUs out of service. Expandable segments
+    # as the finetune scripts set them, so that a capped row is not refused for fragmentation.
+    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "NCCL_NVLS_ENABLE": "0",
+                                                       "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
     return json.loads((out / "train_summary.json").read_text())
 
 
 def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, resume_steps, extra):
-    base, processes, zero2 = parse_row(name)
+    base, backend, processes, zero2 = parse_row(name)
     size, flags = ROWS[base]
+    flags = [*flags, *(["--attention_backend", backend] if backend else [])]
     frames, height, width = shape
     out = workdir / f"out-{name}"
     command = [
@@ -126,7 +151,9 @@ def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, resume_steps,
     summary = train([*command, "--max_train_steps", str(steps)], out)
     config = CogVideoXTransformer3DModel.load_config(model_dir, subfolder="transformer")
     latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
-    flops = step_flops(config, *latent, recompute="--gradient_checkpointing" in flags)
+    policy = None if "--gradient_checkpointing" not in flags else \
+        "keep_attention" if "keep_attention" in flags else "full"
+    flops = step_flops(config, *latent, recompute=policy)
     step = summary["median_step_time_s"]
     result = {"row": name, "model": size, **summary, "step_tflop": flops / 1e12,
               "achieved_tflops": flops / step / 1e12 if step else None}
@@ -142,12 +169,13 @@ def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, resume_steps,
 def scaling(result: dict, earlier: list[dict], workdir: Path) -> float | None:
     """Samples per second against the one-process row of the same name: its result in this call, else the
     summary of its run in the workdir (which, if it was continued with --resume_steps, is the continued run's)."""
-    base, processes, zero2 = parse_row(result["row"])
+    base, backend, processes, zero2 = parse_row(result["row"])
     if processes == 1 and not zero2:
         return None
-    single = next((r for r in earlier if r["row"] == base), None)
-    if single is None and (workdir / f"out-{base}" / "train_summary.json").exists():
-        single = json.loads((workdir / f"out-{base}" / "train_summary.json").read_text())
+    name = base + (f"-{backend}" if backend else "")
+    single = next((r for r in earlier if r["row"] == name), None)
+    if single is None and (workdir / f"out-{name}" / "train_summary.json").exists():
+        single = json.loads((workdir / f"out-{name}" / "train_summary.json").read_text())
     if single is None or not single["samples_per_second"] or not result["samples_per_second"]:
         return None
     return result["samples_per_second"] / single["samples_per_second"]
@@ -161,8 +189,12 @@ def describe_environment() -> dict:
     import transformers
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    try:
+        flash4 = importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        flash4 = None
     return {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(), "diffusers": diffusers.__version__,
+            "cudnn": torch.backends.cudnn.version(), "flash-attn-4": flash4, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "accelerate": accelerate.__version__, "peft": peft.__version__,
             "date": time.strftime("%Y-%m-%d")}
 
@@ -210,14 +242,16 @@ def main():
         Path(args.out).write_text(json.dumps({"environment": environment, "rows": results}, indent=2))
     print("\n" + ", ".join(f"{k} {v}" for k, v in environment.items()))
     print("\n| row | GPUs | median step (s) | samples/s | scaling (x) | peak alloc per GPU (GiB) "
-          "| peak reserved, max (GiB) | to first step (s) | cache | model load (s) | TFLOP/s per GPU |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| peak reserved, max (GiB) | validation peak (GiB) | estimate (GiB) | to first step (s) | cache "
+          "| model load (s) | TFLOP/s per GPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         cache = "warm" if r["encoded_clips"] == 0 else "cold"
-        per_gpu = ", ".join(fmt(m, ".1f") for m in r["peak_memory_allocated_gib_per_process"] or [None])
+        per_gpu = ", ".join(fmt(m, ".2f") for m in r["peak_memory_allocated_gib_per_process"] or [None])
         print(f"| {r['row']} | {r['processes']} | {fmt(r['median_step_time_s'])} "
               f"| {fmt(r['samples_per_second'], '.2f')} | {fmt(r['scaling'], '.2f')} | {per_gpu} "
-              f"| {fmt(r['peak_memory_reserved_gib'], '.1f')} | {fmt(r['seconds_to_first_step'], '.1f')} | {cache} "
+              f"| {fmt(r['peak_memory_reserved_gib'], '.1f')} | {fmt(r.get('peak_memory_validation_gib'), '.2f')} "
+              f"| {fmt(r.get('estimated_peak_gib'), '.2f')} | {fmt(r['seconds_to_first_step'], '.1f')} | {cache} "
               f"| {fmt(r['model_load_seconds'], '.1f')} | {fmt(r['achieved_tflops'], '.0f')} |")
     for r in results:
         if "resumed" in r:

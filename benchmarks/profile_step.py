@@ -1,6 +1,6 @@
 """Where the time of one training step goes, and what each speed option buys.
 
-    python benchmarks/profile_step.py --size 2b [--gradient_checkpointing] [--variants cudnn,flash,cudnn+compile]
+    python benchmarks/profile_step.py --size 2b [--checkpointing full|keep_attention] [--variants flash4+compile,cudnn+compile]
 
 Runs the trainer's own step (draw_batch, compute_loss, backward, fused AdamW) on a random-init
 transformer built on the GPU from the real config, with random latents of 49x480x720, so no model
@@ -21,10 +21,10 @@ from diffusers import CogVideoXTransformer3DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cogvideox_lora import synthetic  # noqa: E402
+from cogvideox_lora import attention, recompute, synthetic  # noqa: E402
 from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, trainable_parameters  # noqa: E402
 from cogvideox_lora.loss import compute_loss, draw_batch, transformer_inputs  # noqa: E402
-from cogvideox_lora.models import compile_blocks, preferred_attention, store_base_weights_in_fp8  # noqa: E402
+from cogvideox_lora.models import compile_blocks, store_base_weights_in_fp8  # noqa: E402
 
 GIB = 2**30
 
@@ -37,15 +37,16 @@ def sync():
         torch.cuda.synchronize()
 
 
-def build(size: str, checkpointing: bool, options: set, rank: int):
+def build(size: str, checkpointing: str | None, options: set, rank: int, kernel: str | None):
     config = synthetic._SPECS[size]["transformer"]
     with torch.device(DEVICE):
         transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
     if "fp8" in options:
         store_base_weights_in_fp8(transformer, torch.bfloat16, DEVICE)
     add_lora(transformer, rank, rank)
+    attention.use(transformer, attention.Choice(kernel, ""))
+    if checkpointing:
+        recompute.enable(transformer, checkpointing)
     if "compile" in options:
         compile_blocks(transformer)
     return transformer
@@ -53,7 +54,8 @@ def build(size: str, checkpointing: bool, options: set, rank: int):
 
 def run_variant(name: str, args) -> dict:
     options = set(name.split("+"))
-    transformer = build(args.size, args.gradient_checkpointing, options, args.rank)
+    backend = next(o for o in options if o in attention.BACKENDS)
+    transformer = build(args.size, args.checkpointing, options, args.rank, "flash4" if backend == "flash4" else None)
     config = transformer.config
     params = trainable_parameters(transformer)
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, fused=DEVICE == "cuda")
@@ -66,16 +68,16 @@ def run_variant(name: str, args) -> dict:
 
     def step(i):
         batch = draw_batch([video], [prompt], [i], 1.0, 0.0, 1000, DEVICE)
-        with torch.autocast(DEVICE, dtype=torch.bfloat16), (adapter_inputs_uncast(transformer, torch.bfloat16)
-                                                            if uncast else nullcontext()):
-            loss = compute_loss(transformer, batch, alphas, torch.bfloat16, inputs)
-        loss.backward()
+        # Uncast through the backward pass too, whose recompute must run the forward pass as it ran.
+        with adapter_inputs_uncast(transformer, torch.bfloat16) if uncast else nullcontext():
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                loss = compute_loss(transformer, batch, alphas, torch.bfloat16, inputs)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    backend = next(o for o in options if o in ("cudnn", "flash", "efficient", "math"))
-    with preferred_attention(backend):
+    with attention.preferred_sdpa(backend):
         if DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
@@ -110,10 +112,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="2b", choices=["2b", "5b", "tiny"])
     parser.add_argument("--variants", default="cudnn,flash",
-                        help="comma-separated; each joins with '+' an attention backend (cudnn, flash, efficient, "
-                             "math) and optionally 'compile' (torch.compile each block), 'fp8' (float8 base weights) "
+                        help="comma-separated; each joins with '+' an attention backend (flash4, cudnn, flash, "
+                             "efficient, math) and optionally 'compile' (torch.compile each block), 'fp8' (float8 base weights) "
                              "and 'cast' (keep peft's fp32 cast of adapter inputs)")
-    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--checkpointing", choices=recompute.POLICIES, default=None,
+                        help="gradient checkpointing with this policy (default: none)")
     parser.add_argument("--frames", type=int, default=49)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
@@ -125,8 +128,8 @@ def main():
 
     results = [run_variant(v, args) for v in args.variants.split(",")]
     for r in results:
-        print(f"\n=== {args.size} {'ckpt ' if args.gradient_checkpointing else ''}{r['variant']}\n{r['table']}")
-    print(f"\n| {args.size}{' ckpt' if args.gradient_checkpointing else ''} variant | median step (s) "
+        print(f"\n=== {args.size} {args.checkpointing or ''} {r['variant']}\n{r['table']}")
+    print(f"\n| {args.size}{' ckpt' if args.checkpointing else ''} variant | median step (s) "
           f"| peak alloc (GiB) | warm-up (s) |\n| --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['variant']} | {r['median_step_s']:.3f} | {r['peak_alloc_gib']:.1f} | {r['warmup_s']:.1f} |")

@@ -6,6 +6,9 @@ import os
 import re
 from pathlib import Path
 
+from .attention import BACKENDS
+from .recompute import POLICIES
+
 
 def default_latent_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -143,9 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--adam_weight_decay", type=float, default=1e-4, help="Weight decay.")
     train.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
-    train.add_argument("--attention_backend", choices=["cudnn", "flash", "efficient", "math"], default="cudnn",
-                       help="Preferred PyTorch attention kernel; others are fallbacks where it does not apply. "
-                            "cuDNN's is the fastest on Hopper at CogVideoX's head size of 64.")
+    train.add_argument("--attention_backend", choices=BACKENDS, default="auto",
+                       help="Attention kernel of the transformer (training, validation): auto is FlashAttention-4 "
+                            "where it is installed (pip install flash-attn-4) and runs (Hopper and Blackwell GPUs, "
+                            "bf16/fp16), else PyTorch's SDPA with cuDNN first; flash4 insists on FlashAttention-4; the "
+                            "others are PyTorch SDPA backends tried first, with the rest as fallbacks.")
+    train.add_argument("--checkpointing_policy", choices=POLICIES, default="full",
+                       help="With --gradient_checkpointing, what each block keeps for its backward pass: full keeps "
+                            "its input alone and recomputes everything (least memory); keep_attention also keeps its "
+                            "attention output, so the recompute skips attention (faster, one more [tokens, width] "
+                            "tensor a block).")
+    train.add_argument("--offload", choices=["none", "activations", "auto"], default="none",
+                       help="activations: with --gradient_checkpointing, each block's checkpointed input waits in "
+                            "pinned CPU memory until its recompute, copied on a side stream behind the compute. "
+                            "auto: the least of gradient checkpointing, activation offloading and --blocks_to_swap "
+                            "that fits --max_gpu_memory (validation videos included), said in the log before "
+                            "any model loads.")
+    train.add_argument("--blocks_to_swap", type=int, default=0,
+                       help="With --gradient_checkpointing: this many transformer blocks (evenly spread) keep their "
+                            "frozen weights in pinned CPU memory and copy them to the GPU before their forward pass "
+                            "and their recompute, the next one while the current one runs.")
+    train.add_argument("--max_gpu_memory", type=float, default=None,
+                       help="GiB of GPU memory this process may use (default: all of the GPU's): --offload auto fits "
+                            "under it, and the process is held to it (torch.cuda.set_per_process_memory_fraction).")
     train.add_argument("--compile_blocks", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile each transformer block: faster steps and less memory, after a "
                             "compilation of about half a minute in the first step. Default: on with a GPU.")
@@ -224,6 +247,17 @@ def check_args(args) -> list[str]:
     for name in ("random_flip", "noised_image_dropout"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             problems.append(f"--{name} {getattr(args, name)} is a probability: give a value from 0 to 1.")
+    if not args.gradient_checkpointing:
+        manual = [flag for flag, given in (("--checkpointing_policy keep_attention", args.checkpointing_policy != "full"),
+                                           ("--offload activations", args.offload == "activations"),
+                                           (f"--blocks_to_swap {args.blocks_to_swap}", args.blocks_to_swap)) if given]
+        if manual:
+            problems.append(f"{' and '.join(manual)} work(s) with --gradient_checkpointing: add it, or use --offload "
+                            f"auto to choose checkpointing and offloading together.")
+    if args.blocks_to_swap < 0:
+        problems.append(f"--blocks_to_swap must be 0 or more, not {args.blocks_to_swap}.")
+    if args.max_gpu_memory is not None and args.max_gpu_memory <= 0:
+        problems.append(f"--max_gpu_memory must be more than 0 GiB, not {args.max_gpu_memory}.")
     if args.base_weights_dtype == "fp8" and args.mixed_precision == "no":
         problems.append("--base_weights_dtype fp8 computes in half precision: add --mixed_precision bf16.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:

@@ -1,6 +1,10 @@
-"""How much GPU memory a training step will take, from the configs alone, before anything is loaded."""
+"""How much GPU memory training (and its validation videos) will take, from the configs alone, before anything is
+loaded; and the least offloading that fits a budget."""
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
 
 GIB = 2**30
 
@@ -8,7 +12,56 @@ GIB = 2**30
 # tensor. Fitted to peaks measured on an H100 at 49x480x720 (BENCHMARKS.md): eager 2B without
 # checkpointing kept ~19 such tensors a block, compiled blocks ~14.5 (fused elementwise ops keep fewer).
 ACTIVATIONS_PER_BLOCK = {False: 19.4, True: 14.5}
+# What one block's forward pass without gradients holds at once, in the same units (validation videos, with
+# classifier-free guidance's batch of two), and the tiled VAE decode with its weights.
+INFERENCE_PER_BLOCK = 6.0
+VAE_DECODE_GIB = 1.5
 OVERHEAD_GIB = 0.4  # cuBLAS/cuDNN workspaces, the loss and the small tensors around the blocks
+# Pinned host-to-GPU copies on the H200 machine (BENCHMARKS.md); a PCIe 4 x16 card gets about half.
+HOST_LINK_GIB_PER_S = 20.0
+CHECKPOINTING = (None, "full", "keep_attention")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where a step keeps what it needs: gradient checkpointing (None, "full" or "keep_attention"), the checkpointed
+    inputs on the host, and how many blocks' frozen weights stream in from the host."""
+
+    checkpointing: str | None = None
+    offload_activations: bool = False
+    blocks_to_swap: int = 0
+
+    def __str__(self) -> str:
+        parts = [f"gradient checkpointing ({self.checkpointing})" if self.checkpointing else "no gradient checkpointing"]
+        if self.offload_activations:
+            parts.append("activations offloaded")
+        if self.blocks_to_swap:
+            parts.append(f"{self.blocks_to_swap} blocks swapped")
+        return ", ".join(parts)
+
+    def flags(self) -> str:
+        """The command-line flags that give this plan."""
+        flags = [] if not self.checkpointing else ["--gradient_checkpointing"] + (
+            [f"--checkpointing_policy {self.checkpointing}"] if self.checkpointing != "full" else [])
+        flags += ["--offload activations"] if self.offload_activations else []
+        flags += [f"--blocks_to_swap {self.blocks_to_swap}"] if self.blocks_to_swap else []
+        return " ".join(flags) or "(none)"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is trained, at which size (latent frames, height, width of the largest batch), and what is validated
+    (the validation videos' latent size, or None)."""
+
+    config: dict
+    latent: tuple[int, int, int]
+    batch_size: int
+    rank: int
+    compiled: bool
+    weight_bytes: float
+    optimizer_state_bytes: float  # per adapter weight: 8 for Adam, 2 for 8-bit Adam
+    float8_blocks: bool = False  # the attention and feed-forward weights (12 w^2 a block) take one byte each
+    validation_latent: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -16,49 +69,157 @@ class MemoryEstimate:
     weights_gib: float
     adapter_gib: float
     activations_gib: float
+    validation_gib: float | None  # the whole peak while validation videos are made
+
+    @property
+    def training_gib(self) -> float:
+        return self.weights_gib + self.adapter_gib + self.activations_gib + OVERHEAD_GIB
 
     @property
     def total_gib(self) -> float:
-        return self.weights_gib + self.adapter_gib + self.activations_gib + OVERHEAD_GIB
+        return max(self.training_gib, self.validation_gib or 0.0)
 
     def __str__(self) -> str:
-        return (f"about {self.total_gib:.1f} GiB: frozen weights {self.weights_gib:.1f}, LoRA with gradients "
-                f"and optimizer states {self.adapter_gib:.1f}, activations {self.activations_gib:.1f}, "
-                f"other {OVERHEAD_GIB:.1f}")
+        text = (f"about {self.total_gib:.1f} GiB: training {self.training_gib:.1f} (frozen weights "
+                f"{self.weights_gib:.1f}, LoRA with gradients and optimizer states {self.adapter_gib:.1f}, "
+                f"activations {self.activations_gib:.1f}, other {OVERHEAD_GIB:.1f})")
+        return text + (f", validation videos {self.validation_gib:.1f}" if self.validation_gib else "")
+
+
+def _width(config: dict) -> int:
+    return config["num_attention_heads"] * config["attention_head_dim"]
 
 
 def transformer_parameters(config: dict) -> int:
     """Parameter count of a CogVideoXTransformer3DModel from its config (blocks, embeddings, output)."""
-    width = config["num_attention_heads"] * config["attention_head_dim"]
+    width = _width(config)
     time_dim, text_dim = config["time_embed_dim"], config["text_embed_dim"]
     p, p_t = config["patch_size"], config.get("patch_size_t") or 1
-    # Per block: q, k, v, out (4 w^2), a 4x feed-forward (8 w^2), two adaptive norms of 6 w from the time embedding.
-    block = 12 * width**2 + 12 * width * time_dim
     embeddings = config["in_channels"] * p * p * p_t * width + text_dim * width + 2 * time_dim * width
     output = width * p * p * p_t * config["out_channels"] + 2 * width * time_dim
-    return config["num_layers"] * block + embeddings + output
+    return config["num_layers"] * _block_parameters(config) + embeddings + output
 
 
-def estimate(config: dict, latent_frames: int, latent_height: int, latent_width: int, batch_size: int,
-             rank: int, checkpointing: bool, compiled: bool, weight_bytes: float, optimizer_state_bytes: float,
-             float8_blocks: bool = False):
-    """Peak memory of a training step; optimizer_state_bytes is per adapter weight (8 for Adam, 2 for 8-bit).
+def _block_parameters(config: dict) -> int:
+    # q, k, v, out (4 w^2), a 4x feed-forward (8 w^2), two adaptive norms of 6 w from the time embedding.
+    width = _width(config)
+    return 12 * width**2 + 12 * width * config["time_embed_dim"]
 
-    float8_blocks: the attention and feed-forward weights (12 w^2 a block) take one byte each.
-    """
-    width = config["num_attention_heads"] * config["attention_head_dim"]
+
+def block_bytes(config: dict, weight_bytes: float, float8_blocks: bool) -> float:
+    """One block's frozen weights, as stored."""
+    width = _width(config)
+    return _block_parameters(config) * weight_bytes - (12 * width**2 * (weight_bytes - 1) if float8_blocks else 0)
+
+
+def _tokens(config: dict, latent: tuple[int, int, int]) -> int:
+    frames, height, width = latent
     p, p_t = config["patch_size"], config.get("patch_size_t") or 1
     # 1.5 patches latent frames in pairs, after the pipelines pad an odd count with one frame.
-    tokens = config["max_text_seq_length"] + -(-latent_frames // p_t) * (latent_height // p) * (latent_width // p)
-    layers = config["num_layers"]
-    adapter = layers * 4 * 2 * width * rank  # A and B of q, k, v, out in every block
-    one_tensor = batch_size * tokens * width * 2
-    block = ACTIVATIONS_PER_BLOCK[compiled] * one_tensor
-    # With checkpointing only each block's input is kept, and one block's activations at a time.
-    activations = layers * one_tensor + block if checkpointing else layers * block
-    weights = transformer_parameters(config) * weight_bytes
-    if float8_blocks:
-        weights -= layers * 12 * width**2 * (weight_bytes - 1)
+    return config["max_text_seq_length"] + -(-frames // p_t) * (height // p) * (width // p)
+
+
+def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
+    config, layers = work.config, work.config["num_layers"]
+    width = _width(config)
+    tokens = _tokens(config, work.latent)
+    one_tensor = work.batch_size * tokens * width * 2
+    block = ACTIVATIONS_PER_BLOCK[work.compiled] * one_tensor
+    if plan.checkpointing is None:
+        activations = layers * block
+    else:
+        # Each block's input, on the GPU or (two blocks' in flight) on the host; one block's activations at a time.
+        kept_inputs = 2 if plan.offload_activations else layers
+        activations = kept_inputs * one_tensor + block
+        if plan.checkpointing == "keep_attention":
+            heads = config["num_attention_heads"]
+            activations += layers * (one_tensor + work.batch_size * heads * tokens * 4)  # output and fp32 lse
+    one_block = block_bytes(config, work.weight_bytes, work.float8_blocks)
+    weights = transformer_parameters(config) * work.weight_bytes - (
+        layers * (work.weight_bytes * _block_parameters(config) - one_block))
+    swapped = min(plan.blocks_to_swap, layers)
+    weights -= (swapped - min(2, swapped)) * one_block  # two slots stay on the GPU
+    adapter = layers * 4 * 2 * width * work.rank  # A and B of q, k, v, out in every block
+    validation = None
+    if work.validation_latent is not None:
+        # The optimizer states wait on the host meanwhile and the gradients are freed: the adapter's weights stay.
+        inference = INFERENCE_PER_BLOCK * 2 * _tokens(config, work.validation_latent) * width * 2
+        validation = (weights + adapter * 4 + inference) / GIB + VAE_DECODE_GIB + OVERHEAD_GIB
     return MemoryEstimate(weights_gib=weights / GIB,
-                          adapter_gib=adapter * (4 + 4 + optimizer_state_bytes) / GIB,
-                          activations_gib=activations / GIB)
+                          adapter_gib=adapter * (4 + 4 + work.optimizer_state_bytes) / GIB,
+                          activations_gib=activations / GIB, validation_gib=validation)
+
+
+def cost(work: Workload, plan: Plan) -> str:
+    """What the plan's offloading takes: pinned host memory and copies per step."""
+    config, layers = work.config, work.config["num_layers"]
+    one_tensor = work.batch_size * _tokens(config, work.latent) * _width(config) * 2
+    host, copied = 0.0, 0.0
+    if plan.offload_activations:
+        host += layers * one_tensor
+        copied += 2 * layers * one_tensor
+    if plan.blocks_to_swap:
+        swapped = block_bytes(config, work.weight_bytes, work.float8_blocks) * min(plan.blocks_to_swap, layers)
+        host += swapped
+        copied += 2 * swapped  # in for the forward pass and again for the recompute
+    if not copied:
+        return "no offloading"
+    return (f"{host / GIB:.1f} GiB of pinned CPU memory; {copied / GIB:.1f} GiB copied a step (about "
+            f"{copied / GIB / HOST_LINK_GIB_PER_S:.2f} s at {HOST_LINK_GIB_PER_S:g} GiB/s, on a side stream behind the "
+            f"blocks' compute)")
+
+
+def ladder(plan: Plan, layers: int) -> list[Plan]:
+    """The given plan, then ever more offloading: checkpointing, the activations, then 1 to all blocks swapped."""
+    plans = [plan]
+    if plan.checkpointing is None:
+        plans.append(replace(plan, checkpointing="full"))
+    if not plans[-1].offload_activations:
+        plans.append(replace(plans[-1], offload_activations=True))
+    plans += [replace(plans[-1], blocks_to_swap=n) for n in range(plans[-1].blocks_to_swap + 1, layers + 1)]
+    return plans
+
+
+class DoesNotFit(Exception):
+    """No offloading makes the run fit the GPU memory it may use."""
+
+
+def fit(work: Workload, plan: Plan, budget_gib: float | None, auto: bool) -> tuple[Plan, MemoryEstimate]:
+    """The plan to train with and its estimate: `plan`, or with auto the first of its ladder that fits budget_gib."""
+    if not auto or budget_gib is None:
+        return plan, estimate(work, plan)
+    plans = ladder(plan, work.config["num_layers"])
+    for candidate in plans:
+        needed = estimate(work, candidate)
+        if needed.total_gib <= budget_gib:
+            return candidate, needed
+    raise DoesNotFit(
+        f"--offload auto: nothing fits in {budget_gib:.1f} GiB; the least, {plans[-1]}, needs {needed}. Lower the "
+        f"need with --base_weights_dtype fp8, --use_8bit_adam, a lower --rank, or smaller --height/--width/"
+        f"--max_num_frames (and validation sizes), or allow more with --max_gpu_memory.")
+
+
+class Peaks:
+    """Peak GPU memory (allocated, reserved) in training and in validation apart: PyTorch keeps one peak, so it is
+    read and reset as validation begins and ends."""
+
+    def __init__(self):
+        self.gib = {"training": (0.0, 0.0), "validation": (0.0, 0.0)}
+
+    def _read(self, part: str) -> tuple[float, float]:
+        if torch.cuda.is_available():
+            now = torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
+            self.gib[part] = tuple(map(max, self.gib[part], now))
+            torch.cuda.reset_peak_memory_stats()
+        return self.gib[part]
+
+    @contextlib.contextmanager
+    def validating(self):
+        self._read("training")
+        try:
+            yield
+        finally:
+            self._read("validation")
+
+    def training(self) -> tuple[float, float]:
+        return self._read("training")

@@ -3,24 +3,11 @@
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffusers import (AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline,
                        CogVideoXPipeline, CogVideoXTransformer3DModel)
 from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ATTENTION_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-
-
-def preferred_attention(name: str):
-    """Context in which scaled_dot_product_attention tries `name` first, then the other kernels.
-
-    PyTorch's default order puts flash first; at head size 64 on an H100 cuDNN's kernel does a
-    forward+backward of CogVideoX-2B attention in 20 ms against flash's 30 (measured per layer).
-    """
-    first = ATTENTION_BACKENDS[name]
-    return sdpa_kernel([first] + [b for b in ATTENTION_BACKENDS.values() if b != first], set_priority=True)
 
 
 def _hub_kwargs(args) -> dict:

@@ -4,6 +4,7 @@ The (prompt, video) pairs are spread over the processes; each writes its videos 
 --output_dir, and the main process logs them all to the trackers once every process is done.
 """
 
+import contextlib
 import io
 import logging
 import random
@@ -91,15 +92,32 @@ def log_videos(accelerator, videos: list[tuple[str, str, Path]], step: int, fps:
                         step=step)
 
 
+@contextlib.contextmanager
+def optimizer_state_on_host(optimizer):
+    """The optimizer's GPU state waits in CPU memory meanwhile: making videos does not need it, and its room keeps
+    validation's peak under training's."""
+    moved = [] if optimizer is None else [
+        (state, key, value.device) for state in optimizer.state.values() for key, value in state.items()
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda"]
+    for state, key, _ in moved:
+        state[key] = state[key].to("cpu")
+    try:
+        yield
+    finally:
+        for state, key, device in moved:
+            state[key] = state[key].to(device)
+
+
 class Validator:
     """Validation in every process, each making its share of the videos.
 
     The VAE is loaded at the first use and waits on the CPU between uses. image_paths: for an
-    image-to-video pipeline_class, one image per prompt.
+    image-to-video pipeline_class, one image per prompt. swap: the offload.BlockSwap training uses, whose blocks
+    then load as the pipeline calls them; optimizer: one whose state may wait on the host while videos are made.
     """
 
     def __init__(self, args, prompts: list[str], prompt_embeds, negative_embeds, scheduler_config, load_vae, dtype,
-                 pipeline_class=CogVideoXPipeline, image_paths: list[Path] | None = None):
+                 pipeline_class=CogVideoXPipeline, image_paths: list[Path] | None = None, swap=None, optimizer=None):
         self.args, self.prompts = args, prompts
         self.prompt_embeds, self.negative_embeds = prompt_embeds, negative_embeds
         self.scheduler_config, self.load_vae, self.dtype = scheduler_config, load_vae, dtype
@@ -107,6 +125,7 @@ class Validator:
         self.images = None if image_paths is None else [load_validation_image(p, args.height, args.width)
                                                         for p in image_paths]
         self.vae = None
+        self.swap, self.optimizer = swap, optimizer
 
     def run(self, accelerator, transformer, step: int) -> list[Path]:
         """Every process must call this; each returns the paths of all the videos of this step."""
@@ -116,23 +135,28 @@ class Validator:
         mine = range(accelerator.process_index, len(jobs), accelerator.num_processes)
         if mine:
             directory.mkdir(parents=True, exist_ok=True)
-            self.vae = (self.vae or self.load_vae()).to(accelerator.device)
-            pipe = validation_pipeline(accelerator.unwrap_model(transformer), self.vae, self.scheduler_config,
-                                       self.pipeline_class)
-            # Compiled blocks would compile again for inference (no grad, a batch of two for guidance):
-            # minutes for a few videos, so they run eagerly here.
-            with torch.compiler.set_stance("force_eager"):
-                for i in mine:
-                    p, v = jobs[i]
-                    # Video v of a prompt starts from seed + v, whichever process makes it.
-                    frames = generate_validation_video(pipe, self.prompt_embeds[p], self.negative_embeds, self.args,
-                                                       self.args.seed + v, accelerator.device, self.dtype,
-                                                       None if self.images is None else self.images[p])
-                    export_to_video(list(frames), str(paths[i]), fps=self.args.fps)
-                    logger.info("Process %d wrote %s", accelerator.process_index, paths[i])
-            self.vae.to("cpu")
+            with optimizer_state_on_host(self.optimizer):
+                self._make_videos(accelerator, transformer, [(jobs[i], paths[i]) for i in mine])
         wait_for_everyone_without_deadline(accelerator, f"validation-{step}")
         if accelerator.is_main_process:
             log_videos(accelerator, [(f"validation/p{p}_v{v}", self.prompts[p], path)
                                      for (p, v), path in zip(jobs, paths)], step, self.args.fps)
         return paths
+
+    def _make_videos(self, accelerator, transformer, jobs) -> None:
+        self.vae = (self.vae or self.load_vae()).to(accelerator.device)
+        pipe = validation_pipeline(accelerator.unwrap_model(transformer), self.vae, self.scheduler_config,
+                                   self.pipeline_class)
+        swapping = contextlib.nullcontext() if self.swap is None else \
+            self.swap.inference(pipe.transformer.transformer_blocks)
+        # Compiled blocks would compile again for inference (no grad, a batch of two for guidance):
+        # minutes for a few videos, so they run eagerly here.
+        with torch.compiler.set_stance("force_eager"), swapping:
+            for (p, v), path in jobs:
+                # Video v of a prompt starts from seed + v, whichever process makes it.
+                frames = generate_validation_video(pipe, self.prompt_embeds[p], self.negative_embeds, self.args,
+                                                   self.args.seed + v, accelerator.device, self.dtype,
+                                                   None if self.images is None else self.images[p])
+                export_to_video(list(frames), str(path), fps=self.args.fps)
+                logger.info("Process %d wrote %s", accelerator.process_index, path)
+        self.vae.to("cpu")

@@ -1,0 +1,67 @@
+"""Gradient checkpointing: what each transformer block keeps for its backward pass, and where it keeps it.
+
+Policies (--checkpointing_policy):
+- full: a block keeps its input alone and recomputes everything in the backward pass, attention included:
+  the least memory.
+- keep_attention: a block also keeps its attention output and log-sum-exp (one [tokens, width] tensor and a
+  small one), so the recompute skips attention, the most expensive part, and redoes only the cheap
+  projections, norms and feed-forward. PyTorch's selective checkpointing names the attention ops to save;
+  the checkpoint sits outside the compiled block, whose attention op call it then intercepts.
+
+Offloading (offload.py) plugs in here: the checkpoint's saved inputs go to the host, and swapped blocks
+load their weights before their forward and before their recompute.
+"""
+
+import contextlib
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from .attention import attention_forward
+
+POLICIES = ("full", "keep_attention")
+
+
+def _attention_ops():
+    aten = torch.ops.aten
+    return {attention_forward._opoverload, aten._scaled_dot_product_cudnn_attention.default,
+            aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
+            aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _keep_attention_context():
+    kept = _attention_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in kept else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def enable(transformer, policy: str, activations=None, swap=None) -> None:
+    """Turns on gradient checkpointing of every block with this policy; activations: an
+    offload.ActivationOffload, swap: an offload.BlockSwap, or None."""
+    index = {block: i for i, block in enumerate(transformer.transformer_blocks)}
+    context_fn = _keep_attention_context if policy == "keep_attention" else None
+
+    def checkpointed(block, hidden_states, encoder_hidden_states, *rest):
+        run = block.__call__ if swap is None else _loading(swap, index[block], block)
+        offloading = activations.offloading(hidden_states, encoder_hidden_states) if activations is not None \
+            else contextlib.nullcontext()
+        with offloading:
+            return checkpoint(run, hidden_states, encoder_hidden_states, *rest, use_reentrant=False,
+                              **({"context_fn": context_fn} if context_fn else {}))
+
+    transformer.enable_gradient_checkpointing(checkpointed)
+
+
+def _loading(swap, i: int, block):
+    """The block, loading its swapped weights first; the checkpoint calls it in the forward pass, then again
+    to recompute it in the backward pass."""
+    directions = iter((+1, -1))
+
+    def run(*args):
+        swap.load(i, next(directions))
+        return block(*args)
+
+    return run
