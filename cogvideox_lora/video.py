@@ -26,6 +26,11 @@ class ClipUnreadable(Exception):
     """A clip whose frames cannot be trusted; the message says why, in a few words."""
 
 
+def _damaged(total: int) -> ClipUnreadable:
+    # Not which frame: decord decodes ahead in a thread, so an error surfaces some frames before or after it.
+    return ClipUnreadable(f"the file is damaged: decoding fails partway through its {total} frames")
+
+
 @dataclass
 class Video:
     """An opened clip. starts: each frame's presentation time (s) in presentation order; end: when the last leaves
@@ -60,10 +65,8 @@ class Video:
                     return
         except ClipUnreadable:
             raise
-        except Exception as e:  # decord raises its own error types for damaged data
-            at = self.starts[i + 1] if i + 1 < len(self.starts) else self.end
-            raise ClipUnreadable(f"frame {i + 1} of {len(self.starts)}, at {at:.3f} s, is damaged: "
-                                 f"{str(e).splitlines()[0][:200]}") from None
+        except Exception:  # decord raises its own error types for damaged data
+            raise _damaged(len(self.starts)) from None
         raise ClipUnreadable(f"only {i + 1} of the {len(self.starts)} frames it lists decode")
 
 
@@ -94,7 +97,10 @@ def open_video(path: Path) -> Video:
     # decord already turns frames upright by the rotation tag; the first frame is read through decode() so
     # that nothing seeks before the frames are read in order.
     frames = decode()
-    first = next(frames)
+    try:
+        first = next(frames)
+    except Exception:  # decord raises its own error types for damaged data
+        raise _damaged(n) from None
     height, width = first.shape[:2]
     rotated, pixel_aspect = _rotation_and_pixel_aspect(path)
     if rotated:  # the sample aspect ratio is the stored picture's: on a turned picture it stretches the height
