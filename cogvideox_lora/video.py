@@ -6,6 +6,7 @@ and even skip_frames return repeated or earlier frames there. Its next() decodes
 of them, so every frame is read that way, and only the ones wanted are kept.
 """
 
+import itertools
 import re
 import subprocess
 from dataclasses import dataclass
@@ -43,7 +44,6 @@ class Video:
     width: int
     pixel_aspect: float
     frame_rate: float
-    timed: bool  # whether the times come from the file's timestamps, not from its average rate
     _decode: Callable[[], Iterator[np.ndarray]]
 
     def frames(self, indices: list[int]) -> Iterator[np.ndarray]:
@@ -105,13 +105,8 @@ def open_video(path: Path) -> Video:
     rotated, pixel_aspect = _rotation_and_pixel_aspect(path)
     if rotated:  # the sample aspect ratio is the stored picture's: on a turned picture it stretches the height
         pixel_aspect = 1 / pixel_aspect
-    return Video(starts, float(last_end), height, width, pixel_aspect, frame_rate, bool(timed),
-                 lambda: _chain(first, frames))
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
+    return Video(starts, float(last_end), height, width, pixel_aspect, frame_rate,
+                 lambda: itertools.chain([first], frames))
 
 
 def _rotation_and_pixel_aspect(path: Path) -> tuple[bool, float]:
@@ -151,4 +146,4 @@ def _open_animated_image(path: Path) -> Video:
             for frame in ImageSequence.Iterator(image):
                 yield np.asarray(frame.convert("RGB"))
 
-    return Video(ends - durations, float(ends[-1]), height, width, 1.0, len(durations) / ends[-1], True, decode)
+    return Video(ends - durations, float(ends[-1]), height, width, 1.0, len(durations) / ends[-1], decode)
