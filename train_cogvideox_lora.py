@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from cogvideox_lora import attention, checkpoints, distributed, memory, models, offload, recompute
 from cogvideox_lora.args import parse_args, tracker_config, validation_images, validation_prompts
-from cogvideox_lora.data import Buckets, DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches
+from cogvideox_lora.data import (Buckets, DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches,
+                                 long_prompts)
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
 from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
 from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
@@ -65,6 +66,10 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         sys.exit("error: " + "\n  ".join(problems))
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
+    too_long = long_prompts(clips, models.load_tokenizer(args), transformer_config["max_text_seq_length"])
+    if too_long:
+        logger.warning("%d prompt(s) have more tokens than the text encoder takes (%d); the rest is cut:\n  %s",
+                       len(too_long), transformer_config["max_text_seq_length"], "\n  ".join(too_long))
     resume_from = checkpoints.checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
 
     # The lr scheduler goes through prepare() (so accelerate reads it back with weights_only) and is stepped

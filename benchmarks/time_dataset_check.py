@@ -1,4 +1,4 @@
-"""Time of the dataset check before training (index, every clip opened, buckets chosen), on any machine.
+"""Time of the dataset check before training (index, every frame training reads decoded, buckets chosen).
 
     python -m cogvideox_lora.synthetic clips /tmp/probe_data --num_clips 24 --height 480 --width 720 \
         --num_frames 49 --fps 8

@@ -2,15 +2,22 @@
 
 import csv
 import itertools
+import bisect
 import json
+import logging
 import math
 import random
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .video import open_video, reencode_command
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -19,17 +26,27 @@ class Clip:
     video: Path
     where: str  # "file:line" of the entry, for messages
     image: Path | None = None  # the I2V conditioning image; None: the clip's first frame
+    prompt_where: str | None = None  # "file:line" of the prompt, where it differs from where
     # (frames it gives at the longest length asked for, height, width), as check_clips found it.
     probe: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
 
 
 IMAGES_FILE, IMAGE_COLUMN = "images.txt", "image"
-# A dataset entry with one of these suffixes is a single image, trained as a one-frame clip.
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+# A dataset entry with one of these suffixes is a single image, trained as a one-frame clip, unless it is
+# animated: then it is a clip.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
 
 
 def is_single_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "n_frames", 1) == 1
+    except Exception:  # an unreadable image is reported as such when it is read
+        return True
 
 
 @dataclass(frozen=True)
@@ -93,9 +110,19 @@ class DatasetError(Exception):
         super().__init__(f"{len(problems)} problem(s) in the dataset:\n  " + "\n  ".join(problems))
 
 
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of a file (a BOM is dropped); raises ValueError naming the line that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason}): save the file as UTF-8.") from None
+
+
 def _lines(path: Path) -> list[tuple[int, str]]:
     """Non-blank lines with their 1-based numbers; CRLF and a UTF-8 BOM are tolerated."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
@@ -116,8 +143,8 @@ def _read_text_pair(root: Path, caption_file: str, video_file: str, image_file: 
             continue
         try:
             files[name] = _lines(path)
-        except UnicodeDecodeError as e:
-            problems.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8.")
+        except ValueError as e:
+            problems.append(str(e))
     if problems:
         return [], problems
     prompts, videos = files[caption_file], files[video_file]
@@ -147,7 +174,10 @@ def _read_table(root: Path, dataset_file: str, caption_column: str, video_column
     path = root / dataset_file
     if not path.is_file():
         return [], [f"{path}: not found (--dataset_file is relative to --instance_data_root)."]
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = _read_text(path)
+    except ValueError as e:
+        return [], [str(e)]
     records = []
     problems = []
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -201,31 +231,37 @@ def read_index(root, caption_column: str, video_column: str, dataset_file: str |
             continue
         if id_token:
             prompt = f"{id_token} {prompt}"
-        clips.append(Clip(prompt, root / video, video_where, root / image if image else None))
+        clips.append(Clip(prompt, root / video, video_where, root / image if image else None, prompt_where))
     if not clips and not problems:
         problems.append(f"{root}: the dataset lists no clips.")
     return clips, problems
 
 
-def sample_frame_indices(num_frames: int, clip_fps: float, settings: FrameSettings) -> list[int]:
-    """Source frames to keep: skip the ends, step at --fps from the clip's own rate, cap, cut to k*T+1."""
-    first, end = settings.skip_frames_start, num_frames - settings.skip_frames_end
-    step = clip_fps / settings.fps
+def frames_at_times(starts, end: float, settings: FrameSettings) -> list[int]:
+    """Source frames to keep, from each frame's presentation time (s): after the skipped frames, the frame on
+    screen at t_k = t_first + k/fps for k = 0, 1, ... while the kept frames last, capped and cut to k*T+1."""
+    starts = list(starts)
+    first, last = settings.skip_frames_start, len(starts) - settings.skip_frames_end
+    if first >= last:
+        return []
+    stop = starts[last] if last < len(starts) else end
+    # Containers round timestamps (MKV to the millisecond): a frame starting that close after t_k counts as on
+    # screen at t_k, so a 24 fps clip at --fps 8 gives every third frame however it is stored.
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    tolerance = min([1e-3] + [g / 4 for g in gaps])
     indices = []
     while len(indices) < settings.max_num_frames:
-        # The small epsilon keeps k*step from landing just below an integer through float error.
-        index = first + math.floor(len(indices) * step + 1e-6)
-        if index >= end:
+        t = starts[first] + len(indices) / settings.fps
+        if t >= stop - tolerance:
             break
-        indices.append(index)
+        indices.append(bisect.bisect_right(starts, t + tolerance, first, last) - 1)
     t = settings.temporal_compression
     return indices[: (len(indices) - 1) // t * t + 1] if indices else []
 
 
-def _open(path: Path):
-    import decord  # imported here so that tools which never read clips do not need decord
-
-    return decord.VideoReader(str(path), num_threads=1)
+def sample_frame_indices(num_frames: int, clip_fps: float, settings: FrameSettings) -> list[int]:
+    """frames_at_times for a clip of constant rate: a 24 fps clip at --fps 8 gives every third frame."""
+    return frames_at_times([i / clip_fps for i in range(num_frames)], num_frames / clip_fps, settings)
 
 
 def open_image(path: Path) -> torch.Tensor:
@@ -247,14 +283,22 @@ def _image_problem(clip: Clip) -> str | None:
 
 
 def _probe(path: Path, settings: FrameSettings) -> tuple[int, int, float, int, int]:
-    """(frames it gives at settings, frames it has, its frame rate, height, width); raises if undecodable."""
+    """(frames it gives at settings, frames it has, its frame rate, display height, display width), decoding every
+    frame that training reads; raises if one cannot be decoded."""
     if is_single_image(path):
         height, width = open_image(path).shape[-2:]
         return 1, 1, 0.0, height, width
-    reader = _open(path)
-    n, clip_fps = len(reader), reader.get_avg_fps()
-    height, width = reader[0].shape[:2] if n else (0, 0)
-    return len(sample_frame_indices(n, clip_fps, settings)), n, clip_fps, height, width
+    video = open_video(path)
+    indices = frames_at_times(video.starts, video.end, settings)
+    for _ in video.frames(indices):
+        pass
+    return len(indices), len(video.starts), video.frame_rate, video.height, round(video.width * video.pixel_aspect)
+
+
+def _unreadable(clip: Clip, error: Exception) -> str:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (f"{clip.where}: {clip.video} cannot be decoded ({reason}): re-encode it "
+            f"({reencode_command(clip.video)}) or remove it.")
 
 
 def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = False,
@@ -269,16 +313,18 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
         needed, flag = buckets.frames[0], "the shortest of --frame_buckets"
         settings = replace(settings, max_num_frames=buckets.frames[-1])
     good, problems = [], []
+    started = time.perf_counter()
     for clip in clips:
         problem = None
-        if not clip.video.is_file():
+        if clip.video.is_dir():
+            problem = f"{clip.where}: {clip.video} is a folder, not a clip: list the clip files in it, one a line."
+        elif not clip.video.is_file():
             problem = f"{clip.where}: {clip.video} does not exist: fix the path (relative to the dataset folder)."
         else:
             try:
                 got, n, clip_fps, height, width = _probe(clip.video, settings)
             except Exception as e:  # decord and Pillow raise their own error types for every kind of bad file
-                problem = f"{clip.where}: {clip.video} cannot be decoded ({str(e).splitlines()[0]}): re-encode it " \
-                          f"(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it."
+                problem = _unreadable(clip, e)
             else:
                 if got < needed and not is_single_image(clip.video):
                     t = settings.temporal_compression
@@ -294,6 +340,8 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
             problems.append(problem)
         else:
             good.append(replace(clip, probe=(got, height, width)))
+    logger.info("Checked %d clip(s), decoding every frame that training reads, in %.1f s.", len(clips),
+                time.perf_counter() - started)
     if problems and not skip_bad:
         raise DatasetError(problems)
     if not good:
@@ -320,6 +368,16 @@ def check_dataset(root, caption_column: str, video_column: str, dataset_file: st
     return good, skipped
 
 
+def long_prompts(clips: list[Clip], tokenizer, max_length: int) -> list[str]:
+    """Where a prompt has more tokens than the text encoder takes (the rest is cut), once per prompt line."""
+    found = {}
+    for clip in clips:
+        count = len(tokenizer(clip.prompt, add_special_tokens=True).input_ids)
+        if count > max_length:
+            found.setdefault(clip.prompt_where or clip.where, f"{count} tokens, {count - max_length} cut")
+    return [f"{where}: {what}" for where, what in found.items()]
+
+
 def clip_settings(clips: list[Clip], settings: FrameSettings, buckets: Buckets | None = None) -> list[FrameSettings]:
     """The frame settings of each clip that check_clips passed: those of its bucket, or `settings` for all; a
     single image takes one frame."""
@@ -333,11 +391,13 @@ def clip_settings(clips: list[Clip], settings: FrameSettings, buckets: Buckets |
     return result
 
 
-def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str, rng: random.Random) -> torch.Tensor:
-    """[F, 3, H, W] float frames to [F, 3, height, width], keeping the aspect ratio unless mode is 'none'."""
+def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str, rng: random.Random,
+                    pixel_aspect: float = 1.0) -> torch.Tensor:
+    """[F, 3, H, W] float frames to [F, 3, height, width], keeping the displayed aspect ratio (pixels pixel_aspect
+    times as wide as high) unless mode is 'none'."""
     if mode == "none":
         return F.interpolate(frames, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    h, w = frames.shape[-2:]
+    h, w = frames.shape[-2], frames.shape[-1] * pixel_aspect
     scale = max(height / h, width / w)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
     frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
@@ -348,9 +408,10 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str, rn
     return frames[..., top: top + height, left: left + width]
 
 
-def _as_model_input(frames: torch.Tensor, settings: FrameSettings, crop_seed: int) -> torch.Tensor:
+def _as_model_input(frames: torch.Tensor, settings: FrameSettings, crop_seed: int,
+                    pixel_aspect: float = 1.0) -> torch.Tensor:
     frames = resize_and_crop(frames.float(), settings.height, settings.width, settings.reshape_mode,
-                             random.Random(crop_seed))
+                             random.Random(crop_seed), pixel_aspect)
     return (frames / 127.5 - 1.0).clamp(-1.0, 1.0)
 
 
@@ -358,10 +419,10 @@ def read_frames(path: Path, settings: FrameSettings, crop_seed: int = 0, first_o
     """The clip as the model sees it: [F, 3, height, width] in [-1, 1] (F = 1 with first_only)."""
     if is_single_image(path):
         return _as_model_input(open_image(path)[None], settings, crop_seed)
-    reader = _open(path)
-    indices = sample_frame_indices(len(reader), reader.get_avg_fps(), settings)[:1 if first_only else None]
-    frames = torch.from_numpy(np.ascontiguousarray(reader.get_batch(indices).asnumpy()))
-    return _as_model_input(frames.permute(0, 3, 1, 2), settings, crop_seed)
+    video = open_video(path)
+    indices = frames_at_times(video.starts, video.end, settings)[:1 if first_only else None]
+    frames = torch.from_numpy(np.stack(list(video.frames(indices))))
+    return _as_model_input(frames.permute(0, 3, 1, 2), settings, crop_seed, video.pixel_aspect)
 
 
 def read_conditioning_image(clip: Clip, settings: FrameSettings, crop_seed: int = 0) -> torch.Tensor:
@@ -383,10 +444,15 @@ class ClipFrames(torch.utils.data.Dataset):
         return len(self.clips)
 
     def __getitem__(self, i):
+        """(i, frames), or (i, the problem) where a clip cannot be read: a message, which crosses from a loader
+        worker whole, where an exception would come with the worker's traceback."""
         clip, settings, crop_seed = self.clips[i], self.settings[i], self.crop_seeds[i]
-        if self.images:
-            return i, read_conditioning_image(clip, settings, crop_seed)
-        return i, read_frames(clip.video, settings, crop_seed)
+        try:
+            if self.images:
+                return i, read_conditioning_image(clip, settings, crop_seed)
+            return i, read_frames(clip.video, settings, crop_seed)
+        except Exception as e:  # decord and Pillow raise their own error types for every kind of bad file
+            return i, _unreadable(clip, e)
 
 
 def epoch_batches(shapes: list[tuple], global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import Clip, ClipFrames, FrameSettings
+from .data import Clip, ClipFrames, DatasetError, FrameSettings
 from .distributed import wait_for_everyone_without_deadline
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,9 @@ def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: 
                            [crop_seeds[i] for i in indices], images=images),
                 batch_size=None, num_workers=num_workers)
             for j, frames in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
+                if isinstance(frames, str):  # the clip changed or went bad since the check
+                    raise DatasetError([f"{frames} The clips encoded before it are whole in the cache, and nothing "
+                                        f"of this one was written: run again once it is fixed."])
                 video = frames.to(accelerator.device, vae.dtype).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
                 if images:
                     video = _add_pixel_noise(video, keys[indices[j]])

@@ -134,9 +134,13 @@ def load_vae(args, dtype: torch.dtype, device):
     return vae.requires_grad_(False).eval().to(device)
 
 
+def load_tokenizer(args):
+    return AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer",
+                                         **_hub_kwargs(args))
+
+
 def load_text_encoder(args, dtype: torch.dtype, device):
-    tokenizer = AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer",
-                                              **_hub_kwargs(args))
+    tokenizer = load_tokenizer(args)
     text_encoder = T5EncoderModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
                                                   variant=args.variant, dtype=dtype, **_hub_kwargs(args))
     return tokenizer, text_encoder.requires_grad_(False).eval().to(device)

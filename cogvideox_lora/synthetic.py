@@ -259,7 +259,7 @@ _SQUARE_COLOURS = [
 ]
 
 
-def _clip_frames(clip_id: int, height: int, width: int, num_frames: int) -> np.ndarray:
+def clip_frames(clip_id: int, height: int, width: int, num_frames: int) -> np.ndarray:
     """[F, H, W, 3] uint8: the grey frame-index background plus a square of the clip's colour
     that moves diagonally from a clip-dependent start."""
     _, colour = _SQUARE_COLOURS[clip_id % len(_SQUARE_COLOURS)]
@@ -314,7 +314,7 @@ def write_clips(root, num_clips: int = 4, height: int = 48, width: int = 64, num
         writer = imageio.get_writer(root / relative, fps=fps, codec="libx264", quality=9, pixelformat="yuv420p",
                                     macro_block_size=1)
         with writer:
-            for frame in _clip_frames(clip_id, height, width, num_frames):
+            for frame in clip_frames(clip_id, height, width, num_frames):
                 writer.append_data(frame)
         videos.append(relative)
 

@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from cogvideox_lora import models
 from cogvideox_lora.synthetic import build_model_folder, write_clips
 
 # The CI and dev machines have 2 cores; more threads only oversubscribe them.
@@ -38,3 +39,14 @@ def tiny_dataset_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("dataset")
     write_clips(root, num_clips=4, height=48, width=64, num_frames=25, fps=8, prompts=DATASET_PROMPTS)
     return root
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Makes loading any model fail the test: what it guards must be decided from configs and files alone."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for name in ("load_transformer", "load_vae", "load_text_encoder"):
+        monkeypatch.setattr(models, name, refuse)
