@@ -31,12 +31,15 @@ def card_text(args, family, steps: int, videos: list[Path]) -> str:
     pipeline = family.pipeline_class.__name__
     repo = repo_id(args) if args.push_to_hub else str(output_dir)
     prompt = prompts[0] if prompts else f"{args.id_token + ' ' if args.id_token else ''}your prompt"
+    base = args.pretrained_model_name_or_path
+    if not Path(base).exists():  # a hub id: link it
+        base = f"[{base}](https://huggingface.co/{base})"
     image_arg = 'image=load_image("first_frame.png"), ' if i2v else ""
     code = "\n".join([
         "import torch",
         f"from diffusers import {pipeline}" + ("\nfrom diffusers.utils import load_image" if i2v else ""),
         f'pipe = {pipeline}.from_pretrained({args.pretrained_model_name_or_path!r}, '
-        f'torch_dtype=torch.bfloat16).to("cuda")',
+        f'dtype=torch.bfloat16).to("cuda")',
         f'pipe.load_lora_weights({repo!r}, adapter_name="lora")',
         f'video = pipe({image_arg}prompt={prompt!r}, num_frames={args.max_num_frames}, height={args.height}, '
         f'width={args.width}).frames[0]',
@@ -47,8 +50,7 @@ def card_text(args, family, steps: int, videos: list[Path]) -> str:
 
 # CogVideoX LoRA for {args.pretrained_model_name_or_path}
 
-A LoRA for [{args.pretrained_model_name_or_path}](https://huggingface.co/{args.pretrained_model_name_or_path}) \
-({family.name}, {'image' if i2v else 'text'}-to-video), trained with the CogVideoX LoRA trainer\
+A LoRA for {base} ({family.name}, {'image' if i2v else 'text'}-to-video), trained with the CogVideoX LoRA trainer\
 {f', with the identifier token `{args.id_token}` in front of every prompt' if args.id_token else ''}.
 
 ## Training
