@@ -31,8 +31,9 @@ def _download_command(args) -> str:
 def fetch_dataset(args) -> Path:
     """The local snapshot of --dataset_name, downloaded into the hub cache (--cache_dir) if it is not there."""
     try:
+        # Offline, huggingface_hub would still try to download a revision given as a commit hash.
         return Path(snapshot_download(args.dataset_name, repo_type="dataset", revision=args.dataset_revision,
-                                      cache_dir=args.cache_dir))
+                                      cache_dir=args.cache_dir, local_files_only=constants.HF_HUB_OFFLINE))
     except LocalEntryNotFoundError as e:
         raise DatasetError([f"--dataset_name {args.dataset_name}: not in the hub cache "
                             f"({args.cache_dir or constants.HF_HUB_CACHE}) and the hub cannot be reached "
