@@ -196,7 +196,8 @@ def test_a_push_that_cannot_succeed_is_refused_before_training(tmp_path, tiny_mo
 
         def refuse(api, token=None):
             request = httpx.Request("GET", "https://huggingface.co/api/whoami-v2")
-            raise huggingface_hub.errors.HfHubHTTPError("401 Unauthorized", response=httpx.Response(401, request=request))
+            raise huggingface_hub.errors.HfHubHTTPError("401 Unauthorized",
+                                                        response=httpx.Response(401, request=request))
 
         monkeypatch.setattr(huggingface_hub.HfApi, "whoami", refuse)
     with pytest.raises(SystemExit):
