@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .hub import push_problems
+
 
 def default_latent_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -311,8 +313,6 @@ def _gpu_available() -> bool:
 
 def example_problems(args) -> list[str]:
     """The checks of the flags the diffusers example brought: data source, trackers, fp16, the hub."""
-    from .hub import push_problems  # huggingface_hub's offline setting is read when it is imported
-
     problems = []
     if not args.instance_data_root and not args.dataset_name:
         problems.append("No dataset: give --instance_data_root (a local folder) or --dataset_name (a hub dataset).")
