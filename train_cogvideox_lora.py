@@ -24,13 +24,14 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from cogvideox_lora import attention, checkpoints, distributed, memory, models, offload, recompute
+from cogvideox_lora import attention, checkpoints, distributed, hub, memory, models, offload, recompute
 from cogvideox_lora.args import parse_args, tracker_config, validation_images, validation_prompts
 from cogvideox_lora.data import (Buckets, DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches,
                                  long_prompts)
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
 from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
 from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
+from cogvideox_lora.model_card import write_model_card
 from cogvideox_lora.optim import make_optimizer
 from cogvideox_lora.validation import Validator
 
@@ -52,6 +53,7 @@ def main(argv=None):
 
 def train(args, started: float, stop: checkpoints.StopSignal):
     # 1. Data and settings: all is checked before any model is loaded (the settings alone in parse_args).
+    hub.resolve_dataset(args)
     transformer_config, vae_config, text_encoder_config, family = models.read_configs(args)
     settings = FrameSettings.from_args(args, vae_config["temporal_compression_ratio"])
     buckets = Buckets.from_args(args)
@@ -205,7 +207,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                           validation_images(args) if family.image_to_video else None, swap=swap,
                           optimizer=None if accelerator.distributed_type == DistributedType.DEEPSPEED else optimizer)
     if accelerator.is_main_process:
-        accelerator.init_trackers("cogvideox-lora", config=tracker_config(args))
+        accelerator.init_trackers(args.tracker_name, config=tracker_config(args))
     logger.info("%s model, %d clips, %d batches of %d per epoch, %d optimizer steps (accumulating %d), %s on %d "
                 "process(es)", family.name, len(clips), batches_per_epoch, global_batch, max_train_steps, ga,
                 weight_dtype, accelerator.num_processes)
@@ -338,6 +340,9 @@ def train(args, started: float, stop: checkpoints.StopSignal):
             "lora": str(lora_path), "validation_videos": [str(p) for p in video_paths],
         }
         Path(args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
+        write_model_card(args, family, max_train_steps, video_paths)
+        if args.push_to_hub:
+            hub.push(args)
         for path in video_paths:
             logger.info("Validation video: %s", path)
     accelerator.end_training()

@@ -6,7 +6,10 @@ import os
 import re
 from pathlib import Path
 
+import torch
+
 from .attention import BACKENDS
+from .hub import push_problems
 from .recompute import POLICIES
 
 
@@ -26,15 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Hub id (e.g. THUDM/CogVideoX-2b) or local folder of a diffusers CogVideoX model.")
     model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
     model.add_argument("--variant", default=None, help="Weights variant to load, e.g. fp16.")
-    model.add_argument("--cache_dir", default=None, help="Where models downloaded from the hub are stored.")
+    model.add_argument("--cache_dir", default=None,
+                       help="The hub cache for models and --dataset_name datasets (default: huggingface_hub's). "
+                            "Unlike the diffusers example, whose model loading ignores it, it is honoured for all.")
     model.add_argument("--ignore_learned_positional_embeddings", action="store_true",
                        help="CogVideoX-5B-I2V only: drop its learned positional embeddings, which fit 49x480x720 "
                             "alone, to train at other sizes on its rotary embeddings. Generate with the LoRA the "
                             "same way (cli_demo.py --ignore_learned_positional_embeddings).")
 
     data = p.add_argument_group("data")
-    data.add_argument("--instance_data_root", required=True,
-                      help="Dataset folder holding the prompts file, the videos file and the clips.")
+    data.add_argument("--instance_data_root", default=None,
+                      help="Dataset folder holding the prompts file, the videos file and the clips; with "
+                           "--dataset_name, the folder its clip paths are relative to (default: the dataset's own).")
     data.add_argument("--dataset_file", default=None,
                       help="A CSV or JSON-lines file (relative to --instance_data_root) with one row per clip; "
                            "--caption_column and --video_column then name its columns (default caption, video).")
@@ -50,12 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "column holding the path (default image, used if present). Without one, each clip's "
                            "first frame is its image.")
     data.add_argument("--id_token", default=None,
-                      help="Identifier token put in front of every prompt, followed by a space.")
+                      help="Identifier token put in front of every prompt, followed by a space (the diffusers "
+                           "example glues it to the prompt without one).")
     data.add_argument("--height", type=int, default=480, help="Frame height clips are resized and cropped to.")
     data.add_argument("--width", type=int, default=720, help="Frame width clips are resized and cropped to.")
     data.add_argument("--fps", type=int, default=8,
-                      help="Frames per second clips are sampled at (from each clip's own rate); also the rate "
-                           "of the validation videos.")
+                      help="Frames per second clips are sampled at (from each clip's own rate: a 24 fps clip at 8 "
+                           "gives every third frame, where the diffusers example takes consecutive frames); also "
+                           "the rate of the validation videos.")
     data.add_argument("--max_num_frames", type=int, default=49,
                       help="Frames taken from each clip at --fps (4k+1, as the VAE compresses time 4x); a clip "
                            "that gives fewer is reported (see --skip_bad_videos).")
@@ -76,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--auto_buckets", action="store_true",
                       help="Size buckets from the data: each clip keeps its own aspect ratio at about "
                            "--height x --width pixels (multiples of 16).")
-    data.add_argument("--random_flip", type=float, default=0.0,
-                      help="Probability of training on the horizontally mirrored clip (both are encoded once).")
+    data.add_argument("--random_flip", type=float, nargs="?", const=0.5, default=0.0,
+                      help="Probability of training on the horizontally mirrored clip (both are encoded once); "
+                           "the flag alone, as the diffusers example takes it, means 0.5.")
     data.add_argument("--noised_image_dropout", type=float, default=0.05,
                       help="Image-to-video models: probability that a step trains a clip without its (slightly "
                            "noised) conditioning image, which keeps the model able to follow the prompt alone.")
@@ -190,11 +199,52 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None,
                       help="Keep at most this many checkpoints; older ones of this run are removed.")
     ckpt.add_argument("--resume_from_checkpoint", default=None,
-                      help="'latest' (the newest complete checkpoint in --output_dir, if any) or a checkpoint folder.")
+                      help="'latest' (the newest complete checkpoint in --output_dir, if any), a checkpoint folder, "
+                           "or the name of one in --output_dir (checkpoint-N).")
     ckpt.add_argument("--report_to", default="tensorboard",
-                      help="Trackers for metrics and validation videos: tensorboard, wandb, all or none.")
+                      help="Tracker for metrics and validation videos: tensorboard, wandb, comet_ml (or another of "
+                           "accelerate's), all (those three) or none. One whose package is missing is an error "
+                           "at the start.")
     ckpt.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
+    _add_example_flags(p)
     return p
+
+
+def _add_example_flags(p: argparse.ArgumentParser) -> None:
+    """The diffusers example scripts' flags this trainer has no other group for, with their meaning there."""
+    example = p.add_argument_group("diffusers example compatibility")
+    example.add_argument("--dataset_name", default=None,
+                         help="A dataset repository on the Hugging Face Hub (OWNER/NAME), fetched into the hub "
+                              "cache and read like a local folder: prompts.txt/videos.txt/videos/, or a CSV or "
+                              "JSON-lines table. With --instance_data_root, its table's clip paths are read there.")
+    example.add_argument("--dataset_config_name", default=None,
+                         help="The config (subset) of --dataset_name: one of the `configs` of its README.md, or a "
+                              "folder of that name.")
+    example.add_argument("--dataset_revision", default=None,
+                         help="Branch, tag or commit of --dataset_name to pin (default: main).")
+    example.add_argument("--scale_lr", action="store_true",
+                         help="Multiply --learning_rate by --gradient_accumulation_steps x --train_batch_size x "
+                              "processes.")
+    example.add_argument("--prodigy_beta3", type=float, default=None,
+                         help="Prodigy's beta3 (step size running average); default: the square root of beta2.")
+    example.add_argument("--prodigy_decouple", action="store_true", help="Prodigy: AdamW-style weight decay.")
+    example.add_argument("--prodigy_use_bias_correction", action="store_true", help="Prodigy: Adam's bias correction.")
+    example.add_argument("--prodigy_safeguard_warmup", action="store_true",
+                         help="Prodigy: leave the lr out of the D estimate's denominator during warm-up.")
+    example.add_argument("--tracker_name", default="cogvideox-lora",
+                         help="Project name of the run in the trackers (the TensorBoard subfolder of --logging_dir).")
+
+    hub = p.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true",
+                     help="At the end, upload the LoRA, its model card (README.md) and the validation videos to "
+                          "--hub_model_id. Whether it can (logged in, not offline) is checked before training.")
+    hub.add_argument("--hub_model_id", default=None,
+                     help="Model repository to push to (OWNER/NAME, or NAME under your account); default: the "
+                          "--output_dir folder's name.")
+    hub.add_argument("--hub_token", default=None,
+                     help="Token for the push; default: the `hf auth login` one or HF_TOKEN, which are better: a "
+                          "token on the command line shows in the process list. It is never logged.")
+    hub.add_argument("--push_checkpoints", action="store_true", help="Upload the checkpoint-N folders too.")
 
 
 def _split(text: str | None, separator: str) -> list[str]:
@@ -276,7 +326,55 @@ def check_args(args) -> list[str]:
                             f"earlier run, or 'latest'.")
         elif not re.fullmatch(r"checkpoint-\d+", Path(resume).name):
             problems.append(f"--resume_from_checkpoint {resume} is not a checkpoint-N folder written by this trainer.")
-    return problems
+    return problems + example_problems(args)
+
+
+# The package each tracker of accelerate needs; tensorboardX serves for TensorBoard too.
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",),
+                    "aim": ("aim",), "mlflow": ("mlflow",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+                    "swanlab": ("swanlab",), "trackio": ("trackio",)}
+# What `--report_to all` meant in the diffusers example: the three trackers its help names.
+ALL_TRACKERS = ("tensorboard", "wandb", "comet_ml")
+
+
+def _gpu_available() -> bool:
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return False
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or \
+        (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def example_problems(args) -> list[str]:
+    """The checks of the flags the diffusers example brought: data source, trackers, fp16, the hub."""
+    problems = []
+    if not args.instance_data_root and not args.dataset_name:
+        problems.append("No dataset: give --instance_data_root (a local folder) or --dataset_name (a hub dataset).")
+    if args.report_to != "none":
+        names = ALL_TRACKERS if args.report_to == "all" else [args.report_to]
+        for name in names:
+            if name not in TRACKER_PACKAGES:
+                problems.append(f"--report_to {name}: no such tracker; use one of {', '.join(TRACKER_PACKAGES)}, "
+                                f"all or none.")
+            elif not any(importlib.util.find_spec(m) for m in TRACKER_PACKAGES[name]):
+                problems.append(f"--report_to {args.report_to} needs the {name} package, which is not installed: "
+                                f"pip install {TRACKER_PACKAGES[name][0]}, or report to another tracker "
+                                f"(e.g. --report_to tensorboard) or none.")
+    precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision == "fp16" and not _gpu_available():
+        problems.append("--mixed_precision fp16 needs a GPU (on a CPU there is no fp16 autocast): use "
+                        "--mixed_precision bf16 or no.")
+    return problems + push_problems(args)
+
+
+def resolve_example_values(args) -> None:
+    """The diffusers example's value forms turned into this trainer's: a checkpoint named inside --output_dir,
+    --scale_lr."""
+    resume = args.resume_from_checkpoint
+    if resume and resume != "latest" and not Path(resume).is_dir() and (Path(args.output_dir) / resume).is_dir():
+        args.resume_from_checkpoint = str(Path(args.output_dir) / resume)
+    if args.scale_lr:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * processes
 
 
 # Settings named like credentials never reach a tracker. --id_token is a word put in prompts, not one.
@@ -292,10 +390,12 @@ def tracker_config(args) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.dataset_file:
+    resolve_example_values(args)
+    # With --dataset_name they depend on the layout the hub dataset holds: hub.resolve_dataset sets them.
+    if args.dataset_file and not args.dataset_name:
         args.caption_column = args.caption_column or "caption"
         args.video_column = args.video_column or "video"
-    else:
+    elif not args.dataset_name:
         args.caption_column = args.caption_column or "prompts.txt"
         args.video_column = args.video_column or "videos.txt"
     problems = check_args(args)

@@ -9,7 +9,9 @@ def make_optimizer(params: list[torch.nn.Parameter], args) -> torch.optim.Optimi
     if args.optimizer == "prodigy":
         import prodigyopt
 
-        return prodigyopt.Prodigy(params, **kwargs)
+        return prodigyopt.Prodigy(params, beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
+                                  use_bias_correction=args.prodigy_use_bias_correction,
+                                  safeguard_warmup=args.prodigy_safeguard_warmup, **kwargs)
     adamw = args.optimizer == "adamw"
     if args.use_8bit_adam:
         import bitsandbytes as bnb

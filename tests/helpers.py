@@ -31,14 +31,15 @@ def subprocess_env() -> dict:
     return env
 
 
-def run_script(argv, launcher: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python train_cogvideox_lora.py ARGS`, or the same through `accelerate launch`."""
+def run_script(argv, launcher: bool = False, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """`python train_cogvideox_lora.py ARGS`, or the same through `accelerate launch`; env: variables to add."""
     if launcher:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                    "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *argv]
     else:
         command = [sys.executable, str(SCRIPT), *argv]
-    return subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=REPO, env={**subprocess_env(), **env}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -132,3 +133,25 @@ def load_clips(root, caption_column: str, video_column: str, dataset_file: str |
     if problems:
         raise DatasetError(problems)
     return clips
+
+
+def hub_dataset(cache, repo_id: str, files: dict, commit: str = "0" * 39 + "1", ref: str = "main") -> Path:
+    """A dataset as huggingface_hub keeps it in its cache (HF_HUB_CACHE or --cache_dir): refs/REF holding the
+    commit, snapshots/COMMIT/ with the files. files: path in the repo -> text, or a file or folder to copy.
+    Returns the snapshot folder."""
+    import shutil
+
+    repo = Path(cache) / f"datasets--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    for name, content in files.items():
+        target = snapshot / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            target.write_text(content)
+        elif Path(content).is_dir():
+            shutil.copytree(content, target)
+        else:
+            shutil.copy(content, target)
+    return snapshot

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from helpers import (REPO, SCRIPT, check, lora, max_abs_diff, run_main, run_script, subprocess_env, summary,
                      train_argv, tree_state)
+from cogvideox_lora import args as args_module, models
 from cogvideox_lora.args import parse_args, tracker_config
 from cogvideox_lora.data import epoch_batches
 from cogvideox_lora.latent_cache import LatentCache
@@ -155,7 +156,8 @@ def test_output_dir_below_a_file_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("model, precision, warned", [("5b", "fp16", True), ("5b", "bf16", False),
                                                       ("2b", "fp16", False)])
 def test_fp16_with_a_5b_model_warns(tmp_path, tiny_model_dir, tiny_5b_model_dir, tiny_dataset_dir, caplog, no_models,
-                                    model, precision, warned):
+                                    model, precision, warned, monkeypatch):
+    monkeypatch.setattr(args_module, "_gpu_available", lambda: True)  # fp16 is refused on a CPU before this
     caplog.set_level(logging.WARNING)
     run_main(train_argv(tiny_5b_model_dir if model == "5b" else tiny_model_dir, tiny_dataset_dir, tmp_path / "out",
                         tmp_path / "cache", "--mixed_precision", precision, "--dry_run"))
