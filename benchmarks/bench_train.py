@@ -231,9 +231,11 @@ def main():
         if not (model_dir / "model_index.json").exists():
             import torch
 
+            # The models share one T5 (9 GiB at real size): the first folder's.
+            donor = next((d for d in sorted(workdir.glob("model-*")) if (d / "model_index.json").exists()), None)
             synthetic.build_model_folder(model_dir, size=TINY_SIZES[size] if args.tiny else size,
                                          dtype=torch.float32 if args.tiny else torch.bfloat16,
-                                         device="cuda" if torch.cuda.is_available() else "cpu")
+                                         device="cuda" if torch.cuda.is_available() else "cpu", text_encoder_from=donor)
         result = run_row(name, model_dir, data_dir, workdir, shape, fps, args.steps, args.resume_steps, args.extra)
         results.append({**result, "scaling": scaling(result, results, workdir)})
 

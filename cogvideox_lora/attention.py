@@ -9,6 +9,7 @@ checkpointing policy can name its outputs to keep (recompute.py).
 
 import importlib.metadata
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ BACKENDS = ("auto", "flash4", "cudnn", "flash", "efficient", "math")
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 HALF = (torch.bfloat16, torch.float16)
+# FlashAttention-4 compiles its kernels at their first call (seconds each); its disk cache keeps them for later runs.
+os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
 
 
 class AttentionError(Exception):

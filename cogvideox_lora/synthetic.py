@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import tempfile
 from pathlib import Path
 
@@ -194,9 +195,10 @@ def build_tokenizer(model_max_length: int = 226):
         return T5Tokenizer.from_pretrained(folder, model_max_length=model_max_length)
 
 
-def build_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def build_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   text_encoder: bool = True):
     """An in-memory, randomly initialised CogVideoXPipeline (CogVideoXImageToVideoPipeline for the I2V
-    sizes) of the given size.
+    sizes) of the given size; without tokenizer and T5 unless text_encoder.
 
     device="cuda" draws the random weights on the GPU: minutes faster for the real sizes.
     """
@@ -219,7 +221,7 @@ def build_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch
     # sizes, so e.g. changing the VAE does not change the transformer.
     with _default_dtype(dtype), torch.device(device):
         torch.manual_seed(seed)
-        text_encoder = T5EncoderModel(text_encoder_config).eval()
+        text_encoder = T5EncoderModel(text_encoder_config).eval() if text_encoder else None
         torch.manual_seed(seed + 1)
         transformer = CogVideoXTransformer3DModel(**transformer_config).eval()
         torch.manual_seed(seed + 2)
@@ -227,17 +229,29 @@ def build_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch
     scheduler = CogVideoXDPMScheduler(**_SCHEDULER, snr_shift_scale=spec["snr_shift_scale"])
 
     pipeline_class = CogVideoXImageToVideoPipeline if spec["image_to_video"] else CogVideoXPipeline
-    return pipeline_class(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                          scheduler=scheduler)
+    return pipeline_class(tokenizer=tokenizer if text_encoder else None, text_encoder=text_encoder, vae=vae,
+                          transformer=transformer, scheduler=scheduler)
 
 
 def build_model_folder(path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
-                       device: str = "cpu") -> Path:
+                       device: str = "cpu", text_encoder_from=None) -> Path:
     """Write a complete diffusers CogVideoX model folder (model_index.json, tokenizer, text_encoder,
-    transformer, vae, scheduler) with random weights; loads with CogVideoXPipeline.from_pretrained."""
+    transformer, vae, scheduler) with random weights; loads with CogVideoXPipeline.from_pretrained.
+
+    text_encoder_from: a model folder whose tokenizer and T5 this one links to instead of drawing its own (every
+    CogVideoX has the same T5-XXL, 9 GiB of disk at real size).
+    """
     path = Path(path)
-    pipe = build_pipeline(size, seed=seed, dtype=dtype, device=device)
+    pipe = build_pipeline(size, seed=seed, dtype=dtype, device=device, text_encoder=text_encoder_from is None)
     pipe.save_pretrained(path, safe_serialization=True)
+    if text_encoder_from is not None:
+        index_path = path / "model_index.json"
+        index = json.loads(index_path.read_text())
+        donor = json.loads((Path(text_encoder_from) / "model_index.json").read_text())
+        for name in ("tokenizer", "text_encoder"):
+            index[name] = donor[name]
+            (path / name).symlink_to(Path(text_encoder_from, name).absolute(), target_is_directory=True)
+        index_path.write_text(json.dumps(index, indent=2))
     return path
 
 

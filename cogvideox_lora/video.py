@@ -6,14 +6,19 @@ and even skip_frames return repeated or earlier frames there. Its next() decodes
 of them, so every frame is read that way, and only the ones wanted are kept.
 """
 
+import functools
 import itertools
+import logging
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 # Animated images are read with Pillow (decord opens neither animated WebP nor GIF).
 ANIMATED_SUFFIXES = {".gif", ".webp"}
@@ -113,11 +118,13 @@ def _rotation_and_pixel_aspect(path: Path) -> tuple[bool, float]:
     """(turned by a quarter, the sample aspect ratio) of the first video stream.
 
     decord exposes neither, so they are read from what `ffmpeg -i` prints: imageio-ffmpeg ships ffmpeg for
-    every platform and it takes some 30 ms a clip, against parsing MP4, MKV, AVI... headers by hand.
+    every platform and it takes some 30 ms a clip, against parsing MP4, MKV, AVI... headers by hand. Without
+    any ffmpeg, pixels are taken as square (with a warning).
     """
-    import imageio_ffmpeg
-
-    text = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
+    ffmpeg = _ffmpeg()
+    if ffmpeg is None:
+        return False, 1.0
+    text = subprocess.run([ffmpeg, "-hide_banner", "-i", str(path)], capture_output=True,
                           text=True, errors="replace").stderr
     stream = text[text.find("Video:"):]
     stream = stream[:stream.find("Stream #", 1) if "Stream #" in stream else None]
@@ -125,6 +132,20 @@ def _rotation_and_pixel_aspect(path: Path) -> tuple[bool, float]:
     rotation = re.search(r"rotation of (-?[\d.]+) degrees", stream)
     pixel_aspect = int(sar[1]) / int(sar[2]) if sar and int(sar[1]) and int(sar[2]) else 1.0
     return bool(rotation) and round(float(rotation[1])) % 180 == 90, pixel_aspect
+
+
+@functools.cache
+def _ffmpeg() -> str | None:
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        found = shutil.which("ffmpeg")
+        if found is None:
+            logger.warning("No ffmpeg (pip install imageio-ffmpeg): clips are taken to have square pixels, so an "
+                           "anamorphic clip would train squeezed.")
+        return found
 
 
 def _open_animated_image(path: Path) -> Video:

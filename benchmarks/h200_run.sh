@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One part of the FlashAttention-4 and offloading measurements on the nvidia-h200 machine, within $BUDGET
+# seconds (the device tool's calls last 10 minutes at most). Every bench_train.py row runs on its own, so a
+# failing row costs only itself; the log and a JSON per row go to $OUT (rows.jsonl, log.txt).
+#
+#   PART=a OUT=/tmp/out bash benchmarks/h200_run.sh    # a: check_attention.py, the 2B rows, the 2B profile
+#                                                      # b: the 5B rows and the offloaded 5B and 2B rows
+#                                                      # c: the 1.5-5B rows; d: 1.5-5B-I2V offloaded
+#
+# Before the first part, on the same machine: FlashAttention-4's CUDA-13 library unpacked into /tmp/fa4
+# (../shared/device/fetch-fa4.sh prints that call); the wheels of .whl/ and .whl-fa4/ are installed here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+BUDGET=${BUDGET:-560}
+WORKDIR=${WORKDIR:-/tmp/bench_work}
+mkdir -p "$OUT" "$WORKDIR"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+if [[ ! -f /tmp/site/.installed ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl .whl-fa4/*.whl && cp -a /tmp/fa4/. /tmp/site/ && touch /tmp/site/.installed || exit 1
+fi
+export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
+# imageio without imageio-ffmpeg cannot write mp4; without imageio, diffusers writes them with OpenCV.
+python3 -c 'import imageio_ffmpeg' 2>/dev/null || python3 -m pip uninstall -y -q imageio 2>/dev/null
+nvidia-smi -L
+python3 -c 'import torch, flash_attn.cute; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version())'
+
+# row NAME STEPS: one bench_train.py row, given at most what is left of the budget.
+row() {
+  local left=$((BUDGET - SECONDS))
+  if ((left < 60)); then echo "=== $1: skipped, ${left}s left"; return; fi
+  echo "=== $1 ($2 steps): at most ${left}s"
+  timeout --kill-after=15 "$left" python3 benchmarks/bench_train.py --workdir "$WORKDIR" --steps "$2" \
+    --rows "$1" --out "$WORKDIR/row.json" && python3 -c "import json,sys; r=json.load(open(sys.argv[1])); \
+print(json.dumps({**r['rows'][0], 'environment': r['environment']}))" "$WORKDIR/row.json" >> "$OUT/rows.jsonl"
+  echo "=== $1: exit $? at ${SECONDS}s"
+}
+
+case ${PART:-a} in
+  a)
+    timeout 200 python3 benchmarks/check_attention.py --out "$OUT/check_attention.json"
+    for r in 2b-flash4 2b-cudnn 2b-ckpt-flash4 2b-ckpt-cudnn 2b-keep-flash4; do row $r 8; done
+    timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size 2b --variants flash4+compile \
+      --warmup 2 --steps 3 --profile 25 > "$OUT/profile_2b_flash4.txt" 2>&1
+    tail -5 "$OUT/profile_2b_flash4.txt" ;;
+  b)
+    for r in 5b-ckpt-flash4 5b-ckpt-cudnn 5b-fp8-offload-12gb-flash4 5b-offload-16gb-flash4 2b-offload-8gb-flash4 \
+             5b-keep-flash4 5b-flash4; do row $r 6; done ;;
+  c)
+    for r in 1.5-5b-ckpt-flash4 1.5-5b-ckpt-cudnn 1.5-5b-fp8-offload-16gb-flash4; do row $r 4; done ;;
+  d)
+    for r in 1.5-5b-i2v-fp8-offload-16gb-flash4 2b-keep-cudnn; do row $r 4; done ;;
+esac
+echo "=== rows"
+python3 - "$OUT/rows.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{r['row']}: step {r['median_step_time_s']:.3f} s, train peak {r['peak_memory_allocated_gib']:.2f} GiB, "
+          f"validation peak {r.get('peak_memory_validation_gib') or 0:.2f}, estimate {r['estimated_peak_gib']:.2f} "
+          f"(train {r['estimated_training_gib']:.2f}), {r['attention'][:40]}")
+PY
