@@ -155,3 +155,86 @@ def hub_dataset(cache, repo_id: str, files: dict, commit: str = "0" * 39 + "1", 
         else:
             shutil.copy(content, target)
     return snapshot
+
+
+# A stand-in for FlashAttention-4 on the CPU: attention written out in fp32 (out, log-sum-exp and the
+# backward from them, as FlashAttention computes it), registered as a kernel of cogvideox_lora.attention's
+# custom ops. It counts its calls, to show what a checkpointing policy recomputes.
+STAND_IN = "stand-in-math"
+STAND_IN_CALLS = {"forward": 0, "backward": 0}
+
+
+def _stand_in_forward(q, k, v, scale):
+    STAND_IN_CALLS["forward"] += 1
+    qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))
+    scores = qh @ kh.transpose(-1, -2) * scale
+    lse = scores.logsumexp(-1)
+    out = (scores - lse[..., None]).exp() @ vh
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
+
+
+def _stand_in_backward(grad_out, q, k, v, out, lse, scale):
+    STAND_IN_CALLS["backward"] += 1
+    qh, kh, vh, oh, doh = (t.transpose(1, 2).float() for t in (q, k, v, out, grad_out))
+    p = ((qh @ kh.transpose(-1, -2)) * scale - lse[..., None]).exp()
+    dv = p.transpose(-1, -2) @ doh
+    ds = p * (doh @ vh.transpose(-1, -2) - (doh * oh).sum(-1, keepdim=True))
+    dq, dk = ds @ kh * scale, ds.transpose(-1, -2) @ qh * scale
+    return tuple(t.transpose(1, 2).to(x.dtype).contiguous() for t, x in ((dq, q), (dk, k), (dv, v)))
+
+
+def register_stand_in() -> str:
+    """Registers the stand-in kernel (fp32 and bf16) and zeroes its call counts; returns its name."""
+    from cogvideox_lora import attention
+
+    attention.register_kernel(STAND_IN, _stand_in_forward, _stand_in_backward, (torch.float32, torch.bfloat16))
+    STAND_IN_CALLS.update(forward=0, backward=0)
+    return STAND_IN
+
+
+# Latent frames, height and width of the tiny transformers' inputs in the tests below the trainer.
+TINY_LATENT = (3, 6, 8)
+
+
+def tiny_transformer(num_layers: int = 2, kernel: str | None = None, lora_rank: int = 4, seed: int = 0):
+    """A random tiny-5b transformer (rotary embeddings) in fp32 with `num_layers` blocks, frozen, with a LoRA
+    adapter of non-zero random weights (so that every LoRA weight gets a gradient), its attention through
+    cogvideox_lora.attention's processor with this kernel (None: PyTorch's SDPA)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogvideox_lora import attention, synthetic
+    from cogvideox_lora.lora import add_lora
+
+    config = {**synthetic._SPECS["tiny-5b"]["transformer"], "num_layers": num_layers}
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(**config).requires_grad_(False)
+    add_lora(transformer, lora_rank, lora_rank)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for param in transformer.parameters():
+        if param.requires_grad:
+            param.data = torch.randn(param.shape, generator=generator) * 0.1
+    attention.use(transformer, attention.Choice(kernel, "test"))
+    return transformer
+
+
+def tiny_inputs(transformer, seed: int = 0) -> dict:
+    """Random inputs of one step (a batch of one) for tiny_transformer()."""
+    from cogvideox_lora.loss import transformer_inputs
+
+    config = transformer.config
+    frames, height, width = TINY_LATENT
+    generator = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, frames, config.in_channels, height, width, generator=generator),
+                encoder_hidden_states=torch.randn(1, config.max_text_seq_length, config.text_embed_dim,
+                                                  generator=generator),
+                timestep=torch.tensor([100 + 400 * seed % 900]),
+                **transformer_inputs(config, frames, height, width, "cpu"))
+
+
+def lora_step(transformer, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward with a mean-square loss: the loss and the gradient of every trainable weight."""
+    transformer.zero_grad(set_to_none=True)
+    out = transformer(**inputs, return_dict=False)[0]
+    loss = out.float().square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
