@@ -9,6 +9,7 @@ import inspect
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -126,28 +127,29 @@ def test_memory_estimate_follows_the_settings():
     # The class defaults are CogVideoX-2B's config.
     config = {name: p.default for name, p in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
               if p.default is not inspect.Parameter.empty}
-    args = dict(latent_frames=13, latent_height=60, latent_width=90, batch_size=1, rank=128, compiled=True,
-                weight_bytes=2, optimizer_state_bytes=8)
-    plain = memory.estimate(config, checkpointing=False, **args)
+    work = memory.Workload(config, latent=(13, 60, 90), batch_size=1, rank=128, compiled=True, weight_bytes=2,
+                           optimizer_state_bytes=8)
+    full = memory.Plan("full")
+    plain = memory.estimate(work, memory.Plan())
     # The 2B peaks measured on an H100 (BENCHMARKS.md): 32.4 GiB compiled, 7.5 with checkpointing.
     assert plain.total_gib == pytest.approx(32.4, rel=0.1)
-    checkpointed = memory.estimate(config, checkpointing=True, **args)
+    checkpointed = memory.estimate(work, full)
     assert checkpointed.total_gib == pytest.approx(7.5, rel=0.1)
-    assert memory.estimate(config, checkpointing=True, **{**args, "batch_size": 2}).activations_gib == \
+    assert memory.estimate(replace(work, batch_size=2), full).activations_gib == \
         pytest.approx(2 * checkpointed.activations_gib)
-    fp8 = memory.estimate(config, checkpointing=True, float8_blocks=True, **args)
+    fp8 = memory.estimate(replace(work, float8_blocks=True), full)
     width = config["num_attention_heads"] * config["attention_head_dim"]
     assert checkpointed.weights_gib - fp8.weights_gib == pytest.approx(
         config["num_layers"] * 12 * width**2 / memory.GIB)
-    assert memory.estimate(config, checkpointing=True, **{**args, "optimizer_state_bytes": 2}).adapter_gib < \
-        checkpointed.adapter_gib
+    assert memory.estimate(replace(work, optimizer_state_bytes=2), full).adapter_gib < checkpointed.adapter_gib
+    assert memory.estimate(replace(work, compiled=False), memory.Plan()).activations_gib > plain.activations_gib
 
 
 def test_dry_run_prints_the_estimate_and_creates_nothing(tmp_path, tiny_model_dir, tiny_dataset_dir):
     out, cache = tmp_path / "out", tmp_path / "cache"
     result = run_script(train_argv(tiny_model_dir, tiny_dataset_dir, out, cache, "--dry_run"))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "Estimated peak GPU memory of a training step: about" in result.stderr
+    assert "Estimated peak GPU memory: about" in result.stderr
     assert not out.exists() and not cache.exists()
 
 
