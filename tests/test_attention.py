@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
-from cogvideox_lora import attention, models, recompute
+from cogvideox_lora import attention, models, offload, recompute
 from helpers import (STAND_IN_CALLS, lora_step, register_stand_in, run_main, tiny_inputs,
                      tiny_transformer, train_argv)
 
@@ -153,17 +153,20 @@ def test_the_custom_op_passes_opcheck():
         torch.testing.assert_close(got, want)
 
 
+LAYERS = 3
+
+
 @pytest.fixture(scope="module")
 def plain_steps():
     """Two steps of the plain path: PyTorch's SDPA, eager, no checkpointing; inputs and results."""
-    transformer = tiny_transformer(num_layers=2, kernel=None)
+    transformer = tiny_transformer(num_layers=LAYERS, kernel=None)
     inputs = [tiny_inputs(transformer, seed) for seed in (0, 1)]
     return inputs, [lora_step(transformer, i) for i in inputs]
 
 
 def assert_same_steps(reference, other, rtol):
     for (loss_a, grads_a), (loss_b, grads_b) in zip(reference, other):
-        assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 4 * 2  # A and B of q, k, v, out; 2 blocks
+        assert grads_a.keys() == grads_b.keys() and len(grads_a) == LAYERS * 4 * 2  # A and B of q, k, v, out
         assert all(g.abs().max() > 0 for g in grads_a.values()), "every LoRA weight should have a gradient"
         torch.testing.assert_close(loss_b, loss_a, rtol=rtol, atol=0)
         for name in grads_a:
@@ -174,7 +177,7 @@ def assert_same_steps(reference, other, rtol):
 @pytest.mark.parametrize("policy, forwards_per_block", [(None, 1), ("full", 2), ("keep_attention", 1)])
 def test_the_stand_in_kernel_gives_the_plain_step(plain_steps, policy, forwards_per_block):
     inputs, reference = plain_steps
-    transformer = tiny_transformer(num_layers=2, kernel=register_stand_in())
+    transformer = tiny_transformer(num_layers=LAYERS, kernel=register_stand_in())
     if policy:
         recompute.enable(transformer, policy)
     steps = []
@@ -182,26 +185,29 @@ def test_the_stand_in_kernel_gives_the_plain_step(plain_steps, policy, forwards_
         STAND_IN_CALLS.update(forward=0, backward=0)
         steps.append(lora_step(transformer, step_inputs))
         # Every block's attention ran through the kernel: keep_attention kept its output for the backward pass.
-        assert STAND_IN_CALLS == {"forward": 2 * forwards_per_block, "backward": 2}
+        assert STAND_IN_CALLS == {"forward": LAYERS * forwards_per_block, "backward": LAYERS}
     assert_same_steps(reference, steps, rtol=1e-5)
 
 
 def test_compiled_blocks_with_the_custom_op_give_the_plain_step(plain_steps):
-    """As the trainer runs them: keep_attention checkpointing around compiled blocks (one compilation for both
-    blocks and both steps; fp32, so the tolerance is fp32's)."""
+    """As the trainer runs them with everything on: keep_attention checkpointing around compiled blocks, the
+    checkpointed inputs offloaded and every block's frozen weights swapped through two slots (fp32, so the
+    tolerance is fp32's; the one compiled test of the suite)."""
     inputs, reference = plain_steps
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
     counters.clear()
-    transformer = tiny_transformer(num_layers=2, kernel=register_stand_in())
-    recompute.enable(transformer, "keep_attention")
+    transformer = tiny_transformer(num_layers=LAYERS, kernel=register_stand_in())
+    recompute.enable(transformer, "keep_attention", offload.ActivationOffload("cpu"),
+                     offload.BlockSwap(transformer.transformer_blocks, LAYERS, "cpu"))
     models.compile_blocks(transformer)
     steps = []
     for step_inputs in inputs:
         STAND_IN_CALLS.update(forward=0, backward=0)
         steps.append(lora_step(transformer, step_inputs))
-        assert STAND_IN_CALLS == {"forward": 2, "backward": 2}  # the recompute inside the compiled block skips it
+        # The recompute inside the compiled block skips attention.
+        assert STAND_IN_CALLS == {"forward": LAYERS, "backward": LAYERS}
     assert_same_steps(reference, steps, rtol=1e-4)
     assert dict(counters["graph_break"]) == {}, "the custom op should trace into the block's graph"
     assert counters["stats"]["unique_graphs"] >= 1
