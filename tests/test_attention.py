@@ -11,6 +11,9 @@ import types
 import pytest
 import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import helpers
 
 from cogvideox_lora import attention, models, offload, recompute
 from helpers import (STAND_IN_CALLS, lora_step, register_stand_in, run_main, tiny_inputs,
@@ -187,6 +190,53 @@ def test_the_stand_in_kernel_gives_the_plain_step(plain_steps, policy, forwards_
         # Every block's attention ran through the kernel: keep_attention kept its output for the backward pass.
         assert STAND_IN_CALLS == {"forward": LAYERS * forwards_per_block, "backward": LAYERS}
     assert_same_steps(reference, steps, rtol=1e-5)
+
+
+class CountAttentionOps(TorchDispatchMode):
+    """Counts the ATen attention ops (SDPA's kernels and their backward) that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "attention" in str(func):
+            name = "backward" if "backward" in str(func) else "forward"
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("policy, forwards_per_block", [("full", 2), ("keep_attention", 1)])
+def test_keep_attention_keeps_sdpa_attention_too(plain_steps, policy, forwards_per_block):
+    inputs, reference = plain_steps
+    transformer = tiny_transformer(num_layers=LAYERS, kernel=None)
+    recompute.enable(transformer, policy)
+    steps = []
+    for step_inputs in inputs:
+        with CountAttentionOps() as counted:
+            steps.append(lora_step(transformer, step_inputs))
+        assert counted.calls == {"forward": LAYERS * forwards_per_block, "backward": LAYERS}
+    assert_same_steps(reference, steps, rtol=1e-5)
+
+
+def test_the_kernel_computes_in_the_autocast_dtype_and_sdpa_takes_the_others(plain_steps):
+    inputs, _ = plain_steps
+    seen = []
+
+    def forward(q, k, v, scale):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return helpers._stand_in_forward(q, k, v, scale)
+
+    attention.register_kernel("bf16-only", forward, helpers._stand_in_backward, (torch.bfloat16,))
+    with_kernel, with_sdpa = (tiny_transformer(num_layers=LAYERS, kernel=k) for k in ("bf16-only", None))
+    # fp32, which the kernel does not take: SDPA runs instead, the same step.
+    assert_same_steps([lora_step(with_sdpa, inputs[0])], [lora_step(with_kernel, inputs[0])], rtol=1e-6)
+    assert seen == []
+    # Under bf16 autocast the kernel gets bf16 q, k and v (the q/k norms give fp32) and matches SDPA's step.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference, got = lora_step(with_sdpa, inputs[0]), lora_step(with_kernel, inputs[0])
+    assert seen == [(torch.bfloat16,) * 3] * LAYERS
+    assert_same_steps([reference], [got], rtol=3e-2)
 
 
 def test_compiled_blocks_with_the_custom_op_give_the_plain_step(plain_steps):
