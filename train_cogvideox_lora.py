@@ -105,17 +105,13 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     def latent(frames, height, width):
         return (frames - 1) // settings.temporal_compression + 1, height // spatial, width // spatial
 
-    work = memory.Workload(
-        transformer_config, latent(*sizes[-1]), args.train_batch_size, args.rank, compile_blocks,
-        weight_bytes=weight_dtype.itemsize, optimizer_state_bytes=2 if args.use_8bit_adam else 8,
-        float8_blocks=args.base_weights_dtype == "fp8",
-        validation_latent=latent(args.max_num_frames, args.height, args.width) if val_prompts else None)
     available = torch.cuda.get_device_properties(device).total_memory / memory.GIB if torch.cuda.is_available() \
         else None
     budget = args.max_gpu_memory or available
-    plan, needed = memory.fit(work, memory.Plan(args.checkpointing_policy if args.gradient_checkpointing else None,
-                                                args.offload == "activations", args.blocks_to_swap),
-                              budget, auto=args.offload == "auto")
+    work, plan, needed = memory.from_args(
+        args, transformer_config, latent(*sizes[-1]),
+        latent(args.max_num_frames, args.height, args.width) if val_prompts else None, compile_blocks,
+        weight_dtype.itemsize, budget)
     if plan.blocks_to_swap > transformer_config["num_layers"]:
         sys.exit(f"error: --blocks_to_swap {plan.blocks_to_swap}: the model has {transformer_config['num_layers']} "
                  f"blocks.")
@@ -129,7 +125,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.max_gpu_memory and available:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory / available), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory / available),
+                                                   torch.cuda.current_device())
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -144,11 +141,14 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         encoder_id={**model_id, "vae": vae_config, "tiling": args.enable_tiling, "slicing": args.enable_slicing},
         with_flipped=args.random_flip > 0, with_images=family.image_to_video, num_workers=args.dataloader_num_workers,
         load_vae=lambda: models.load_vae(args, weight_dtype, device))
+    # T5-XXL (9 GiB in bf16) encodes on the CPU where it would not fit beside what the GPU already holds.
+    text_device = device if budget is None or memory.text_encoder_bytes(
+        text_encoder_config, weight_dtype.itemsize) / memory.GIB < 0.9 * budget else "cpu"
     prompts = list(dict.fromkeys([c.prompt for c in clips] + val_prompts + [""]))  # "" is the negative prompt
     embeds, encoded_prompts = encode_prompts(
         accelerator, cache, prompts, transformer_config["max_text_seq_length"],
         encoder_id={**model_id, "text_encoder": text_encoder_config},
-        load_text_encoder=lambda: models.load_text_encoder(args, weight_dtype, device))
+        load_text_encoder=lambda: models.load_text_encoder(args, weight_dtype, text_device))
     prompt_entry = dict(zip(prompts, embeds))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

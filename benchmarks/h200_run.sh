@@ -3,9 +3,8 @@
 # seconds (the device tool's calls last 10 minutes at most). Every bench_train.py row runs on its own, so a
 # failing row costs only itself; the log and a JSON per row go to $OUT (rows.jsonl, log.txt).
 #
-#   PART=a OUT=/tmp/out bash benchmarks/h200_run.sh    # a: check_attention.py, the 2B rows, the 2B profile
-#                                                      # b: the 5B rows and the offloaded 5B and 2B rows
-#                                                      # c: the 1.5-5B rows; d: 1.5-5B-I2V offloaded
+#   PART=a OUT=/tmp/out bash benchmarks/h200_run.sh   # check: check_attention.py and the 2B profile
+#                                                     # a: the 2B rows; b: the 5B rows; c, d: the 1.5 rows
 #
 # Before the first part, on the same machine: FlashAttention-4's CUDA-13 library unpacked into /tmp/fa4
 # (../shared/device/fetch-fa4.sh prints that call); the wheels of .whl/ and .whl-fa4/ are installed here.
@@ -16,6 +15,8 @@ BUDGET=${BUDGET:-560}
 WORKDIR=${WORKDIR:-/tmp/bench_work}
 mkdir -p "$OUT" "$WORKDIR"
 exec > >(tee -a "$OUT/log.txt") 2>&1
+# Clips made on a machine with imageio-ffmpeg (bench_train.py's write_data, carried as bench_data/).
+[[ -d bench_data ]] && cp -rn bench_data/. "$WORKDIR"/
 
 if [[ ! -f /tmp/site/.installed ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -40,22 +41,24 @@ print(json.dumps({**r['rows'][0], 'environment': r['environment']}))" "$WORKDIR/
 }
 
 case ${PART:-a} in
-  a)
+  rows)
+    for r in $ROWS; do row $r "${STEPS:-4}"; done ;;
+  check)
     timeout 200 python3 benchmarks/check_attention.py --out "$OUT/check_attention.json"
-    for r in 2b-flash4 2b-cudnn 2b-ckpt-flash4 2b-ckpt-cudnn 2b-keep-flash4; do row $r 8; done
     timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size 2b --variants flash4+compile \
-      --warmup 2 --steps 3 --profile 25 > "$OUT/profile_2b_flash4.txt" 2>&1
-    tail -5 "$OUT/profile_2b_flash4.txt" ;;
+      --warmup 2 --steps 3 --profile 25 > "$OUT/profile_2b_flash4.txt" 2>&1 ;;
+  a)
+    for r in 2b-flash4 2b-cudnn 2b-ckpt-flash4 2b-ckpt-cudnn 2b-keep-flash4 2b-offload-8gb-flash4; do row $r 6; done ;;
   b)
-    for r in 5b-ckpt-flash4 5b-ckpt-cudnn 5b-fp8-offload-12gb-flash4 5b-offload-16gb-flash4 2b-offload-8gb-flash4 \
-             5b-keep-flash4 5b-flash4; do row $r 6; done ;;
+    for r in 5b-fp8-offload-12gb-flash4 5b-ckpt-flash4 5b-offload-16gb-flash4 5b-ckpt-cudnn 2b-offload-8gb-flash4 \
+             5b-keep-flash4 5b-flash4; do row $r 5; done ;;
   c)
-    for r in 1.5-5b-ckpt-flash4 1.5-5b-ckpt-cudnn 1.5-5b-fp8-offload-16gb-flash4; do row $r 4; done ;;
+    for r in 1.5-5b-ckpt-flash4 1.5-5b-fp8-offload-16gb-flash4; do row $r 4; done ;;
   d)
-    for r in 1.5-5b-i2v-fp8-offload-16gb-flash4 2b-keep-cudnn; do row $r 4; done ;;
+    for r in 1.5-5b-ckpt-cudnn 1.5-5b-i2v-fp8-offload-16gb-flash4; do row $r 4; done ;;
 esac
 echo "=== rows"
-python3 - "$OUT/rows.jsonl" <<'PY'
+[[ -f "$OUT/rows.jsonl" ]] && python3 - "$OUT/rows.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)

@@ -184,6 +184,6 @@ def encode_prompts(accelerator, cache: LatentCache, prompts: list[str], max_sequ
         for i in tqdm(indices, desc="Encoding prompts", disable=not accelerator.is_local_main_process):
             ids = tokenizer(prompts[i], padding="max_length", max_length=max_sequence_length, truncation=True,
                             add_special_tokens=True, return_tensors="pt").input_ids
-            yield i, {"prompt_embeds": text_encoder(ids.to(accelerator.device))[0][0]}
+            yield i, {"prompt_embeds": text_encoder(ids.to(text_encoder.device))[0][0]}
 
     return _fill(cache, keys, accelerator, encode_mine, "prompts")

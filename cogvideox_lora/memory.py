@@ -9,13 +9,17 @@ import torch
 GIB = 2**30
 
 # Activations a transformer block keeps for its backward pass, in units of one [tokens, width] bf16
-# tensor. Fitted to peaks measured on an H100 at 49x480x720 (BENCHMARKS.md): eager 2B without
-# checkpointing kept ~19 such tensors a block, compiled blocks ~14.5 (fused elementwise ops keep fewer).
-ACTIVATIONS_PER_BLOCK = {False: 19.4, True: 14.5}
-# What one block's forward pass without gradients holds at once, in the same units (validation videos, with
-# classifier-free guidance's batch of two), and the tiled VAE decode with its weights.
-INFERENCE_PER_BLOCK = 6.0
-VAE_DECODE_GIB = 1.5
+# tensor. Fitted to peaks measured at 49x480x720 (BENCHMARKS.md): eager 2B without checkpointing kept ~19 such
+# tensors a block on an H100, compiled blocks ~13.6 on the H200 (fused elementwise ops keep fewer).
+ACTIVATIONS_PER_BLOCK = {False: 19.4, True: 13.6}
+# Checkpointed inputs on the GPU at once with activation offloading: the block's own, the prefetched one and
+# those whose copy to the host is still under way (fitted to the 5B rows).
+INPUTS_IN_FLIGHT = 4
+# What one block's forward pass without gradients holds at once, per sample, in the same units (eager, as
+# validation runs: fp32 norms and rotary products, the 4x feed-forward), and the VAE with its tiled decode:
+# fitted to the validation peaks of 5B at 49x480x720 (BENCHMARKS.md).
+INFERENCE_PER_BLOCK = 17.8
+VAE_DECODE_GIB = 0.45
 OVERHEAD_GIB = 0.4  # cuBLAS/cuDNN workspaces, the loss and the small tensors around the blocks
 # Pinned host-to-GPU copies on the H200 machine (BENCHMARKS.md); a PCIe 4 x16 card gets about half.
 HOST_LINK_GIB_PER_S = 20.0
@@ -128,8 +132,8 @@ def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
     if plan.checkpointing is None:
         activations = layers * block
     else:
-        # Each block's input, on the GPU or (two blocks' in flight) on the host; one block's activations at a time.
-        kept_inputs = 2 if plan.offload_activations else layers
+        # Each block's input, on the GPU or (a few in flight) on the host; one block's activations at a time.
+        kept_inputs = INPUTS_IN_FLIGHT if plan.offload_activations else layers
         activations = kept_inputs * one_tensor + block
         if plan.checkpointing == "keep_attention":
             heads = config["num_attention_heads"]
@@ -139,15 +143,38 @@ def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
         layers * (work.weight_bytes * _block_parameters(config) - one_block))
     swapped = min(plan.blocks_to_swap, layers)
     weights -= (swapped - min(2, swapped)) * one_block  # two slots stay on the GPU
+    if work.float8_blocks:
+        activations += 12 * width**2 * work.weight_bytes  # the dequantized weights of the block being run
     adapter = layers * 4 * 2 * width * work.rank  # A and B of q, k, v, out in every block
     validation = None
     if work.validation_latent is not None:
         # The optimizer states wait on the host meanwhile and the gradients are freed: the adapter's weights stay.
-        inference = INFERENCE_PER_BLOCK * 2 * _tokens(config, work.validation_latent) * width * 2
+        # Guidance's two samples go through the transformer one at a time (validation.py).
+        inference = INFERENCE_PER_BLOCK * _tokens(config, work.validation_latent) * width * 2
         validation = (weights + adapter * 4 + inference) / GIB + VAE_DECODE_GIB + OVERHEAD_GIB
     return MemoryEstimate(weights_gib=weights / GIB,
                           adapter_gib=adapter * (4 + 4 + work.optimizer_state_bytes) / GIB,
                           activations_gib=activations / GIB, validation_gib=validation)
+
+
+def from_args(args, config: dict, latent, validation_latent, compiled: bool, weight_bytes: float,
+              budget_gib: float | None) -> tuple[Workload, Plan, MemoryEstimate]:
+    """The workload the command line trains, and the plan (--offload auto: the first that fits budget_gib)."""
+    work = Workload(config, latent, args.train_batch_size, args.rank, compiled, weight_bytes=weight_bytes,
+                    optimizer_state_bytes=2 if args.use_8bit_adam else 8,
+                    float8_blocks=args.base_weights_dtype == "fp8", validation_latent=validation_latent)
+    asked = Plan(args.checkpointing_policy if args.gradient_checkpointing else None, args.offload == "activations",
+                 args.blocks_to_swap)
+    plan, needed = fit(work, asked, budget_gib, auto=args.offload == "auto")
+    return work, plan, needed
+
+
+def text_encoder_bytes(config: dict, weight_bytes: float) -> float:
+    """A T5 encoder's weights, from its config (T5-XXL: 4.7 B parameters)."""
+    inner = config["num_heads"] * config["d_kv"]
+    feed_forward = (3 if "gated" in config.get("feed_forward_proj", "") else 2) * config["d_model"] * config["d_ff"]
+    layer = 4 * config["d_model"] * inner + feed_forward
+    return (config["vocab_size"] * config["d_model"] + config["num_layers"] * layer) * weight_bytes
 
 
 def cost(work: Workload, plan: Plan) -> str:

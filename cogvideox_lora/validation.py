@@ -108,6 +108,29 @@ def optimizer_state_on_host(optimizer):
             state[key] = state[key].to(device)
 
 
+@contextlib.contextmanager
+def one_sample_at_a_time(transformer):
+    """The pipelines' classifier-free guidance runs the transformer on a batch of two (without the prompt and with
+    it); one sample at a time gives the same video with half the activations at once, which are what raises an
+    offloaded run's validation above its training (BENCHMARKS.md)."""
+    batched = transformer.forward
+
+    def forward(hidden_states, encoder_hidden_states, timestep, **kwargs):
+        outputs = [batched(hidden_states=hidden_states[i:i + 1], encoder_hidden_states=encoder_hidden_states[i:i + 1],
+                           timestep=timestep[i:i + 1], **kwargs)[0] for i in range(hidden_states.shape[0])]
+        return (torch.cat(outputs),)
+
+    own = "forward" in transformer.__dict__  # accelerate may have wrapped the method in autocast
+    transformer.forward = forward
+    try:
+        yield
+    finally:
+        if own:
+            transformer.forward = batched
+        else:
+            del transformer.forward
+
+
 class Validator:
     """Validation in every process, each making its share of the videos.
 
@@ -151,7 +174,7 @@ class Validator:
             self.swap.inference(pipe.transformer.transformer_blocks)
         # Compiled blocks would compile again for inference (no grad, a batch of two for guidance):
         # minutes for a few videos, so they run eagerly here.
-        with torch.compiler.set_stance("force_eager"), swapping:
+        with torch.compiler.set_stance("force_eager"), swapping, one_sample_at_a_time(pipe.transformer):
             for (p, v), path in jobs:
                 # Video v of a prompt starts from seed + v, whichever process makes it.
                 frames = generate_validation_video(pipe, self.prompt_embeds[p], self.negative_embeds, self.args,
