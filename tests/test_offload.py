@@ -169,9 +169,10 @@ def test_the_estimate_follows_the_plan(work_2b):
     assert keep.activations_gib - full.activations_gib == pytest.approx(
         layers * (one_tensor + config["num_attention_heads"] * tokens * 4 / memory.GIB))
     assert keep.weights_gib == full.weights_gib and keep.adapter_gib == full.adapter_gib
-    # Offloaded, the checkpointed inputs of two blocks stay on the GPU instead of every block's.
+    # Offloaded, the checkpointed inputs of a few blocks in flight stay on the GPU instead of every block's.
     offloaded = memory.estimate(work_2b, memory.Plan("full", offload_activations=True))
-    assert full.activations_gib - offloaded.activations_gib == pytest.approx((layers - 2) * one_tensor)
+    assert full.activations_gib - offloaded.activations_gib == pytest.approx(
+        (layers - memory.INPUTS_IN_FLIGHT) * one_tensor)
     assert offloaded.weights_gib == full.weights_gib
     # Swapping N blocks leaves two slots of block weights on the GPU: N - 2 blocks fewer.
     block = memory.block_bytes(config, 2, False) / memory.GIB
@@ -313,3 +314,38 @@ def test_more_blocks_to_swap_than_the_model_has_is_refused(tmp_path, weightless_
         run_main(train_argv(weightless_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
                             "--dry_run", "--gradient_checkpointing", "--blocks_to_swap", 5))
     assert str(raised.value.code) == "error: --blocks_to_swap 5: the model has 2 blocks."
+
+
+def test_validation_runs_guidance_one_sample_at_a_time():
+    # The same video as the pipeline's batch of two, and the transformer as it was afterwards.
+    import torch
+    from cogvideox_lora import synthetic
+    from cogvideox_lora.validation import one_sample_at_a_time
+
+    pipe = synthetic.build_pipeline("tiny-5b")
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+        kwargs["hidden_states"].shape[0]), with_kwargs=True)
+
+    def video():
+        return pipe(prompt="a red square", num_frames=9, height=48, width=64, num_inference_steps=2,
+                    guidance_scale=6.0, generator=torch.Generator().manual_seed(1), output_type="pt",
+                    max_sequence_length=16).frames
+
+    batched = video()
+    assert calls == [2, 2]
+    with one_sample_at_a_time(pipe.transformer):
+        split = video()
+    assert calls[2:] == [1, 1, 1, 1]
+    assert (split - batched).abs().max() < 1e-4
+    assert "forward" not in pipe.transformer.__dict__
+
+
+def test_text_encoder_size_from_its_config():
+    # google/t5-v1_1-xxl, the text encoder of every CogVideoX: 4.76 B parameters.
+    from cogvideox_lora.synthetic import _XXL_T5
+
+    config = {**_XXL_T5}
+    assert memory.text_encoder_bytes(config, 1) == pytest.approx(4.76e9, rel=0.01)
+    assert memory.text_encoder_bytes(config, 2) == 2 * memory.text_encoder_bytes(config, 1)
