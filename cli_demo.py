@@ -17,7 +17,7 @@ from pathlib import Path
 
 from diffusers.utils import load_image
 
-from cogvideox_lora import inference
+from cogvideox_lora import attention, inference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(inference.DTYPES), default="bfloat16",
                    help="Precision of the model (float16 suits CogVideoX-2b, bfloat16 the others).")
     p.add_argument("--output_path", default="./output.mp4", help="Where the mp4 is written.")
+    p.add_argument("--attention_backend", choices=attention.BACKENDS, default="auto",
+                   help="Attention kernel, as the trainer's flag: auto is FlashAttention-4 where it is installed and "
+                        "runs, else PyTorch's SDPA with cuDNN first.")
     p.add_argument("--cpu_offload", choices=inference.OFFLOAD, default="model",
                    help="With a GPU, how much of the model waits in CPU memory: none (fastest, most GPU memory), "
                         "model (only the running component on the GPU; small slowdown) or sequential (one layer "
@@ -83,11 +86,11 @@ def main(argv=None) -> Path:
         if args.lora_path:
             inference.check_lora_path(args.lora_path)
         pipe = inference.load_pipeline(args.model_path, args.generate_type, inference.DTYPES[args.dtype],
-                                       args.ignore_learned_positional_embeddings)
+                                       args.ignore_learned_positional_embeddings, args.attention_backend)
         if args.lora_path:
             strength = inference.load_lora(pipe, args.lora_path, args.lora_scale)
             print(f"LoRA {args.lora_path}: applied at {strength:g} (its alpha/rank x --lora_scale {args.lora_scale:g})")
-    except (FileNotFoundError, inference.LoraMismatchError) as e:
+    except (FileNotFoundError, inference.LoraMismatchError, attention.AttentionError) as e:
         sys.exit(f"error: {e}")
     device = inference.place(pipe, args.cpu_offload, args.vae_tiling, args.vae_slicing)
     print(f"Generating on {device}")
@@ -97,10 +100,11 @@ def main(argv=None) -> Path:
                     use_dynamic_cfg=args.use_dynamic_cfg, seed=args.seed)
     if args.generate_type == "i2v":
         settings["image"] = load_image(args.image_or_video_path)
-    if args.compare:
-        frames = inference.generate_comparison(pipe, args.prompt, **settings)
-    else:
-        frames = inference.generate(pipe, args.prompt, **settings)
+    with attention.preferred_sdpa(args.attention_backend):
+        if args.compare:
+            frames = inference.generate_comparison(pipe, args.prompt, **settings)
+        else:
+            frames = inference.generate(pipe, args.prompt, **settings)
     path = inference.save_video(frames, args.output_path, args.fps)
     print(f"Video saved to {path}" + (" (left: without the LoRA, right: with it)" if args.compare else ""))
     return path

@@ -333,7 +333,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
             "peak_memory_reserved_gib": max(reserved) if cuda else None,
             "peak_memory_allocated_gib_per_process": allocated if cuda else None,
             # This process's: what its validation videos took, against its training steps.
-            "peak_memory_validation_gib": peaks.gib["validation"][0] if cuda else None,
+            "peak_memory_validation_gib": peaks.gib["validation"][0] if cuda and val_prompts else None,
             "memory_plan": plan.flags(), "estimated_peak_gib": needed.total_gib,
             "estimated_training_gib": needed.training_gib, "estimated_validation_gib": needed.validation_gib,
             "attention": kernel.description,

@@ -12,6 +12,7 @@ import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
 from diffusers.utils import export_to_video
 
+from . import attention
 from .models import drop_learned_positional_embeddings
 
 ADAPTER = "lora"
@@ -28,12 +29,15 @@ class LoraMismatchError(ValueError):
 
 
 def load_pipeline(model_path: str, generate_type: str = "t2v", dtype: torch.dtype = torch.bfloat16,
-                  ignore_learned_positional_embeddings: bool = False):
+                  ignore_learned_positional_embeddings: bool = False, attention_backend: str = "auto"):
     """ignore_learned_positional_embeddings: run CogVideoX-5B-I2V without its learned positional table, as the
-    trainer does with the flag of that name (for a LoRA trained so, or for sizes other than 49x480x720)."""
+    trainer does with the flag of that name (for a LoRA trained so, or for sizes other than 49x480x720).
+    attention_backend: the trainer's --attention_backend; generate() runs under its SDPA preference."""
     pipe = PIPELINES[generate_type].from_pretrained(model_path, dtype=dtype)
     if ignore_learned_positional_embeddings and pipe.transformer.config.use_learned_positional_embeddings:
         drop_learned_positional_embeddings(pipe.transformer)
+    attention.use(pipe.transformer, attention.choose(attention_backend, pipe.transformer.config.attention_head_dim,
+                                                     dtype))
     # The sampler of CogVideo's own cli_demo, so that a seed gives the kind of video its authors show.
     pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     return pipe

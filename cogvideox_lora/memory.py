@@ -21,8 +21,9 @@ INPUTS_IN_FLIGHT = 4
 INFERENCE_PER_BLOCK = 17.8
 VAE_DECODE_GIB = 0.45
 OVERHEAD_GIB = 0.4  # cuBLAS/cuDNN workspaces, the loss and the small tensors around the blocks
-# Pinned host-to-GPU copies on the H200 machine (BENCHMARKS.md); a PCIe 4 x16 card gets about half.
-HOST_LINK_GIB_PER_S = 20.0
+# Pinned host-to-GPU copies measured on the H200 machine (51.6 GiB/s, BENCHMARKS.md); a PCIe 4 x16 card gets
+# about half, which is what is assumed.
+HOST_LINK_GIB_PER_S = 25.0
 CHECKPOINTING = (None, "full", "keep_attention")
 
 

@@ -242,3 +242,14 @@ def test_command_line_mistakes_are_reported_before_anything_loads(argv, problem,
     with pytest.raises(SystemExit):
         cli_demo.parse_args(["--prompt", PROMPT, *argv])
     assert problem in capsys.readouterr().err
+
+
+def test_the_pipeline_attends_as_the_trainer_chose(tiny_model_dir, tmp_path):
+    from cogvideox_lora.attention import CogVideoXAttnProcessor
+
+    pipe = inference.load_pipeline(str(tiny_model_dir), dtype=torch.float32)
+    assert {type(p) for p in pipe.transformer.attn_processors.values()} == {CogVideoXAttnProcessor}
+    # FlashAttention-4 asked for where it cannot run (no CUDA here): a clear stop, no video.
+    with pytest.raises(SystemExit, match="flash-attn-4"):
+        cli_demo.main(cli(tiny_model_dir, tmp_path / "out.mp4", "--attention_backend", "flash4"))
+    assert not (tmp_path / "out.mp4").exists()
