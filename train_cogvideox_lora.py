@@ -17,6 +17,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -175,8 +176,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     noise_scheduler = models.load_scheduler(args)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device, torch.float32)
 
-    # 4. Steps, optimizer and schedule. The order of batches is a function of (seed, epoch), so a step
-    #    number says which batch comes next, in one process or many.
+    # 4. Steps, optimizer and schedule.
     shapes = [tuple(v["latent_params"].shape) for v in videos]
     global_batch = args.train_batch_size * accelerator.num_processes
     batches_per_epoch = len(epoch_batches(shapes, global_batch, args.seed, 0))
@@ -214,43 +214,16 @@ def train(args, started: float, stop: checkpoints.StopSignal):
 
     # 5. Train.
     peaks = memory.Peaks()
-    rank, batch_size = accelerator.process_index, args.train_batch_size
-    epoch, batches, inputs = None, [], {}
+    data = TrainingData(clips, videos, prompt_entry, shapes, batches_per_epoch, vae_config["scaling_factor"], family,
+                        alphas_cumprod)
+    inputs = {}  # the transformer's inputs of each latent size
     step_times, first_step_at, last = [], None, time.perf_counter()
     progress = tqdm(range(first_step, max_train_steps), initial=first_step, total=max_train_steps, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     for step in range(first_step, max_train_steps):
         if first_step_at is None:
             first_step_at = time.perf_counter() - started
-        loss_sum, step_clips = torch.zeros((), device=device), []
-        for k in range(ga):
-            micro_step = step * ga + k
-            if micro_step // batches_per_epoch != epoch:
-                epoch = micro_step // batches_per_epoch
-                batches = epoch_batches(shapes, global_batch, args.seed, epoch)
-            global_ids = batches[micro_step % batches_per_epoch]
-            step_clips += global_ids
-            mine = global_ids[rank * batch_size:(rank + 1) * batch_size]
-            seeds = [sample_seed(args.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]
-            entries = [videos[i] for i in mine]
-            batch = draw_batch(entries, [prompt_entry[clips[i].prompt] for i in mine], seeds,
-                               vae_config["scaling_factor"], args.random_flip, len(alphas_cumprod), device,
-                               family.patch_size_t)
-            frames, _, height, width = batch[0].shape[1:]
-            if (frames, height, width) not in inputs:
-                inputs[frames, height, width] = transformer_inputs(accelerator.unwrap_model(transformer).config,
-                                                                   frames, height, width, device)
-            # Image-to-video models also take each clip's first-frame latent (or nothing, at times).
-            image_latents = draw_image_latents(
-                entries, seeds, family.image_latent_scale, args.random_flip, len(alphas_cumprod),
-                args.noised_image_dropout, frames, device) if family.image_to_video else None
-            # accelerate counts the batches: backward divides the loss by ga, and only the last batch of a
-            # step all-reduces the gradients (DDP) or steps the optimizer inside backward (DeepSpeed).
-            with accelerator.accumulate(transformer), adapter_inputs_uncast(transformer, weight_dtype):
-                loss = compute_loss(transformer, batch, alphas_cumprod, weight_dtype, inputs[frames, height, width],
-                                    image_latents)
-                accelerator.backward(loss)
-            loss_sum += loss.detach()
+        loss_sum, step_clips = accumulate_gradients(accelerator, transformer, args, data, step, weight_dtype, inputs)
         # A float under DeepSpeed, which clipped (and stepped) inside backward.
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm),
                                     dtype=torch.float32, device=device)
@@ -346,6 +319,54 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         for path in video_paths:
             logger.info("Validation video: %s", path)
     accelerator.end_training()
+
+
+class TrainingData(NamedTuple):
+    """What the steps draw their batches from: the clips, their cached latents and prompt embeddings."""
+
+    clips: list
+    videos: list[dict]
+    prompt_entry: dict
+    shapes: list[tuple]
+    batches_per_epoch: int
+    scaling_factor: float
+    family: models.Family
+    alphas_cumprod: torch.Tensor
+
+
+def accumulate_gradients(accelerator, transformer, args, data: TrainingData, step: int, weight_dtype, inputs: dict):
+    """The forward and backward passes of the batches that optimizer step `step` accumulates; returns this process's
+    summed loss and the clips of the step (all processes').
+
+    The order of batches is a function of (seed, epoch), so a step number says which batch comes next, in one
+    process or many. inputs caches the transformer's inputs of each latent size.
+    """
+    rank, batch_size, ga = accelerator.process_index, args.train_batch_size, args.gradient_accumulation_steps
+    family, alphas_cumprod, device = data.family, data.alphas_cumprod, accelerator.device
+    loss_sum, step_clips = torch.zeros((), device=device), []
+    for micro_step in range(step * ga, (step + 1) * ga):
+        epoch, index = divmod(micro_step, data.batches_per_epoch)
+        global_ids = epoch_batches(data.shapes, batch_size * accelerator.num_processes, args.seed, epoch)[index]
+        step_clips += global_ids
+        mine = global_ids[rank * batch_size:(rank + 1) * batch_size]
+        seeds = [sample_seed(args.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]
+        entries = [data.videos[i] for i in mine]
+        batch = draw_batch(entries, [data.prompt_entry[data.clips[i].prompt] for i in mine], seeds,
+                           data.scaling_factor, args.random_flip, len(alphas_cumprod), device, family.patch_size_t)
+        size = tuple(batch[0].shape[i] for i in (1, 3, 4))  # latent frames, height, width
+        if size not in inputs:
+            inputs[size] = transformer_inputs(accelerator.unwrap_model(transformer).config, *size, device)
+        # Image-to-video models also take each clip's first-frame latent (or nothing, at times).
+        image_latents = draw_image_latents(
+            entries, seeds, family.image_latent_scale, args.random_flip, len(alphas_cumprod),
+            args.noised_image_dropout, size[0], device) if family.image_to_video else None
+        # accelerate counts the batches: backward divides the loss by ga, and only the last batch of a
+        # step all-reduces the gradients (DDP) or steps the optimizer inside backward (DeepSpeed).
+        with accelerator.accumulate(transformer), adapter_inputs_uncast(transformer, weight_dtype):
+            loss = compute_loss(transformer, batch, alphas_cumprod, weight_dtype, inputs[size], image_latents)
+            accelerator.backward(loss)
+        loss_sum += loss.detach()
+    return loss_sum, step_clips
 
 
 if __name__ == "__main__":
