@@ -372,7 +372,7 @@ def long_prompts(clips: list[Clip], tokenizer, max_length: int) -> list[str]:
     """Where a prompt has more tokens than the text encoder takes (the rest is cut), once per prompt line."""
     found = {}
     for clip in clips:
-        count = len(tokenizer(clip.prompt, add_special_tokens=True).input_ids)
+        count = len(tokenizer(clip.prompt, add_special_tokens=True, verbose=False).input_ids)
         if count > max_length:
             found.setdefault(clip.prompt_where or clip.where, f"{count} tokens, {count - max_length} cut")
     return [f"{where}: {what}" for where, what in found.items()]
