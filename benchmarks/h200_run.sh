@@ -8,6 +8,10 @@
 #
 # Before the first part, on the same machine: FlashAttention-4's CUDA-13 library unpacked into /tmp/fa4
 # (../shared/device/fetch-fa4.sh prints that call); the wheels of .whl/ and .whl-fa4/ are installed here.
+# The GPU machine cannot write mp4 clips (no imageio-ffmpeg): make them here first and carry bench_data/:
+#   python -c "import sys; sys.path[:0] = ['.', 'benchmarks']; import bench_train; from pathlib import Path; \
+#     [bench_train.write_data(Path('bench_data', 'data-' + 'x'.join(map(str, s))), *s) for s in \
+#      [(49, 480, 720), (81, 768, 1360)]]"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
