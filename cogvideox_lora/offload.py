@@ -1,11 +1,13 @@
 """GPU memory for smaller cards: checkpointed activations and frozen block weights wait in pinned CPU memory.
 
 Both move on a side CUDA stream while the blocks compute, the next one fetched while the current one runs.
-PyTorch's torch.autograd.graph.save_on_cpu moves saved tensors the same way but on the compute stream and
-only when they are needed, so every copy would stall the step (42 x 2 x 0.1 GiB a step for 5B); diffusers'
-group offloading streams weights but prefetches in forward order only (the recompute runs backwards) and
-copies every parameter back, the trainable adapter's too, which would undo each optimizer step. So both
-are written here, on PyTorch's saved-tensor hooks and streams. On a machine without CUDA the same code runs
+PyTorch's torch.autograd.graph.save_on_cpu moves saved tensors too, but on the compute stream, as each is
+saved and as it is needed, so the step waits for every copy: for 5B at 49x480x720 that is 8.5 GiB a step,
+0.17 s at the 51.6 GiB/s measured on the H200 (7 % of its 2.38 s step), where the side stream costs 0.7 %
+(BENCHMARKS.md). diffusers' group offloading streams weights, but prefetches in forward order only (the
+recompute runs backwards) and copies every parameter back from the host, the trainable adapter's too, which
+would undo each optimizer step. So both are written here, on PyTorch's saved-tensor hooks and streams.
+On a machine without CUDA the same code runs
 with plain copies, which is what the CPU tests compare.
 """
 
