@@ -6,9 +6,8 @@ saved and as it is needed, so the step waits for every copy: for 5B at 49x480x72
 0.17 s at the 51.6 GiB/s measured on the H200 (7 % of its 2.38 s step), where the side stream costs 0.7 %
 (BENCHMARKS.md). diffusers' group offloading streams weights, but prefetches in forward order only (the
 recompute runs backwards) and copies every parameter back from the host, the trainable adapter's too, which
-would undo each optimizer step. So both are written here, on PyTorch's saved-tensor hooks and streams.
-On a machine without CUDA the same code runs
-with plain copies, which is what the CPU tests compare.
+would undo each optimizer step. So both are written here, on PyTorch's saved-tensor hooks and streams. On a
+machine without CUDA the same code runs with plain copies, which is what the CPU tests compare.
 """
 
 import contextlib
