@@ -172,7 +172,7 @@ class Validator:
                                    self.pipeline_class)
         swapping = contextlib.nullcontext() if self.swap is None else \
             self.swap.inference(pipe.transformer.transformer_blocks)
-        # Compiled blocks would compile again for inference (no grad, a batch of two for guidance):
+        # Compiled blocks would compile again for inference (no gradients, another batch size):
         # minutes for a few videos, so they run eagerly here.
         with torch.compiler.set_stance("force_eager"), swapping, one_sample_at_a_time(pipe.transformer):
             for (p, v), path in jobs:
