@@ -160,10 +160,13 @@ def test_benchmark_runs_in_tiny_mode(tmp_path):
                             cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
+    lines = result.stdout.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| row")).strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines
             if line.startswith("| 2b")]
-    assert [cells[:2] for cells in rows] == [["2b", "1"], ["2b-x2", "2"]], result.stdout
+    assert [(r["row"], r["GPUs"]) for r in rows] == [("2b", "1"), ("2b-x2", "2")], result.stdout
     (one, two) = rows
     # Median step times measured, the first on a fresh cache, and samples/s on two against one.
-    assert float(one[2]) > 0 and one[8] == "cold" and two[8] == "warm" and float(two[4]) > 0
+    assert float(one["median step (s)"]) > 0 and one["cache"] == "cold" and two["cache"] == "warm"
+    assert float(two["scaling (x)"]) > 0 and float(one["estimate (GiB)"]) > 0
     assert summary(tmp_path / "out-2b")["steps"] == 2 and summary(tmp_path / "out-2b-x2")["processes"] == 2
