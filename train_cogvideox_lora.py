@@ -142,7 +142,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         encoder_id={**model_id, "vae": vae_config, "tiling": args.enable_tiling, "slicing": args.enable_slicing},
         with_flipped=args.random_flip > 0, with_images=family.image_to_video, num_workers=args.dataloader_num_workers,
         load_vae=lambda: models.load_vae(args, weight_dtype, device))
-    # T5-XXL (9 GiB in bf16) encodes on the CPU where it would not fit beside what the GPU already holds.
+    # T5-XXL (8.9 GiB in bf16) encodes on the CPU where it would not fit the GPU memory this run may use.
     text_device = device if budget is None or memory.text_encoder_bytes(
         text_encoder_config, weight_dtype.itemsize) / memory.GIB < 0.9 * budget else "cpu"
     prompts = list(dict.fromkeys([c.prompt for c in clips] + val_prompts + [""]))  # "" is the negative prompt
