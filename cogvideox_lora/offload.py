@@ -154,7 +154,6 @@ class BlockSwap:
                     module._buffers[name] = slot_tensor
         self.holds = [None] * len(self.slots)
         self.ready = [None] * len(self.slots)
-        self.block_bytes = sum(t.numel() * t.element_size() for t in self.host[self.order[0]])
 
     def load(self, i: int, direction: int, wrap: bool = False) -> None:
         """Makes block i's weights ready for the next work on the compute stream and starts copying the next
