@@ -24,7 +24,6 @@ OVERHEAD_GIB = 0.4  # cuBLAS/cuDNN workspaces, the loss and the small tensors ar
 # Pinned host-to-GPU copies measured on the H200 machine (51.6 GiB/s, BENCHMARKS.md); a PCIe 4 x16 card gets
 # about half, which is what is assumed.
 HOST_LINK_GIB_PER_S = 25.0
-CHECKPOINTING = (None, "full", "keep_attention")
 
 
 @dataclass(frozen=True)
