@@ -80,6 +80,11 @@ def parse_row(name: str) -> tuple[str, str | None, int, bool]:
     return match["base"], match["attention"], int(match["processes"] or 1), bool(match["zero2"])
 
 
+def latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Latent frames, height and width of a clip (the VAE compresses time 4x and space 8x)."""
+    return (frames - 1) // 4 + 1, height // 8, width // 8
+
+
 def native_shape(size: str) -> tuple[int, int, int]:
     """Frames, height and width a model of this size was trained at (5B-I2V's learned embeddings need it)."""
     return (81, 768, 1360) if size.startswith("1.5") else (49, 480, 720)
@@ -150,7 +155,7 @@ def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, resume_steps,
     ]
     summary = train([*command, "--max_train_steps", str(steps)], out)
     config = CogVideoXTransformer3DModel.load_config(model_dir, subfolder="transformer")
-    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    latent = latent_size(frames, height, width)
     policy = None if "--gradient_checkpointing" not in flags else \
         "keep_attention" if "keep_attention" in flags else "full"
     flops = step_flops(config, *latent, recompute=policy)

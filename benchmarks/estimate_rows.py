@@ -14,7 +14,7 @@ from diffusers import CogVideoXTransformer3DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_train import ROWS, native_shape, parse_row  # noqa: E402
+from bench_train import ROWS, latent_size, native_shape, parse_row  # noqa: E402
 from cogvideox_lora import memory, synthetic  # noqa: E402
 from cogvideox_lora.args import parse_args  # noqa: E402
 
@@ -29,7 +29,7 @@ def estimate(row: str) -> tuple[memory.Plan, memory.MemoryEstimate]:
     args = parse_args(["--pretrained_model_name_or_path", size, "--instance_data_root", ".", "--mixed_precision",
                        "bf16", "--rank", "128", "--height", str(height), "--width", str(width), "--max_num_frames",
                        str(frames), *flags])
-    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    latent = latent_size(frames, height, width)
     config = {**DEFAULTS, **synthetic._SPECS[size]["transformer"]}
     _, plan, needed = memory.from_args(args, config, latent, latent if args.validation_prompt else None,
                                        compiled=True, weight_bytes=2, budget_gib=args.max_gpu_memory)

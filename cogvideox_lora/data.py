@@ -259,11 +259,6 @@ def frames_at_times(starts, end: float, settings: FrameSettings) -> list[int]:
     return indices[: (len(indices) - 1) // t * t + 1] if indices else []
 
 
-def sample_frame_indices(num_frames: int, clip_fps: float, settings: FrameSettings) -> list[int]:
-    """frames_at_times for a clip of constant rate: a 24 fps clip at --fps 8 gives every third frame."""
-    return frames_at_times([i / clip_fps for i in range(num_frames)], num_frames / clip_fps, settings)
-
-
 def open_image(path: Path) -> torch.Tensor:
     """[3, H, W] uint8 of an image file."""
     from PIL import Image

@@ -12,9 +12,14 @@ import torch
 
 from helpers import load_clips  # also puts the repository on sys.path
 from cogvideox_lora.args import parse_args
-from cogvideox_lora.data import (Clip, DatasetError, FrameSettings, check_clips, epoch_batches, read_frames,
-                                 resize_and_crop, sample_frame_indices)
+from cogvideox_lora.data import (Clip, DatasetError, FrameSettings, check_clips, epoch_batches, frames_at_times,
+                                 read_frames, resize_and_crop)
 from cogvideox_lora.synthetic import frame_index_from_pixels, write_clips
+
+
+def sample_frame_indices(num_frames: int, clip_fps: float, settings: FrameSettings) -> list[int]:
+    """frames_at_times for a clip of constant rate."""
+    return frames_at_times([i / clip_fps for i in range(num_frames)], num_frames / clip_fps, settings)
 
 
 def settings(fps=8, max_num_frames=49, skip_start=0, skip_end=0, height=48, width=64, mode="center"):
