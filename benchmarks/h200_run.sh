@@ -5,6 +5,8 @@
 #
 #   PART=a OUT=/tmp/out bash benchmarks/h200_run.sh   # check: check_attention.py and the 2B profile
 #                                                     # a: the 2B rows; b: the 5B rows; c, d: the 1.5 rows
+#   PART="trace rows" ROWS="2b-flash4 5b-flash4" STEPS=5 ... # trace: the 2B step's idle time, without and with
+#                                                     # checkpointing; rows: the rows named; parts run in turn
 #
 # Before the first part, on the same machine: FlashAttention-4's CUDA-13 library unpacked into /tmp/fa4
 # (../shared/device/fetch-fa4.sh prints that call); the wheels of .whl/ and .whl-fa4/ are installed here.
@@ -44,9 +46,16 @@ print(json.dumps({**r['rows'][0], 'environment': r['environment']}))" "$WORKDIR/
   echo "=== $1: exit $? at ${SECONDS}s"
 }
 
-case ${PART:-a} in
+for part in ${PART:-a}; do case $part in
   rows)
     for r in $ROWS; do row $r "${STEPS:-4}"; done ;;
+  trace)
+    for policy in none full; do
+      timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size 2b --variants flash4+compile \
+        $([[ $policy == full ]] && echo --checkpointing full) --warmup 2 --steps 3 --ahead 6 --profile 0 \
+        --trace "$OUT" > "$OUT/profile_2b_${policy}_idle.txt" 2>&1
+      tail -12 "$OUT/profile_2b_${policy}_idle.txt"
+    done ;;
   check)
     timeout 200 python3 benchmarks/check_attention.py --out "$OUT/check_attention.json"
     timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size 2b --variants flash4+compile \
@@ -60,7 +69,7 @@ case ${PART:-a} in
     for r in 1.5-5b-ckpt-flash4 1.5-5b-fp8-offload-16gb-flash4; do row $r 4; done ;;
   d)
     for r in 1.5-5b-ckpt-cudnn 1.5-5b-i2v-fp8-offload-16gb-flash4; do row $r 4; done ;;
-esac
+esac; done
 echo "=== rows"
 [[ -f "$OUT/rows.jsonl" ]] && python3 - "$OUT/rows.jsonl" <<'PY'
 import json, sys

@@ -1,15 +1,20 @@
 """Where the time of one training step goes, and what each speed option buys.
 
     python benchmarks/profile_step.py --size 2b [--checkpointing full|keep_attention] [--variants flash4+compile,cudnn+compile]
+    python benchmarks/profile_step.py --size 2b --variants flash4+compile --ahead 6 --trace /tmp/out
 
 Runs the trainer's own step (draw_batch, compute_loss, backward, fused AdamW) on a random-init
 transformer built on the GPU from the real config, with random latents of 49x480x720, so no model
-folder or data is needed. For each variant it prints the median step time (CUDA events), peak
-memory and the kernels that take the most time.
+folder or data is needed. For each variant it prints the median step time (the host waiting for each
+step, as the trainer does), peak memory and the kernels that take the most time. --ahead N also times N
+steps queued without waiting between them; --trace profiles two steps with the host's calls too and says
+how long the GPU sat idle in each part of them (and writes the trace, gzipped, to that folder).
 """
 
 import argparse
 import gc
+import gzip
+import json
 import statistics
 import sys
 import time
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import torch
 from diffusers import CogVideoXTransformer3DModel
+from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -67,15 +73,19 @@ def run_variant(name: str, args) -> dict:
     uncast = "cast" not in options
 
     def step(i):
-        batch = draw_batch([video], [prompt], [i], 1.0, 0.0, 1000, DEVICE)
+        with record_function("batch"):
+            batch = draw_batch([video], [prompt], [i], 1.0, 0.0, 1000, DEVICE)
         # Uncast through the backward pass too, whose recompute must run the forward pass as it ran.
         with adapter_inputs_uncast(transformer, torch.bfloat16) if uncast else nullcontext():
-            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            with record_function("forward"), torch.autocast(DEVICE, dtype=torch.bfloat16):
                 loss = compute_loss(transformer, batch, alphas, torch.bfloat16, inputs)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            with record_function("backward"):
+                loss.backward()
+        with record_function("clip"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        with record_function("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     with attention.preferred_sdpa(backend):
         if DEVICE == "cuda":
@@ -91,8 +101,15 @@ def run_variant(name: str, args) -> dict:
             step(100 + i)
             sync()
             times.append(time.perf_counter() - started)
+        ahead = None
+        if args.ahead:
+            started = time.perf_counter()
+            for i in range(args.ahead):
+                step(200 + i)
+            sync()
+            ahead = (time.perf_counter() - started) / args.ahead
         peak = torch.cuda.max_memory_allocated() / GIB if DEVICE == "cuda" else 0.0
-        table = ""
+        table, idle = "", None
         if args.profile:
             activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
             with torch.profiler.profile(activities=[activity]) as prof:
@@ -100,12 +117,64 @@ def run_variant(name: str, args) -> dict:
                 sync()
             table = prof.key_averages().table(sort_by=f"{'cuda' if DEVICE == 'cuda' else 'cpu'}_time_total",
                                               row_limit=args.profile)
+        if args.trace:
+            activities = [torch.profiler.ProfilerActivity.CPU] + \
+                ([torch.profiler.ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+            # Two steps, the host waiting for each as the trainer does, so that the gap between them is seen.
+            with torch.profiler.profile(activities=activities) as prof:
+                for i in range(2):
+                    step(2000 + i)
+                    sync()
+            path = Path(args.trace, f"trace_{args.size}_{args.checkpointing or 'none'}_{name}.json")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(path))
+            events = json.loads(path.read_text())["traceEvents"]
+            with gzip.open(f"{path}.gz", "wt") as f:
+                json.dump(events, f)
+            path.unlink()
+            idle = gpu_idle(events)
     del transformer, optimizer, params
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
-    return {"variant": name, "median_step_s": statistics.median(times), "peak_alloc_gib": peak,
-            "warmup_s": warmup_s, "table": table}
+    return {"variant": name, "median_step_s": statistics.median(times), "ahead_step_s": ahead, "peak_alloc_gib": peak,
+            "warmup_s": warmup_s, "table": table, "idle": idle}
+
+
+PHASES = ("batch", "forward", "backward", "clip", "optimizer")
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCHES = ("cuda_runtime", "cuda_driver")
+
+
+def gpu_idle(events: list[dict], gap_us: float = 1.0) -> dict:
+    """GPU idle time in profiled steps (a chrome trace's events), by the step's phase in which the host
+    launched the work that ended each gap: {phase: {"idle_ms", "gaps", "largest_us", "largest_before"}},
+    plus "busy_ms" and "span_ms" (first to last GPU work). A gap is counted from gap_us on.
+    """
+    work = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_WORK), key=lambda e: e["ts"])
+    launched_at = {e["args"]["correlation"]: e["ts"] for e in events
+                   if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})}
+    phases = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                    if e.get("cat") == "user_annotation" and e.get("name") in PHASES)
+
+    def phase_at(ts):
+        return next((name for start, end, name in phases if start <= ts <= end), "between")
+
+    result = {p: {"idle_ms": 0.0, "gaps": 0, "largest_us": 0.0, "largest_before": ""} for p in (*PHASES, "between")}
+    busy, end = 0.0, None
+    for e in work:
+        start, stop = e["ts"], e["ts"] + e["dur"]
+        if end is not None and start - end >= gap_us:
+            launch = launched_at.get(e.get("args", {}).get("correlation"))
+            entry = result[phase_at(launch if launch is not None else start)]
+            entry["idle_ms"] += (start - end) / 1000
+            entry["gaps"] += 1
+            if start - end > entry["largest_us"]:
+                entry["largest_us"], entry["largest_before"] = start - end, e["name"][:60]
+        busy += max(0.0, stop - max(start, end or start))
+        end = stop if end is None else max(end, stop)
+    result = {p: v for p, v in result.items() if v["gaps"]}
+    return {**result, "busy_ms": busy / 1000, "span_ms": (end - work[0]["ts"]) / 1000 if work else 0.0}
 
 
 def main():
@@ -124,15 +193,28 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--profile", type=int, default=15, help="kernels to list per variant (0: no profile)")
+    parser.add_argument("--ahead", type=int, default=0,
+                        help="also time this many steps queued back to back, the host never waiting for the GPU")
+    parser.add_argument("--trace", default=None,
+                        help="folder: profile one more step with the host's calls, print the GPU's idle time by "
+                             "phase of the step and write the trace there")
     args = parser.parse_args()
 
     results = [run_variant(v, args) for v in args.variants.split(",")]
     for r in results:
         print(f"\n=== {args.size} {args.checkpointing or ''} {r['variant']}\n{r['table']}")
+        if r["idle"]:
+            idle = r["idle"]
+            print(f"Two steps: GPU busy {idle['busy_ms']:.1f} ms of {idle['span_ms']:.1f} ms; idle by the phase that launched "
+                  f"the work after each gap:\n| phase | idle (ms) | gaps | largest (us) | before |\n| --- | --- | --- | --- | --- |")
+            for phase, v in idle.items():
+                if isinstance(v, dict):
+                    print(f"| {phase} | {v['idle_ms']:.2f} | {v['gaps']} | {v['largest_us']:.0f} | {v['largest_before']} |")
     print(f"\n| {args.size}{' ckpt' if args.checkpointing else ''} variant | median step (s) "
-          f"| peak alloc (GiB) | warm-up (s) |\n| --- | --- | --- | --- |")
+          f"| step, host ahead (s) | peak alloc (GiB) | warm-up (s) |\n| --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['variant']} | {r['median_step_s']:.3f} | {r['peak_alloc_gib']:.1f} | {r['warmup_s']:.1f} |")
+        ahead = "—" if r["ahead_step_s"] is None else f"{r['ahead_step_s']:.3f}"
+        print(f"| {r['variant']} | {r['median_step_s']:.3f} | {ahead} | {r['peak_alloc_gib']:.1f} | {r['warmup_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -170,3 +170,29 @@ def test_benchmark_runs_in_tiny_mode(tmp_path):
     assert float(one["median step (s)"]) > 0 and one["cache"] == "cold" and two["cache"] == "warm"
     assert float(two["scaling (x)"]) > 0 and float(one["estimate (GiB)"]) > 0
     assert summary(tmp_path / "out-2b")["steps"] == 2 and summary(tmp_path / "out-2b-x2")["processes"] == 2
+
+
+def test_profile_attributes_gpu_idle_to_the_phase_that_launched_the_next_work():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import profile_step
+
+    def kernel(ts, dur, correlation, name="k"):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
+
+    def launch(ts, correlation):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1,
+                "args": {"correlation": correlation}}
+
+    events = [
+        {"ph": "X", "cat": "user_annotation", "name": "forward", "ts": 0, "dur": 100},
+        {"ph": "X", "cat": "user_annotation", "name": "optimizer", "ts": 300, "dur": 50},
+        launch(1, 1), kernel(10, 50, 1),
+        launch(20, 2), kernel(55, 20, 2),           # overlaps the first: no gap, busy counted once
+        launch(30, 3), kernel(175, 25, 3, "late"),  # 100 us idle, launched in forward
+        launch(310, 4), kernel(400, 10, 4, "adam"),  # 200 us idle, launched by the optimizer
+    ]
+    idle = profile_step.gpu_idle(events)
+    assert idle["forward"]["idle_ms"] == 0.1 and idle["forward"]["gaps"] == 1
+    assert idle["optimizer"] == {"idle_ms": 0.2, "gaps": 1, "largest_us": 200, "largest_before": "adam"}
+    assert idle["busy_ms"] == (65 + 25 + 10) / 1000 and idle["span_ms"] == 0.4
+    assert set(idle) == {"forward", "optimizer", "busy_ms", "span_ms"}
