@@ -201,11 +201,13 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     elif args.resume_from_checkpoint:
         logger.info("No checkpoint in %s yet: starting a new run.", args.output_dir)
 
+    peaks = memory.Peaks()
     validator = Validator(args, val_prompts, [prompt_entry[p]["prompt_embeds"] for p in val_prompts],
                           prompt_entry[""]["prompt_embeds"], noise_scheduler.config,
                           lambda: models.load_vae(args, weight_dtype, "cpu"), weight_dtype, family.pipeline_class,
                           validation_images(args) if family.image_to_video else None, swap=swap,
-                          optimizer=None if accelerator.distributed_type == DistributedType.DEEPSPEED else optimizer)
+                          optimizer=None if accelerator.distributed_type == DistributedType.DEEPSPEED else optimizer,
+                          peaks=peaks)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_name, config=tracker_config(args))
     logger.info("%s model, %d clips, %d batches of %d per epoch, %d optimizer steps (accumulating %d), %s on %d "
@@ -213,7 +215,6 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                 weight_dtype, accelerator.num_processes)
 
     # 5. Train.
-    peaks = memory.Peaks()
     data = TrainingData(clips, videos, prompt_entry, shapes, batches_per_epoch, vae_config["scaling_factor"], family,
                         alphas_cumprod)
     inputs = {}  # the transformer's inputs of each latent size
@@ -271,8 +272,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                 (args.validation_steps and done % args.validation_steps == 0)
                 or (args.validation_epochs and epochs_after > epochs_before
                     and epochs_after % args.validation_epochs == 0)):
-            with peaks.validating():
-                validator.run(accelerator, transformer, done)
+            validator.run(accelerator, transformer, done)
     progress.close()
 
     # 6. Save: the last checkpoint, the LoRA for inference, a summary of the run; then a last validation.
@@ -288,8 +288,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     per_process = accelerator.gather(torch.tensor(
         [[encoded_clips, encoded_images, encoded_prompts, *peaks.training()]], dtype=torch.float64, device=device))
     clips_encoded, images_encoded, prompts_encoded, allocated, reserved = per_process.T.tolist()
-    with peaks.validating():
-        video_paths = validator.run(accelerator, transformer, max_train_steps)
+    video_paths = validator.run(accelerator, transformer, max_train_steps)
     if accelerator.is_main_process:
         timed = step_times[2:] if len(step_times) > 3 else step_times  # the first steps warm up kernels
         step_time = statistics.median(timed) if timed else None
@@ -306,7 +305,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
             "peak_memory_reserved_gib": max(reserved) if cuda else None,
             "peak_memory_allocated_gib_per_process": allocated if cuda else None,
             # This process's: what its validation videos took, against its training steps.
-            "peak_memory_validation_gib": peaks.gib["validation"][0] if cuda and val_prompts else None,
+            "peak_memory_validation_gib": peaks.validation()[0] if cuda and val_prompts else None,
+            "peak_memory_decode_gib": peaks.gib["decoding"][0] if cuda and val_prompts else None,
             "memory_plan": plan.flags(), "estimated_peak_gib": needed.total_gib,
             "estimated_training_gib": needed.training_gib, "estimated_validation_gib": needed.validation_gib,
             "attention": kernel.description,

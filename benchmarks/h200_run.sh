@@ -76,6 +76,8 @@ import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print(f"{r['row']}: step {r['median_step_time_s']:.3f} s, train peak {r['peak_memory_allocated_gib']:.2f} GiB, "
-          f"validation peak {r.get('peak_memory_validation_gib') or 0:.2f}, estimate {r['estimated_peak_gib']:.2f} "
-          f"(train {r['estimated_training_gib']:.2f}), {r['attention'][:40]}")
+          f"validation peak {r.get('peak_memory_validation_gib') or 0:.2f} (decode {r.get('peak_memory_decode_gib') or 0:.2f}), "
+          f"estimate {r['estimated_peak_gib']:.2f} "
+          f"(train {r['estimated_training_gib']:.2f}, validation {r.get('estimated_validation_gib') or 0:.2f}), "
+          f"{r['attention'][:40]}")
 PY

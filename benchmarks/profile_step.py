@@ -125,7 +125,7 @@ def run_variant(name: str, args) -> dict:
                 for i in range(2):
                     step(2000 + i)
                     sync()
-            path = Path(args.trace, f"trace_{args.size}_{args.checkpointing or 'none'}_{name}.json")
+            path = Path(args.trace, f"trace_{args.size}_{args.checkpointing or 'none'}_{name.replace("+", "-")}.json")
             path.parent.mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(path))
             events = json.loads(path.read_text())["traceEvents"]

@@ -16,10 +16,17 @@ ACTIVATIONS_PER_BLOCK = {False: 19.4, True: 13.6}
 # those whose copy to the host is still under way (fitted to the 5B rows).
 INPUTS_IN_FLIGHT = 4
 # What one block's forward pass without gradients holds at once, per sample, in the same units (eager, as
-# validation runs: fp32 norms and rotary products, the 4x feed-forward), and the VAE with its tiled decode:
-# fitted to the validation peaks of 5B at 49x480x720 (BENCHMARKS.md).
-INFERENCE_PER_BLOCK = 17.8
-VAE_DECODE_GIB = 0.45
+# validation runs: fp32 norms and rotary products, the 4x feed-forward).
+INFERENCE_PER_BLOCK = 13.0
+# The VAE's tiled decode: its weights (CogVideoX's VAEs: 216 M parameters), its working set at the default tiles
+# (240x360 pixels, two latent frames at a time; with them the decode took about 4.3 GiB at 49x480x720 whatever
+# the transformer, BENCHMARKS.md, as diffusers' own estimate in tiled_decode says), which scales with a tile's
+# area, and the decoded tiles and video, about three times the video in bf16.
+VAE_WEIGHTS_GIB = 0.4
+VAE_TILE_WORKING_GIB = 3.6
+VAE_TILE = (240, 360)
+DECODED_VIDEO_COPIES = 3
+TILE_SCALES = (1.0, 0.5, 0.25)
 OVERHEAD_GIB = 0.4  # cuBLAS/cuDNN workspaces, the loss and the small tensors around the blocks
 # Pinned host-to-GPU copies measured on the H200 machine (51.6 GiB/s, BENCHMARKS.md); a PCIe 4 x16 card gets
 # about half, which is what is assumed.
@@ -66,6 +73,7 @@ class Workload:
     optimizer_state_bytes: float  # per adapter weight: 8 for Adam, 2 for 8-bit Adam
     float8_blocks: bool = False  # the attention and feed-forward weights (12 w^2 a block) take one byte each
     validation_latent: tuple[int, int, int] | None = None
+    tiled_vae: bool = True
 
 
 @dataclass
@@ -146,15 +154,54 @@ def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
     if work.float8_blocks:
         activations += 12 * width**2 * work.weight_bytes  # the dequantized weights of the block being run
     adapter = layers * 4 * 2 * width * work.rank  # A and B of q, k, v, out in every block
+    adapter_gib = adapter * (4 + 4 + work.optimizer_state_bytes) / GIB
+    training = weights / GIB + adapter_gib + activations / GIB + OVERHEAD_GIB
     validation = None
     if work.validation_latent is not None:
         # The optimizer states wait on the host meanwhile and the gradients are freed: the adapter's weights stay.
         # Guidance's two samples go through the transformer one at a time (validation.py).
-        inference = INFERENCE_PER_BLOCK * _tokens(config, work.validation_latent) * width * 2
-        validation = (weights + adapter * 4 + inference) / GIB + VAE_DECODE_GIB + OVERHEAD_GIB
-    return MemoryEstimate(weights_gib=weights / GIB,
-                          adapter_gib=adapter * (4 + 4 + work.optimizer_state_bytes) / GIB,
-                          activations_gib=activations / GIB, validation_gib=validation)
+        with_weights = (weights + adapter * 4) / GIB + OVERHEAD_GIB
+        denoising = with_weights + INFERENCE_PER_BLOCK * _tokens(config, work.validation_latent) * width * 2 / GIB
+        without_weights = with_weights - (weights - min(2, swapped) * one_block) / GIB  # the slots stay
+        decoding = decode_plan(with_weights, without_weights, work.validation_latent, training,
+                               1.0 if work.tiled_vae else untiled_scale(work.validation_latent)).peak_gib
+        validation = max(denoising, decoding)
+    return MemoryEstimate(weights_gib=weights / GIB, adapter_gib=adapter_gib, activations_gib=activations / GIB,
+                          validation_gib=validation)
+
+
+def vae_decode_gib(latent: tuple[int, int, int], tile_scale: float = 1.0) -> float:
+    """GPU memory of the VAE's tiled decode of a video of this latent size (frames, height, width), with tiles of
+    tile_scale times the default's sides."""
+    frames, height, width = latent
+    video_bytes = ((frames - 1) * 4 + 1) * 3 * height * 8 * width * 8 * 2
+    return VAE_WEIGHTS_GIB + VAE_TILE_WORKING_GIB * tile_scale**2 + DECODED_VIDEO_COPIES * video_bytes / GIB
+
+
+def untiled_scale(latent) -> float:
+    """The tile scale (against VAE_TILE) of a decode in one tile, as a VAE without tiling decodes."""
+    _, height, width = latent
+    return max(1.0, height * 8 / VAE_TILE[0], width * 8 / VAE_TILE[1])
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    weights_on_host: bool
+    tile_scale: float
+    peak_gib: float
+
+
+def decode_plan(with_weights_gib: float, without_weights_gib: float, latent, limit_gib: float,
+                configured_scale: float = 1.0) -> DecodePlan:
+    """How a validation video decodes under limit_gib (training's peak), given what the GPU holds before the decode
+    with the transformer's frozen weights and without them, and the tile scale the VAE is set to (untiled_scale()
+    without tiling): as it is, if that fits; else with the weights on the host, at that scale or, if need be,
+    smaller tiles (the first that fits, else the smallest)."""
+    if with_weights_gib + vae_decode_gib(latent, configured_scale) <= limit_gib:
+        return DecodePlan(False, configured_scale, with_weights_gib + vae_decode_gib(latent, configured_scale))
+    scales = [configured_scale] + [s for s in TILE_SCALES if s < configured_scale]
+    scale = next((s for s in scales if without_weights_gib + vae_decode_gib(latent, s) <= limit_gib), scales[-1])
+    return DecodePlan(True, scale, without_weights_gib + vae_decode_gib(latent, scale))
 
 
 def from_args(args, config: dict, latent, validation_latent, compiled: bool, weight_bytes: float,
@@ -162,7 +209,8 @@ def from_args(args, config: dict, latent, validation_latent, compiled: bool, wei
     """The workload the command line trains, and the plan (--offload auto: the first that fits budget_gib)."""
     work = Workload(config, latent, args.train_batch_size, args.rank, compiled, weight_bytes=weight_bytes,
                     optimizer_state_bytes=2 if args.use_8bit_adam else 8,
-                    float8_blocks=args.base_weights_dtype == "fp8", validation_latent=validation_latent)
+                    float8_blocks=args.base_weights_dtype == "fp8", validation_latent=validation_latent,
+                    tiled_vae=args.enable_tiling)
     asked = Plan(args.checkpointing_policy if args.gradient_checkpointing else None, args.offload == "activations",
                  args.blocks_to_swap)
     plan, needed = fit(work, asked, budget_gib, auto=args.offload == "auto")
@@ -227,11 +275,12 @@ def fit(work: Workload, plan: Plan, budget_gib: float | None, auto: bool) -> tup
 
 
 class Peaks:
-    """Peak GPU memory (allocated, reserved) in training and in validation apart: PyTorch keeps one peak, so it is
-    read and reset as validation begins and ends."""
+    """Peak GPU memory (allocated, reserved) of each part of a run: "training", "validation" and, within it,
+    "decoding" (the VAE's). PyTorch keeps one peak, so it is read and reset as a part begins and ends."""
 
     def __init__(self):
-        self.gib = {"training": (0.0, 0.0), "validation": (0.0, 0.0)}
+        self.gib = {"training": (0.0, 0.0), "validation": (0.0, 0.0), "decoding": (0.0, 0.0)}
+        self.current = "training"
 
     def _read(self, part: str) -> tuple[float, float]:
         if torch.cuda.is_available():
@@ -241,12 +290,19 @@ class Peaks:
         return self.gib[part]
 
     @contextlib.contextmanager
-    def validating(self):
-        self._read("training")
+    def part(self, name: str):
+        outer = self.current
+        self._read(outer)
+        self.current = name
         try:
             yield
         finally:
-            self._read("validation")
+            self._read(name)
+            self.current = outer
 
     def training(self) -> tuple[float, float]:
         return self._read("training")
+
+    def validation(self) -> tuple[float, float]:
+        """Validation's peaks, its decoding included."""
+        return tuple(map(max, self.gib["validation"], self.gib["decoding"]))

@@ -191,6 +191,45 @@ class BlockSwap:
                 hook.remove()
 
 
+def frozen_tensors(module, keep=()) -> list[tuple]:
+    """(module, name, tensor) of the frozen parameters and buffers of `module`, each once, but those of the modules
+    in `keep`."""
+    seen = {id(t) for m in keep for _, _, t in _frozen_tensors(m)}
+    found = []
+    for m, name, t in _frozen_tensors(module):
+        if id(t) not in seen:
+            seen.add(id(t))
+            found.append((m, name, t))
+    return found
+
+
+@contextlib.contextmanager
+def on_host(tensors: list[tuple]):
+    """Context in which these frozen_tensors() wait in CPU memory; on leaving, they are back where they were.
+
+    For the VAE's tiled decode of a validation video (about 4.3 GiB at 49x480x720, BENCHMARKS.md), which needs
+    none of the transformer's weights: kept on the GPU, they could raise validation above training's peak. The
+    parameters stay the same objects (their data moves), so the optimizer and compiled blocks still hold them.
+    Swapped blocks stay out: their weights alias BlockSwap's slots and already have a host copy.
+    """
+    devices = [t.device for _, _, t in tensors]
+    for m, name, _ in tensors:
+        _move(m, name, "cpu")
+    try:
+        yield
+    finally:
+        for (m, name, _), device in zip(tensors, devices):
+            _move(m, name, device)
+
+
+def _move(module, name: str, device) -> None:
+    # A copy even where it is already there, so that CPU tests see the same path as a GPU run.
+    if name in module._parameters:
+        module._parameters[name].data = module._parameters[name].data.to(device, copy=True)
+    else:
+        module._buffers[name] = module._buffers[name].to(device, copy=True)
+
+
 def _frozen_tensors(block) -> list[tuple]:
     """(module, name, tensor) of every frozen parameter and buffer of a block, in a fixed order."""
     found = []

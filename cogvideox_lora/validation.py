@@ -18,6 +18,8 @@ from diffusers.utils import export_to_video
 
 from .data import open_image, resize_and_crop
 from .distributed import wait_for_everyone_without_deadline
+from .memory import GIB, VAE_TILE, Peaks, decode_plan, untiled_scale
+from .offload import frozen_tensors, on_host
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +139,14 @@ class Validator:
     The VAE is loaded at the first use and waits on the CPU between uses. image_paths: for an
     image-to-video pipeline_class, one image per prompt. swap: the offload.BlockSwap training uses, whose blocks
     then load as the pipeline calls them; optimizer: one whose state may wait on the host while videos are made.
+    peaks: the run's memory.Peaks, which validation and its decoding are measured into and whose training peak
+    the decode keeps under (memory.decode_plan): the transformer's frozen weights wait on the host meanwhile, and
+    the tiles shrink, where that is needed.
     """
 
     def __init__(self, args, prompts: list[str], prompt_embeds, negative_embeds, scheduler_config, load_vae, dtype,
-                 pipeline_class=CogVideoXPipeline, image_paths: list[Path] | None = None, swap=None, optimizer=None):
+                 pipeline_class=CogVideoXPipeline, image_paths: list[Path] | None = None, swap=None, optimizer=None,
+                 peaks: Peaks | None = None):
         self.args, self.prompts = args, prompts
         self.prompt_embeds, self.negative_embeds = prompt_embeds, negative_embeds
         self.scheduler_config, self.load_vae, self.dtype = scheduler_config, load_vae, dtype
@@ -149,6 +155,7 @@ class Validator:
                                                         for p in image_paths]
         self.vae = None
         self.swap, self.optimizer = swap, optimizer
+        self.peaks = peaks or Peaks()
 
     def run(self, accelerator, transformer, step: int) -> list[Path]:
         """Every process must call this; each returns the paths of all the videos of this step."""
@@ -158,7 +165,7 @@ class Validator:
         mine = range(accelerator.process_index, len(jobs), accelerator.num_processes)
         if mine:
             directory.mkdir(parents=True, exist_ok=True)
-            with optimizer_state_on_host(self.optimizer):
+            with self.peaks.part("validation"), optimizer_state_on_host(self.optimizer):
                 self._make_videos(accelerator, transformer, [(jobs[i], paths[i]) for i in mine])
         wait_for_everyone_without_deadline(accelerator, f"validation-{step}")
         if accelerator.is_main_process:
@@ -170,6 +177,7 @@ class Validator:
         self.vae = (self.vae or self.load_vae()).to(accelerator.device)
         pipe = validation_pipeline(accelerator.unwrap_model(transformer), self.vae, self.scheduler_config,
                                    self.pipeline_class)
+        self._decode_with_room(pipe)
         swapping = contextlib.nullcontext() if self.swap is None else \
             self.swap.inference(pipe.transformer.transformer_blocks)
         # Compiled blocks would compile again for inference (no gradients, another batch size):
@@ -183,3 +191,39 @@ class Validator:
                 export_to_video(list(frames), str(path), fps=self.args.fps)
                 logger.info("Process %d wrote %s", accelerator.process_index, path)
         self.vae.to("cpu")
+
+    def _decode_with_room(self, pipe) -> None:
+        """The pipeline's decode, measured apart, kept under training's peak as memory.decode_plan says."""
+        decode, transformer, vae = pipe.decode_latents, pipe.transformer, pipe.vae
+        keep = [] if self.swap is None else [transformer.transformer_blocks[i] for i in self.swap.order]
+
+        def decode_latents(latents):
+            with self.peaks.part("decoding"):
+                plan = None
+                if torch.cuda.is_available():
+                    weights = frozen_tensors(transformer, keep)
+                    held = torch.cuda.memory_allocated() / GIB
+                    latent = (latents.shape[1], *latents.shape[3:])
+                    plan = decode_plan(held, held - sum(t.nbytes for _, _, t in weights) / GIB, latent,
+                                       self.peaks.gib["training"][0], 1.0 if vae.use_tiling else untiled_scale(latent))
+                with on_host(weights) if plan and plan.weights_on_host else contextlib.nullcontext(), \
+                        tiles(vae, plan.tile_scale if plan and plan.tile_scale <= 1.0 else None):
+                    return decode(latents)
+
+        pipe.decode_latents = decode_latents
+
+
+@contextlib.contextmanager
+def tiles(vae, scale: float | None):
+    """The VAE's decode tiled with tiles of `scale` times memory.VAE_TILE's sides (overlaps and blending scale
+    with them), or as it is set if None."""
+    if scale is None:
+        yield
+        return
+    before = vae.use_tiling, vae.tile_sample_min_height, vae.tile_sample_min_width
+    vae.enable_tiling(tile_sample_min_height=int(VAE_TILE[0] * scale), tile_sample_min_width=int(VAE_TILE[1] * scale))
+    try:
+        yield
+    finally:
+        vae.enable_tiling(tile_sample_min_height=before[1], tile_sample_min_width=before[2])
+        vae.use_tiling = before[0]

@@ -342,6 +342,82 @@ def test_validation_runs_guidance_one_sample_at_a_time():
     assert "forward" not in pipe.transformer.__dict__
 
 
+def test_the_decode_plan_keeps_validation_under_the_training_peak():
+    latent = (13, 60, 90)
+    decode = memory.vae_decode_gib(latent)
+    assert memory.vae_decode_gib(latent, 0.5) < decode < memory.vae_decode_gib((21, 96, 170))
+    # Room enough: decoded as it is, the weights where they are.
+    assert memory.decode_plan(3.0, 1.0, latent, 3.0 + decode) == memory.DecodePlan(False, 1.0, 3.0 + decode)
+    # Not with the weights: they wait on the host, the tiles as they are.
+    assert memory.decode_plan(10.0, 1.0, latent, 1.0 + decode) == memory.DecodePlan(True, 1.0, 1.0 + decode)
+    # Not even without them: the first smaller tiles that fit; if none, the smallest.
+    half = memory.vae_decode_gib(latent, 0.5)
+    assert memory.decode_plan(10.0, 1.0, latent, 1.0 + half) == memory.DecodePlan(True, 0.5, 1.0 + half)
+    smallest = memory.decode_plan(10.0, 9.0, latent, 1.0)
+    assert smallest == memory.DecodePlan(True, 0.25, 9.0 + memory.vae_decode_gib(latent, 0.25))
+    # A VAE without tiling decodes a 480x720 frame in one tile of twice the default's sides, or else tiled.
+    assert memory.untiled_scale(latent) == 2.0
+    assert memory.decode_plan(3.0, 1.0, latent, 100.0, 2.0).tile_scale == 2.0
+    assert memory.decode_plan(10.0, 1.0, latent, 1.0 + decode, 2.0) == memory.DecodePlan(True, 1.0, 1.0 + decode)
+
+
+def test_the_estimate_decodes_validation_as_the_validator_will(work_2b):
+    plan = memory.Plan("full", offload_activations=True, blocks_to_swap=12)
+    latent = (13, 60, 90)
+    validated = memory.estimate(replace(work_2b, validation_latent=latent), plan)
+    adapter_weights = validated.adapter_gib / 4  # of fp32 weights, gradients and two Adam states
+    with_weights = validated.weights_gib + adapter_weights + memory.OVERHEAD_GIB
+    # The decode with the weights on the GPU would not fit under training's peak: they wait on the host.
+    assert with_weights + memory.vae_decode_gib(latent) > validated.training_gib
+    assert validated.validation_gib <= validated.training_gib
+    untiled = memory.estimate(replace(work_2b, validation_latent=latent, tiled_vae=False), plan)
+    assert untiled.validation_gib == pytest.approx(validated.validation_gib)  # both fall back to tiles that fit
+    # Without checkpointing, training's peak leaves room for the decode in one tile beside the weights.
+    roomy = memory.estimate(replace(work_2b, validation_latent=latent, tiled_vae=False), memory.Plan())
+    assert roomy.validation_gib == pytest.approx(
+        roomy.weights_gib + adapter_weights + memory.OVERHEAD_GIB + memory.vae_decode_gib(latent, 2.0))
+
+
+def test_frozen_weights_wait_on_the_host_and_come_back():
+    transformer = tiny_transformer(num_layers=3)
+    keep = [transformer.transformer_blocks[1]]
+    params = dict(transformer.named_parameters())
+    values = {name: p.detach().clone() for name, p in params.items()}
+    storage = {name: p.data_ptr() for name, p in params.items()}
+    inputs = tiny_inputs(transformer, 0)
+    with torch.no_grad():
+        before = transformer(**inputs, return_dict=False)[0]
+    moved = offload.frozen_tensors(transformer, keep)
+    moved_ids = {id(t) for _, _, t in moved}
+    kept_ids = {id(p) for p in keep[0].parameters()}
+    assert moved and not moved_ids & kept_ids and all(not t.requires_grad for _, _, t in moved)
+    assert len(moved_ids) == len(moved)
+    with offload.on_host(moved):
+        for name, p in params.items():
+            # The same parameters, their data moved (a copy, even on the CPU), but for the kept and trainable ones.
+            assert p is dict(transformer.named_parameters())[name]
+            assert (p.data_ptr() != storage[name]) == (id(p) in moved_ids), name
+    for name, p in params.items():
+        assert torch.equal(p, values[name]), name
+    with torch.no_grad():
+        assert torch.equal(transformer(**inputs, return_dict=False)[0], before)
+
+
+def test_validation_tiles_come_back_as_they_were():
+    from cogvideox_lora import synthetic
+    from cogvideox_lora.validation import tiles
+
+    vae = synthetic.build_pipeline("tiny", text_encoder=False).vae
+    assert not vae.use_tiling
+    sides = vae.tile_sample_min_height, vae.tile_sample_min_width
+    with tiles(vae, 0.5):
+        assert vae.use_tiling and (vae.tile_sample_min_height, vae.tile_sample_min_width) == (120, 180)
+        assert (vae.tile_latent_min_height, vae.tile_latent_min_width) == (15, 22)
+    assert not vae.use_tiling and (vae.tile_sample_min_height, vae.tile_sample_min_width) == sides
+    with tiles(vae, None):
+        assert not vae.use_tiling
+
+
 def test_text_encoder_size_from_its_config():
     # google/t5-v1_1-xxl, the text encoder of every CogVideoX: 4.76 B parameters.
     from cogvideox_lora.synthetic import _XXL_T5
