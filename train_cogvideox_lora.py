@@ -30,7 +30,7 @@ from cogvideox_lora.args import parse_args, tracker_config, validation_images, v
 from cogvideox_lora.data import (Buckets, DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches,
                                  long_prompts)
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
-from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, save_lora, trainable_parameters
+from cogvideox_lora.lora import add_lora, save_lora, trainable_parameters, uncast_adapter_inputs
 from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
 from cogvideox_lora.model_card import write_model_card
 from cogvideox_lora.optim import make_optimizer
@@ -163,6 +163,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         models.store_base_weights_in_fp8(transformer, weight_dtype, device)
     set_seed(args.seed)  # the same fresh adapter in every process and every run with this seed
     lora_config = add_lora(transformer, args.rank, args.lora_alpha)
+    uncast_adapter_inputs(transformer, weight_dtype)
     attention.use(transformer, kernel)
     swap = offload.BlockSwap(transformer.transformer_blocks, plan.blocks_to_swap, device) \
         if plan.blocks_to_swap else None
@@ -362,7 +363,7 @@ def accumulate_gradients(accelerator, transformer, args, data: TrainingData, ste
             args.noised_image_dropout, size[0], device) if family.image_to_video else None
         # accelerate counts the batches: backward divides the loss by ga, and only the last batch of a
         # step all-reduces the gradients (DDP) or steps the optimizer inside backward (DeepSpeed).
-        with accelerator.accumulate(transformer), adapter_inputs_uncast(transformer, weight_dtype):
+        with accelerator.accumulate(transformer):
             loss = compute_loss(transformer, batch, alphas_cumprod, weight_dtype, inputs[size], image_latents)
             accelerator.backward(loss)
         loss_sum += loss.detach()

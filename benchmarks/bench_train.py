@@ -142,6 +142,13 @@ def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, resume_steps,
     size, flags = ROWS[base]
     flags = [*flags, *(["--attention_backend", backend] if backend else [])]
     frames, height, width = shape
+    if "--validation_prompt" in flags and "i2v" in size:  # image-to-video validates from an image
+        image = workdir / f"validation-{height}x{width}.png"
+        if not image.exists():
+            from PIL import Image
+
+            Image.new("RGB", (width, height), (128, 128, 128)).save(image)
+        flags += ["--validation_images", str(image)]
     out = workdir / f"out-{name}"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launcher(processes, zero2),

@@ -24,7 +24,7 @@ from diffusers import CogVideoXTransformer3DModel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cogvideox_lora import attention, offload, recompute, synthetic  # noqa: E402
-from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, trainable_parameters  # noqa: E402
+from cogvideox_lora.lora import add_lora, trainable_parameters, uncast_adapter_inputs  # noqa: E402
 from cogvideox_lora.loss import compute_loss, draw_batch, transformer_inputs  # noqa: E402
 from cogvideox_lora.models import compile_blocks  # noqa: E402
 
@@ -72,7 +72,7 @@ def training_step(transformer, batch, inputs, alphas):
     params = trainable_parameters(transformer)
     for p in params:
         p.grad = None
-    with adapter_inputs_uncast(transformer, torch.bfloat16), attention.preferred_sdpa("cudnn"):
+    with attention.preferred_sdpa("cudnn"):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = compute_loss(transformer, batch, alphas, torch.bfloat16, inputs)
         loss.backward()
@@ -93,6 +93,7 @@ def steps() -> dict:
     with torch.device("cuda"):
         base = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
     add_lora(base, 128, 128)
+    uncast_adapter_inputs(base, torch.bfloat16)
     for p in trainable_parameters(base):  # B is zero at init: give every adapter matrix a gradient to compare
         p.data.normal_(0, 0.01)
     video = {"latent_params": torch.randn(32, 13, 60, 90, dtype=torch.bfloat16)}

@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from torch.profiler import record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cogvideox_lora import attention, recompute, synthetic  # noqa: E402
-from cogvideox_lora.lora import adapter_inputs_uncast, add_lora, trainable_parameters  # noqa: E402
+from cogvideox_lora.lora import add_lora, trainable_parameters, uncast_adapter_inputs  # noqa: E402
 from cogvideox_lora.loss import compute_loss, draw_batch, transformer_inputs  # noqa: E402
 from cogvideox_lora.models import compile_blocks, store_base_weights_in_fp8  # noqa: E402
 
@@ -44,12 +43,14 @@ def sync():
 
 
 def build(size: str, checkpointing: str | None, options: set, rank: int, kernel: str | None):
+    """The transformer with LoRA as the trainer builds it; option "cast" keeps peft's fp32 cast of adapter inputs."""
     config = synthetic._SPECS[size]["transformer"]
     with torch.device(DEVICE):
         transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
     if "fp8" in options:
         store_base_weights_in_fp8(transformer, torch.bfloat16, DEVICE)
     add_lora(transformer, rank, rank)
+    uncast_adapter_inputs(transformer, torch.float32 if "cast" in options else torch.bfloat16)
     attention.use(transformer, attention.Choice(kernel, ""))
     if checkpointing:
         recompute.enable(transformer, checkpointing)
@@ -70,17 +71,13 @@ def run_variant(name: str, args) -> dict:
     prompt = {"prompt_embeds": torch.randn(config.max_text_seq_length, config.text_embed_dim, dtype=torch.bfloat16)}
     alphas = torch.linspace(0.999, 0.001, 1000, device=DEVICE)
     inputs = transformer_inputs(config, latent_frames, h, w, DEVICE)
-    uncast = "cast" not in options
-
     def step(i):
         with record_function("batch"):
             batch = draw_batch([video], [prompt], [i], 1.0, 0.0, 1000, DEVICE)
-        # Uncast through the backward pass too, whose recompute must run the forward pass as it ran.
-        with adapter_inputs_uncast(transformer, torch.bfloat16) if uncast else nullcontext():
-            with record_function("forward"), torch.autocast(DEVICE, dtype=torch.bfloat16):
-                loss = compute_loss(transformer, batch, alphas, torch.bfloat16, inputs)
-            with record_function("backward"):
-                loss.backward()
+        with record_function("forward"), torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = compute_loss(transformer, batch, alphas, torch.bfloat16, inputs)
+        with record_function("backward"):
+            loss.backward()
         with record_function("clip"):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
         with record_function("optimizer"):
@@ -125,7 +122,7 @@ def run_variant(name: str, args) -> dict:
                 for i in range(2):
                     step(2000 + i)
                     sync()
-            path = Path(args.trace, f"trace_{args.size}_{args.checkpointing or 'none'}_{name.replace("+", "-")}.json")
+            path = Path(args.trace, f"trace_{args.size}_{args.checkpointing or 'none'}_{name.replace('+', '-')}.json")
             path.parent.mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(path))
             events = json.loads(path.read_text())["traceEvents"]

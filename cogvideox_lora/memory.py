@@ -13,11 +13,12 @@ GIB = 2**30
 # tensors a block on an H100, compiled blocks ~13.6 on the H200 (fused elementwise ops keep fewer).
 ACTIVATIONS_PER_BLOCK = {False: 19.4, True: 13.6}
 # Checkpointed inputs on the GPU at once with activation offloading: the block's own, the prefetched one and
-# those whose copy to the host is still under way (fitted to the 5B rows).
-INPUTS_IN_FLIGHT = 4
+# those whose copy to the host is still under way (fitted to the 2B, 5B and 1.5-5B rows on the H200).
+INPUTS_IN_FLIGHT = 6
 # What one block's forward pass without gradients holds at once, per sample, in the same units (eager, as
-# validation runs: fp32 norms and rotary products, the 4x feed-forward).
-INFERENCE_PER_BLOCK = 13.0
+# validation runs: fp32 norms and rotary products, the 4x feed-forward): fitted to the validation peaks of 2B,
+# 5B and 1.5-5B on the H200, measured apart from the VAE's decode (19.4 to 23.4, BENCHMARKS.md).
+INFERENCE_PER_BLOCK = 21.0
 # The VAE's tiled decode: its weights (CogVideoX's VAEs: 216 M parameters), its working set at the default tiles
 # (240x360 pixels, two latent frames at a time; with them the decode took about 4.3 GiB at 49x480x720 whatever
 # the transformer, BENCHMARKS.md, as diffusers' own estimate in tiled_decode says), which scales with a tile's
@@ -162,6 +163,8 @@ def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
         # Guidance's two samples go through the transformer one at a time (validation.py).
         with_weights = (weights + adapter * 4) / GIB + OVERHEAD_GIB
         denoising = with_weights + INFERENCE_PER_BLOCK * _tokens(config, work.validation_latent) * width * 2 / GIB
+        if work.float8_blocks:
+            denoising += 12 * width**2 * work.weight_bytes / GIB  # the dequantized weights of the block being run
         without_weights = with_weights - (weights - min(2, swapped) * one_block) / GIB  # the slots stay
         decoding = decode_plan(with_weights, without_weights, work.validation_latent, training,
                                1.0 if work.tiled_vae else untiled_scale(work.validation_latent)).peak_gib

@@ -156,6 +156,7 @@ class Validator:
         self.vae = None
         self.swap, self.optimizer = swap, optimizer
         self.peaks = peaks or Peaks()
+        self.decoding = None  # the last decode plan, to say when it changes
 
     def run(self, accelerator, transformer, step: int) -> list[Path]:
         """Every process must call this; each returns the paths of all the videos of this step."""
@@ -204,10 +205,17 @@ class Validator:
                     weights = frozen_tensors(transformer, keep)
                     held = torch.cuda.memory_allocated() / GIB
                     latent = (latents.shape[1], *latents.shape[3:])
+                    configured = 1.0 if vae.use_tiling else untiled_scale(latent)
                     plan = decode_plan(held, held - sum(t.nbytes for _, _, t in weights) / GIB, latent,
-                                       self.peaks.gib["training"][0], 1.0 if vae.use_tiling else untiled_scale(latent))
+                                       self.peaks.gib["training"][0], configured)
+                    if plan.weights_on_host and plan != self.decoding:
+                        logger.info("Validation videos decode with the transformer's frozen weights on the host%s, "
+                                    "to stay under training's peak of %.1f GiB (about %.1f GiB).",
+                                    f" and tiles of {plan.tile_scale:g} times the VAE's" if plan.tile_scale < 1 else "",
+                                    self.peaks.gib["training"][0], plan.peak_gib)
+                    self.decoding = plan
                 with on_host(weights) if plan and plan.weights_on_host else contextlib.nullcontext(), \
-                        tiles(vae, plan.tile_scale if plan and plan.tile_scale <= 1.0 else None):
+                        tiles(vae, plan.tile_scale if plan and plan.tile_scale != configured else None):
                     return decode(latents)
 
         pipe.decode_latents = decode_latents

@@ -16,7 +16,7 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 
 from cogvideox_lora import memory, models
-from cogvideox_lora.lora import add_lora, adapter_inputs_uncast, lora_state_dict, load_lora_state_dict
+from cogvideox_lora.lora import add_lora, lora_state_dict, load_lora_state_dict, uncast_adapter_inputs
 from cogvideox_lora.loss import compute_loss, transformer_inputs
 from helpers import REPO, run_script, summary, train_argv
 
@@ -58,8 +58,8 @@ def step(transformer, batch, uncast: bool = False):
     """One bf16-autocast training step: the loss and the LoRA gradients by name."""
     (latents, noise, timesteps, prompt_embeds), alphas_cumprod = batch
     transformer.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=BF16), adapter_inputs_uncast(transformer, BF16) if uncast else \
-            adapter_inputs_uncast(transformer, torch.float32):
+    uncast_adapter_inputs(transformer, BF16 if uncast else torch.float32)
+    with torch.autocast("cpu", dtype=BF16):
         inputs = transformer_inputs(transformer.config, *latents.shape[1:2], *latents.shape[3:], "cpu")
         loss = compute_loss(transformer, (latents, noise, timesteps, prompt_embeds), alphas_cumprod, BF16, inputs)
     loss.backward()
@@ -196,3 +196,18 @@ def test_profile_attributes_gpu_idle_to_the_phase_that_launched_the_next_work():
     assert idle["optimizer"] == {"idle_ms": 0.2, "gaps": 1, "largest_us": 200, "largest_before": "adam"}
     assert idle["busy_ms"] == (65 + 25 + 10) / 1000 and idle["span_ms"] == 0.4
     assert set(idle) == {"forward", "optimizer", "busy_ms", "span_ms"}
+
+
+def test_adapter_inputs_are_uncast_only_in_half_precision():
+    from peft.tuners.lora import LoraLayer
+
+    from cogvideox_lora import synthetic
+
+    transformer = CogVideoXTransformer3DModel(**{**synthetic._SPECS["tiny"]["transformer"], "num_layers": 1})
+    add_lora(transformer, 4, 4)
+    layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 4 and all(m.cast_input_dtype_enabled for m in layers)
+    uncast_adapter_inputs(transformer, BF16)
+    assert not any(m.cast_input_dtype_enabled for m in layers)
+    uncast_adapter_inputs(transformer, torch.float32)
+    assert all(m.cast_input_dtype_enabled for m in layers)

@@ -425,3 +425,23 @@ def test_text_encoder_size_from_its_config():
     config = {**_XXL_T5}
     assert memory.text_encoder_bytes(config, 1) == pytest.approx(4.76e9, rel=0.01)
     assert memory.text_encoder_bytes(config, 2) == 2 * memory.text_encoder_bytes(config, 1)
+
+
+def test_peaks_of_training_validation_and_its_decode_apart(monkeypatch):
+    # A stand-in for CUDA's one peak counter, which the parts read and reset.
+    counter = {"peak": 0.0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: counter["peak"] * memory.GIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: counter["peak"] * memory.GIB)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: counter.update(peak=0.0))
+    peaks = memory.Peaks()
+    counter["peak"] = 5.0
+    with peaks.part("validation"):
+        counter["peak"] = 3.0
+        with peaks.part("decoding"):
+            counter["peak"] = 4.0
+        counter["peak"] = 2.0
+    counter["peak"] = 4.5
+    assert peaks.training() == (5.0, 5.0)
+    assert peaks.gib["validation"] == (3.0, 3.0) and peaks.gib["decoding"] == (4.0, 4.0)
+    assert peaks.validation() == (4.0, 4.0)
