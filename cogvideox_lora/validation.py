@@ -200,10 +200,9 @@ class Validator:
 
         def decode_latents(latents):
             with self.peaks.part("decoding"):
-                plan = None
-                if torch.cuda.is_available():
+                plan, held = None, self._gpu_held_gib()
+                if held is not None:
                     weights = frozen_tensors(transformer, keep)
-                    held = torch.cuda.memory_allocated() / GIB
                     latent = (latents.shape[1], *latents.shape[3:])
                     configured = 1.0 if vae.use_tiling else untiled_scale(latent)
                     plan = decode_plan(held, held - sum(t.nbytes for _, _, t in weights) / GIB, latent,
@@ -219,6 +218,11 @@ class Validator:
                     return decode(latents)
 
         pipe.decode_latents = decode_latents
+
+    @staticmethod
+    def _gpu_held_gib() -> float | None:
+        """What the GPU holds now, or None without one (no room to make)."""
+        return torch.cuda.memory_allocated() / GIB if torch.cuda.is_available() else None
 
 
 @contextlib.contextmanager

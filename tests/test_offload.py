@@ -445,3 +445,21 @@ def test_peaks_of_training_validation_and_its_decode_apart(monkeypatch):
     assert peaks.training() == (5.0, 5.0)
     assert peaks.gib["validation"] == (3.0, 3.0) and peaks.gib["decoding"] == (4.0, 4.0)
     assert peaks.validation() == (4.0, 4.0)
+
+
+def test_a_crowded_decode_mid_run_leaves_training_as_it_was(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch,
+                                                           caplog):
+    # Validation after step 2 of 4, with and without the GPU taken to be full (100 GiB held against a training peak
+    # of 0): the crowded decode moves the transformer's frozen weights to the host and back, and shrinks the tiles.
+    from cogvideox_lora.validation import Validator
+
+    argv = ["--max_train_steps", 4, "--validation_prompt", "a brown bear", "--validation_steps", 2]
+    run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "roomy", tmp_path / "cache", *argv))
+    monkeypatch.setattr(Validator, "_gpu_held_gib", staticmethod(lambda: 100.0))
+    with caplog.at_level("INFO"):
+        run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "crowded", tmp_path / "cache", *argv))
+    assert "decode with the transformer's frozen weights on the host and tiles of 0.25 times" in caplog.text
+    assert max_abs_diff(lora(tmp_path / "roomy"), lora(tmp_path / "crowded")) == 0
+    assert len(summary(tmp_path / "crowded")["validation_videos"]) == 1
+    assert sorted(p.name[:11] for p in (tmp_path / "crowded" / "validation").glob("*.mp4")) == \
+        ["step-000002", "step-000004"]
