@@ -69,7 +69,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         sys.exit("error: " + "\n  ".join(problems))
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
-    too_long = long_prompts(clips, models.load_tokenizer(args), transformer_config["max_text_seq_length"])
+    tokenizer = models.load_tokenizer(args)
+    too_long = long_prompts(clips, tokenizer, transformer_config["max_text_seq_length"])
     if too_long:
         logger.warning("%d prompt(s) have more tokens than the text encoder takes (%d); the rest is cut:\n  %s",
                        len(too_long), transformer_config["max_text_seq_length"], "\n  ".join(too_long))
@@ -149,7 +150,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     embeds, encoded_prompts = encode_prompts(
         accelerator, cache, prompts, transformer_config["max_text_seq_length"],
         encoder_id={**model_id, "text_encoder": text_encoder_config},
-        load_text_encoder=lambda: models.load_text_encoder(args, weight_dtype, text_device))
+        load_text_encoder=lambda: (tokenizer, models.load_text_encoder(args, weight_dtype, text_device)))
     prompt_entry = dict(zip(prompts, embeds))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -152,8 +152,9 @@ def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
         layers * (work.weight_bytes * _block_parameters(config) - one_block))
     swapped = min(plan.blocks_to_swap, layers)
     weights -= (swapped - min(2, swapped)) * one_block  # two slots stay on the GPU
-    if work.float8_blocks:
-        activations += 12 * width**2 * work.weight_bytes  # the dequantized weights of the block being run
+    # With fp8 storage, the dequantized weights of the block being run, in training and in validation alike.
+    dequantized = 12 * width**2 * work.weight_bytes if work.float8_blocks else 0
+    activations += dequantized
     adapter = layers * 4 * 2 * width * work.rank  # A and B of q, k, v, out in every block
     adapter_gib = adapter * (4 + 4 + work.optimizer_state_bytes) / GIB
     training = weights / GIB + adapter_gib + activations / GIB + OVERHEAD_GIB
@@ -162,9 +163,8 @@ def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
         # The optimizer states wait on the host meanwhile and the gradients are freed: the adapter's weights stay.
         # Guidance's two samples go through the transformer one at a time (validation.py).
         with_weights = (weights + adapter * 4) / GIB + OVERHEAD_GIB
-        denoising = with_weights + INFERENCE_PER_BLOCK * _tokens(config, work.validation_latent) * width * 2 / GIB
-        if work.float8_blocks:
-            denoising += 12 * width**2 * work.weight_bytes / GIB  # the dequantized weights of the block being run
+        denoising = with_weights + (INFERENCE_PER_BLOCK * _tokens(config, work.validation_latent) * width * 2
+                                    + dequantized) / GIB
         without_weights = with_weights - (weights - min(2, swapped) * one_block) / GIB  # the slots stay
         decoding = decode_plan(with_weights, without_weights, work.validation_latent, training,
                                1.0 if work.tiled_vae else untiled_scale(work.validation_latent)).peak_gib

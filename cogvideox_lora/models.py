@@ -140,10 +140,9 @@ def load_tokenizer(args):
 
 
 def load_text_encoder(args, dtype: torch.dtype, device):
-    tokenizer = load_tokenizer(args)
     text_encoder = T5EncoderModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
                                                   variant=args.variant, dtype=dtype, **_hub_kwargs(args))
-    return tokenizer, text_encoder.requires_grad_(False).eval().to(device)
+    return text_encoder.requires_grad_(False).eval().to(device)
 
 
 def load_scheduler(args):

@@ -200,21 +200,25 @@ class Validator:
 
         def decode_latents(latents):
             with self.peaks.part("decoding"):
-                plan, held = None, self._gpu_held_gib()
+                room, scale = contextlib.nullcontext(), None  # as it is, where there is no GPU to make room on
+                held = self._gpu_held_gib()
                 if held is not None:
                     weights = frozen_tensors(transformer, keep)
                     latent = (latents.shape[1], *latents.shape[3:])
                     configured = 1.0 if vae.use_tiling else untiled_scale(latent)
                     plan = decode_plan(held, held - sum(t.nbytes for _, _, t in weights) / GIB, latent,
                                        self.peaks.gib["training"][0], configured)
-                    if plan.weights_on_host and plan != self.decoding:
-                        logger.info("Validation videos decode with the transformer's frozen weights on the host%s, "
-                                    "to stay under training's peak of %.1f GiB (about %.1f GiB).",
-                                    f" and tiles of {plan.tile_scale:g} times the VAE's" if plan.tile_scale < 1 else "",
-                                    self.peaks.gib["training"][0], plan.peak_gib)
+                    if plan.weights_on_host:
+                        room = on_host(weights)
+                        if plan != self.decoding:
+                            logger.info("Validation videos decode with the transformer's frozen weights on the "
+                                        "host%s, to stay under training's peak of %.1f GiB (about %.1f GiB).",
+                                        f" and tiles of {plan.tile_scale:g} times the VAE's"
+                                        if plan.tile_scale < 1 else "", self.peaks.gib["training"][0], plan.peak_gib)
+                    if plan.tile_scale != configured:
+                        scale = plan.tile_scale
                     self.decoding = plan
-                with on_host(weights) if plan and plan.weights_on_host else contextlib.nullcontext(), \
-                        tiles(vae, plan.tile_scale if plan and plan.tile_scale != configured else None):
+                with room, tiles(vae, scale):
                     return decode(latents)
 
         pipe.decode_latents = decode_latents
