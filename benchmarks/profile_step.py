@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from diffusers import CogVideoXTransformer3DModel
 from torch.profiler import record_function
+from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -42,8 +43,43 @@ def sync():
         torch.cuda.synchronize()
 
 
+def checkpoint_in_graph(transformer, policy: str) -> None:
+    """An experiment, not yet the trainer's way: each block's checkpoint inside its compiled graph
+    (compile(checkpoint(block))) instead of around it (checkpoint(compiled block), recompute.py), so that the
+    recompute is part of the compiled backward, where Inductor may fuse it with the gradients' kernels.
+    Compile the blocks after this. On the CPU, a 2B-width block keeps the same bytes for its backward pass
+    either way. Offloading and block swap are left out: their hooks run outside the compiled graph."""
+    extra = {"context_fn": recompute._keep_attention_context} if policy == "keep_attention" else {}
+
+    # A function of this file rather than a functools.partial: Dynamo starts tracing at the first frame outside
+    # torch (Module._call_impl and checkpoint are in its skip list), and it must start here to see the checkpoint.
+    def checkpointed(forward):
+        def run(*args, **kwargs):
+            return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
+        return run
+
+    for block in transformer.transformer_blocks:
+        block.forward = checkpointed(block.forward)
+
+
+def saved_bytes(transformer, run):
+    """What run() keeps for the backward pass beside the transformer's own parameters, in bytes, and its result."""
+    own = {p.data_ptr() for p in transformer.parameters()}
+    sizes = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in own:
+            sizes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = run()
+    return sum(sizes), result
+
+
 def build(size: str, checkpointing: str | None, options: set, rank: int, kernel: str | None):
-    """The transformer with LoRA as the trainer builds it; option "cast" keeps peft's fp32 cast of adapter inputs."""
+    """The transformer with LoRA as the trainer builds it; option "cast" keeps peft's fp32 cast of adapter inputs,
+    "ingraph" checkpoints inside the compiled blocks (checkpoint_in_graph)."""
     config = synthetic._SPECS[size]["transformer"]
     with torch.device(DEVICE):
         transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
@@ -52,7 +88,11 @@ def build(size: str, checkpointing: str | None, options: set, rank: int, kernel:
     add_lora(transformer, rank, rank)
     uncast_adapter_inputs(transformer, torch.float32 if "cast" in options else torch.bfloat16)
     attention.use(transformer, attention.Choice(kernel, ""))
-    if checkpointing:
+    if "ingraph" in options:
+        if not checkpointing or "compile" not in options:
+            raise SystemExit("error: the ingraph variant needs --checkpointing and compile")
+        checkpoint_in_graph(transformer, checkpointing)
+    elif checkpointing:
         recompute.enable(transformer, checkpointing)
     if "compile" in options:
         compile_blocks(transformer)
@@ -179,8 +219,9 @@ def main():
     parser.add_argument("--size", default="2b", choices=["2b", "5b", "tiny"])
     parser.add_argument("--variants", default="cudnn,flash",
                         help="comma-separated; each joins with '+' an attention backend (flash4, cudnn, flash, "
-                             "efficient, math) and optionally 'compile' (torch.compile each block), 'fp8' (float8 base weights) "
-                             "and 'cast' (keep peft's fp32 cast of adapter inputs)")
+                             "efficient, math) and optionally 'compile' (torch.compile each block), 'fp8' (float8 base weights), "
+                             "'cast' (keep peft's fp32 cast of adapter inputs) and 'ingraph' (with --checkpointing "
+                             "and compile: the checkpoint inside the compiled blocks)")
     parser.add_argument("--checkpointing", choices=recompute.POLICIES, default=None,
                         help="gradient checkpointing with this policy (default: none)")
     parser.add_argument("--frames", type=int, default=49)

@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
+from torch._dynamo.utils import counters
 
 from cogvideox_lora import memory, models
 from cogvideox_lora.lora import add_lora, lora_state_dict, load_lora_state_dict, uncast_adapter_inputs
@@ -89,6 +90,25 @@ def test_compiled_blocks_give_the_plain_step(plain, batch):
     models.compile_blocks(compiled)
     # Both as the trainer runs them: compiled blocks with uncast adapter inputs.
     assert_same_step(step(plain, batch), step(compiled, batch, uncast=True), tolerance=1e-2)
+
+
+def test_checkpoint_inside_compiled_blocks_gives_the_plain_step(plain, batch):
+    """profile_step's "ingraph" experiment checkpoints inside the compiled blocks: the same step as the plain
+    path, keeping a small part of what the plain path keeps."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import profile_step
+
+    ingraph = copy.deepcopy(plain)
+    profile_step.checkpoint_in_graph(ingraph, "full")
+    # Inductor's partition of forward and backward without its code generation, which would take a minute here.
+    for block in ingraph.transformer_blocks:
+        block.compile(backend="aot_eager_decomp_partition")
+    graphs = counters["stats"]["unique_graphs"]
+    kept_plain, reference = profile_step.saved_bytes(plain, lambda: step(plain, batch))
+    kept_ingraph, result = profile_step.saved_bytes(ingraph, lambda: step(ingraph, batch, uncast=True))
+    assert counters["stats"]["unique_graphs"] > graphs, "the checkpointed blocks should have been compiled"
+    assert_same_step(reference, result, tolerance=1e-2)
+    assert kept_ingraph < kept_plain / 3, (kept_ingraph, kept_plain)
 
 
 def test_float8_base_weights_stay_close_to_bf16(tiny_model_dir, plain, batch):
