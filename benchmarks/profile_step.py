@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_train import latent_size  # noqa: E402
 from cogvideox_lora import attention, recompute, synthetic  # noqa: E402
 from cogvideox_lora.lora import add_lora, trainable_parameters, uncast_adapter_inputs  # noqa: E402
 from cogvideox_lora.loss import compute_loss, draw_batch, transformer_inputs  # noqa: E402
@@ -49,13 +50,13 @@ def checkpoint_in_graph(transformer, policy: str) -> None:
     recompute is part of the compiled backward, where Inductor may fuse it with the gradients' kernels.
     Compile the blocks after this. On the CPU, a 2B-width block keeps the same bytes for its backward pass
     either way. Offloading and block swap are left out: their hooks run outside the compiled graph."""
-    extra = {"context_fn": recompute._keep_attention_context} if policy == "keep_attention" else {}
+    options = recompute.checkpoint_options(policy)
 
     # A function of this file rather than a functools.partial: Dynamo starts tracing at the first frame outside
     # torch (Module._call_impl and checkpoint are in its skip list), and it must start here to see the checkpoint.
     def checkpointed(forward):
         def run(*args, **kwargs):
-            return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
+            return checkpoint(forward, *args, **options, **kwargs)
         return run
 
     for block in transformer.transformer_blocks:
@@ -106,7 +107,7 @@ def run_variant(name: str, args) -> dict:
     config = transformer.config
     params = trainable_parameters(transformer)
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, fused=DEVICE == "cuda")
-    latent_frames, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    latent_frames, h, w = latent_size(args.frames, args.height, args.width)
     video = {"latent_params": torch.randn(2 * config.in_channels, latent_frames, h, w, dtype=torch.bfloat16)}
     prompt = {"prompt_embeds": torch.randn(config.max_text_seq_length, config.text_embed_dim, dtype=torch.bfloat16)}
     alphas = torch.linspace(0.999, 0.001, 1000, device=DEVICE)

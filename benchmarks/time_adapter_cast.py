@@ -19,7 +19,7 @@ from peft.helpers import disable_input_dtype_casting
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cogvideox_lora import synthetic  # noqa: E402
-from cogvideox_lora.lora import TARGET_MODULES, uncast_adapter_inputs  # noqa: E402
+from cogvideox_lora.lora import add_lora, uncast_adapter_inputs  # noqa: E402
 
 
 def median_ms(fn, repeats: int = 21) -> float:
@@ -32,11 +32,9 @@ def median_ms(fn, repeats: int = 21) -> float:
 
 
 def main():
-    from peft import LoraConfig
-
     with torch.device("meta"):
         transformer = CogVideoXTransformer3DModel(**synthetic._SPECS["2b"]["transformer"]).requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=128, lora_alpha=128, target_modules=TARGET_MODULES))
+    add_lora(transformer, 128, 128)
 
     def per_step():
         with disable_input_dtype_casting(transformer):

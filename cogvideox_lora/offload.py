@@ -209,25 +209,24 @@ def on_host(tensors: list[tuple]):
 
     For the VAE's tiled decode of a validation video (about 4.3 GiB at 49x480x720, BENCHMARKS.md), which needs
     none of the transformer's weights: kept on the GPU, they could raise validation above training's peak. The
-    parameters stay the same objects (their data moves), so the optimizer and compiled blocks still hold them.
+    parameters and buffers stay the same objects (their data moves), so the optimizer and compiled blocks still
+    hold them.
     Swapped blocks stay out: their weights alias BlockSwap's slots and already have a host copy.
     """
     devices = [t.device for _, _, t in tensors]
-    for m, name, _ in tensors:
-        _move(m, name, "cpu")
+    for _, _, t in tensors:
+        _move(t, "cpu")
     try:
         yield
     finally:
-        for (m, name, _), device in zip(tensors, devices):
-            _move(m, name, device)
+        for (_, _, t), device in zip(tensors, devices):
+            _move(t, device)
 
 
-def _move(module, name: str, device) -> None:
-    # A copy even where it is already there, so that CPU tests see the same path as a GPU run.
-    if name in module._parameters:
-        module._parameters[name].data = module._parameters[name].data.to(device, copy=True)
-    else:
-        module._buffers[name] = module._buffers[name].to(device, copy=True)
+def _move(tensor, device) -> None:
+    # In place, buffers as parameters, so that whoever holds the tensor (the caller's list, compiled blocks) lets go
+    # of its GPU memory; a copy even where it is already there, so that CPU tests see the same path as a GPU run.
+    tensor.data = tensor.data.to(device, copy=True)
 
 
 def _frozen_tensors(block) -> list[tuple]:

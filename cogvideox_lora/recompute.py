@@ -38,19 +38,23 @@ def _keep_attention_context():
     return create_selective_checkpoint_contexts(policy)
 
 
+def checkpoint_options(policy: str) -> dict:
+    """torch.utils.checkpoint's keyword arguments for this policy."""
+    return {"use_reentrant": False, **({"context_fn": _keep_attention_context} if policy == "keep_attention" else {})}
+
+
 def enable(transformer, policy: str, activations=None, swap=None) -> None:
     """Turns on gradient checkpointing of every block with this policy; activations: an
     offload.ActivationOffload, swap: an offload.BlockSwap, or None."""
     index = {block: i for i, block in enumerate(transformer.transformer_blocks)}
-    context_fn = _keep_attention_context if policy == "keep_attention" else None
+    options = checkpoint_options(policy)
 
     def checkpointed(block, hidden_states, encoder_hidden_states, *rest):
         run = block.__call__ if swap is None else _loading(swap, index[block], block)
         offloading = activations.offloading(hidden_states, encoder_hidden_states) if activations is not None \
             else contextlib.nullcontext()
         with offloading:
-            return checkpoint(run, hidden_states, encoder_hidden_states, *rest, use_reentrant=False,
-                              **({"context_fn": context_fn} if context_fn else {}))
+            return checkpoint(run, hidden_states, encoder_hidden_states, *rest, **options)
 
     transformer.enable_gradient_checkpointing(checkpointed)
 

@@ -197,16 +197,17 @@ class Validator:
         """The pipeline's decode, measured apart, kept under training's peak as memory.decode_plan says."""
         decode, transformer, vae = pipe.decode_latents, pipe.transformer, pipe.vae
         keep = [] if self.swap is None else [transformer.transformer_blocks[i] for i in self.swap.order]
+        weights = frozen_tensors(transformer, keep)
+        weights_gib = sum(t.nbytes for _, _, t in weights) / GIB
 
         def decode_latents(latents):
             with self.peaks.part("decoding"):
                 room, scale = contextlib.nullcontext(), None  # as it is, where there is no GPU to make room on
                 held = self._gpu_held_gib()
                 if held is not None:
-                    weights = frozen_tensors(transformer, keep)
                     latent = (latents.shape[1], *latents.shape[3:])
                     configured = 1.0 if vae.use_tiling else untiled_scale(latent)
-                    plan = decode_plan(held, held - sum(t.nbytes for _, _, t in weights) / GIB, latent,
+                    plan = decode_plan(held, held - weights_gib, latent,
                                        self.peaks.gib["training"][0], configured)
                     if plan.weights_on_host:
                         room = on_host(weights)
