@@ -136,21 +136,23 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     # 2. Encode once: each process encodes its share of what the cache lacks; the VAE and T5 are loaded
     #    only for that and freed before training, so they take no GPU memory while the transformer trains.
     cache = LatentCache(args.latent_cache_dir)
+    peaks = memory.Peaks()  # encoding's peak apart, so that the training peak is the same with a warm cache
     model_id = {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
                 "dtype": str(weight_dtype)}
-    videos, encoded_clips, encoded_images = encode_videos(
-        accelerator, cache, clips, per_clip,
-        encoder_id={**model_id, "vae": vae_config, "tiling": args.enable_tiling, "slicing": args.enable_slicing},
-        with_flipped=args.random_flip > 0, with_images=family.image_to_video, num_workers=args.dataloader_num_workers,
-        load_vae=lambda: models.load_vae(args, weight_dtype, device))
-    # T5-XXL (8.9 GiB in bf16) encodes on the CPU where it would not fit the GPU memory this run may use.
-    text_device = device if budget is None or memory.text_encoder_bytes(
-        text_encoder_config, weight_dtype.itemsize) / memory.GIB < 0.9 * budget else "cpu"
-    prompts = list(dict.fromkeys([c.prompt for c in clips] + val_prompts + [""]))  # "" is the negative prompt
-    embeds, encoded_prompts = encode_prompts(
-        accelerator, cache, prompts, transformer_config["max_text_seq_length"],
-        encoder_id={**model_id, "text_encoder": text_encoder_config},
-        load_text_encoder=lambda: (tokenizer, models.load_text_encoder(args, weight_dtype, text_device)))
+    with peaks.part("encoding"):
+        videos, encoded_clips, encoded_images = encode_videos(
+            accelerator, cache, clips, per_clip,
+            encoder_id={**model_id, "vae": vae_config, "tiling": args.enable_tiling, "slicing": args.enable_slicing},
+            with_flipped=args.random_flip > 0, with_images=family.image_to_video,
+            num_workers=args.dataloader_num_workers, load_vae=lambda: models.load_vae(args, weight_dtype, device))
+        # T5-XXL (8.9 GiB in bf16) encodes on the CPU where it would not fit the GPU memory this run may use.
+        text_device = device if budget is None or memory.text_encoder_bytes(
+            text_encoder_config, weight_dtype.itemsize) / memory.GIB < 0.9 * budget else "cpu"
+        prompts = list(dict.fromkeys([c.prompt for c in clips] + val_prompts + [""]))  # "" is the negative prompt
+        embeds, encoded_prompts = encode_prompts(
+            accelerator, cache, prompts, transformer_config["max_text_seq_length"],
+            encoder_id={**model_id, "text_encoder": text_encoder_config},
+            load_text_encoder=lambda: (tokenizer, models.load_text_encoder(args, weight_dtype, text_device)))
     prompt_entry = dict(zip(prompts, embeds))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -203,7 +205,6 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     elif args.resume_from_checkpoint:
         logger.info("No checkpoint in %s yet: starting a new run.", args.output_dir)
 
-    peaks = memory.Peaks()
     validator = Validator(args, val_prompts, [prompt_entry[p]["prompt_embeds"] for p in val_prompts],
                           prompt_entry[""]["prompt_embeds"], noise_scheduler.config,
                           lambda: models.load_vae(args, weight_dtype, "cpu"), weight_dtype, family.pipeline_class,
@@ -309,6 +310,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
             # This process's: what its validation videos took, against its training steps.
             "peak_memory_validation_gib": peaks.validation()[0] if cuda and val_prompts else None,
             "peak_memory_decode_gib": peaks.gib["decoding"][0] if cuda and val_prompts else None,
+            "peak_memory_encoding_gib": peaks.gib["encoding"][0] if cuda else None,
             "memory_plan": plan.flags(), "estimated_peak_gib": needed.total_gib,
             "estimated_training_gib": needed.training_gib, "estimated_validation_gib": needed.validation_gib,
             "attention": kernel.description,

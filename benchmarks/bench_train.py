@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -150,6 +151,7 @@ def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, resume_steps,
             Image.new("RGB", (width, height), (128, 128, 128)).save(image)
         flags += ["--validation_images", str(image)]
     out = workdir / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)  # a row run again starts afresh: the trainer refuses to overwrite a run
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launcher(processes, zero2),
         str(REPO / "train_cogvideox_lora.py"),

@@ -7,8 +7,8 @@
 #                                                     # a: the 2B rows; b: the 5B rows; c, d: the 1.5 rows
 #   PART="trace rows" ROWS="2b-flash4 5b-flash4" STEPS=5 ... # trace: the 2B step's idle time, without and with
 #                                                     # checkpointing; rows: the rows named; parts run in turn
-#   PART=ingraph ...                                  # 2B and 5B full checkpointing, checkpoint around or inside
-#                                                     # the compiled blocks (profile_step.py's ingraph)
+#   PART=ingraph POLICIES="full keep_attention" ...   # 2B and 5B with checkpointing, the checkpoint inside the
+#                                                     # compiled blocks (the trainer) or around them (profile_step.py's around)
 #
 # Before the first part, on the same machine: FlashAttention-4's CUDA-13 library unpacked into /tmp/fa4
 # (../shared/device/fetch-fa4.sh prints that call); the wheels of .whl/ and .whl-fa4/ are installed here.
@@ -59,12 +59,12 @@ for part in ${PART:-a}; do case $part in
       tail -12 "$OUT/profile_2b_${policy}_idle.txt"
     done ;;
   ingraph)
-    # Full checkpointing, the checkpoint around each compiled block (the trainer) or inside it (an experiment).
-    for size in 2b 5b; do
-      timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size $size --checkpointing full \
-        --variants flash4+compile,flash4+compile+ingraph --warmup 2 --steps 4 --profile 0 > "$OUT/ingraph_$size.txt" 2>&1
-      tail -5 "$OUT/ingraph_$size.txt"
-    done ;;
+    for policy in ${POLICIES:-full}; do for size in 2b 5b; do
+      timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size $size --checkpointing $policy \
+        --variants flash4+compile,flash4+compile+around --warmup 2 --steps 4 --profile 0 \
+        > "$OUT/ingraph_${size}_$policy.txt" 2>&1
+      tail -5 "$OUT/ingraph_${size}_$policy.txt"
+    done; done ;;
   check)
     timeout 200 python3 benchmarks/check_attention.py --out "$OUT/check_attention.json"
     timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size 2b --variants flash4+compile \

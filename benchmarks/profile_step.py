@@ -44,23 +44,12 @@ def sync():
         torch.cuda.synchronize()
 
 
-def checkpoint_in_graph(transformer, policy: str) -> None:
-    """An experiment, not yet the trainer's way: each block's checkpoint inside its compiled graph
-    (compile(checkpoint(block))) instead of around it (checkpoint(compiled block), recompute.py), so that the
-    recompute is part of the compiled backward, where Inductor may fuse it with the gradients' kernels.
-    Compile the blocks after this. On the CPU, a 2B-width block keeps the same bytes for its backward pass
-    either way. Offloading and block swap are left out: their hooks run outside the compiled graph."""
+def checkpoint_around(transformer, policy: str) -> None:
+    """The trainer's way before 2026-12-02 and still its way with offloading (recompute.py): each block's
+    checkpoint around its compiled graph (checkpoint(compiled block)), so the recompute runs the block's
+    compiled forward whole and apart from its backward. Compile the blocks after this."""
     options = recompute.checkpoint_options(policy)
-
-    # A function of this file rather than a functools.partial: Dynamo starts tracing at the first frame outside
-    # torch (Module._call_impl and checkpoint are in its skip list), and it must start here to see the checkpoint.
-    def checkpointed(forward):
-        def run(*args, **kwargs):
-            return checkpoint(forward, *args, **options, **kwargs)
-        return run
-
-    for block in transformer.transformer_blocks:
-        block.forward = checkpointed(block.forward)
+    transformer.enable_gradient_checkpointing(lambda block, *args: checkpoint(block.__call__, *args, **options))
 
 
 def saved_bytes(transformer, run):
@@ -80,7 +69,7 @@ def saved_bytes(transformer, run):
 
 def build(size: str, checkpointing: str | None, options: set, rank: int, kernel: str | None):
     """The transformer with LoRA as the trainer builds it; option "cast" keeps peft's fp32 cast of adapter inputs,
-    "ingraph" checkpoints inside the compiled blocks (checkpoint_in_graph)."""
+    "around" checkpoints around the compiled blocks (checkpoint_around) instead of inside them."""
     config = synthetic._SPECS[size]["transformer"]
     with torch.device(DEVICE):
         transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
@@ -89,10 +78,10 @@ def build(size: str, checkpointing: str | None, options: set, rank: int, kernel:
     add_lora(transformer, rank, rank)
     uncast_adapter_inputs(transformer, torch.float32 if "cast" in options else torch.bfloat16)
     attention.use(transformer, attention.Choice(kernel, ""))
-    if "ingraph" in options:
-        if not checkpointing or "compile" not in options:
-            raise SystemExit("error: the ingraph variant needs --checkpointing and compile")
-        checkpoint_in_graph(transformer, checkpointing)
+    if "around" in options:
+        if not checkpointing:
+            raise SystemExit("error: the around variant needs --checkpointing")
+        checkpoint_around(transformer, checkpointing)
     elif checkpointing:
         recompute.enable(transformer, checkpointing)
     if "compile" in options:
@@ -221,8 +210,8 @@ def main():
     parser.add_argument("--variants", default="cudnn,flash",
                         help="comma-separated; each joins with '+' an attention backend (flash4, cudnn, flash, "
                              "efficient, math) and optionally 'compile' (torch.compile each block), 'fp8' (float8 base weights), "
-                             "'cast' (keep peft's fp32 cast of adapter inputs) and 'ingraph' (with --checkpointing "
-                             "and compile: the checkpoint inside the compiled blocks)")
+                             "'cast' (keep peft's fp32 cast of adapter inputs) and 'around' (with --checkpointing: the "
+                             "checkpoint around each compiled block, not inside it)")
     parser.add_argument("--checkpointing", choices=recompute.POLICIES, default=None,
                         help="gradient checkpointing with this policy (default: none)")
     parser.add_argument("--frames", type=int, default=49)

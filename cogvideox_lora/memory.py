@@ -278,11 +278,12 @@ def fit(work: Workload, plan: Plan, budget_gib: float | None, auto: bool) -> tup
 
 
 class Peaks:
-    """Peak GPU memory (allocated, reserved) of each part of a run: "training", "validation" and, within it,
-    "decoding" (the VAE's). PyTorch keeps one peak, so it is read and reset as a part begins and ends."""
+    """Peak GPU memory (allocated, reserved) of each part of a run: "encoding" (what the cache lacked, before
+    training), "training", "validation" and, within it, "decoding" (the VAE's). PyTorch keeps one peak, so it
+    is read and reset as a part begins and ends."""
 
     def __init__(self):
-        self.gib = {"training": (0.0, 0.0), "validation": (0.0, 0.0), "decoding": (0.0, 0.0)}
+        self.gib = {part: (0.0, 0.0) for part in ("encoding", "training", "validation", "decoding")}
         self.current = "training"
 
     def _read(self, part: str) -> tuple[float, float]:

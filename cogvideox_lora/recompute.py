@@ -5,11 +5,13 @@ Policies (--checkpointing_policy):
   the least memory.
 - keep_attention: a block also keeps its attention output and log-sum-exp (one [tokens, width] tensor and a
   small one), so the recompute skips attention, the most expensive part, and redoes only the cheap
-  projections, norms and feed-forward. PyTorch's selective checkpointing names the attention ops to save;
-  the checkpoint sits outside the compiled block, whose attention op call it then intercepts.
+  projections, norms and feed-forward. PyTorch's selective checkpointing names the attention ops to save.
 
-Offloading (offload.py) plugs in here: the checkpoint's saved inputs go to the host, and swapped blocks
-load their weights before their forward and before their recompute.
+The checkpoint sits inside each block's forward, so a compiled block traces it into its graph: the recompute
+becomes part of the compiled backward, where Inductor fuses it with the gradients' kernels (BENCHMARKS.md).
+Offloading (offload.py) plugs in around the block instead, where its hooks run outside the compiled graph:
+the checkpoint's saved inputs go to the host, and swapped blocks load their weights before their forward and
+before their recompute.
 """
 
 import contextlib
@@ -45,9 +47,13 @@ def checkpoint_options(policy: str) -> dict:
 
 def enable(transformer, policy: str, activations=None, swap=None) -> None:
     """Turns on gradient checkpointing of every block with this policy; activations: an
-    offload.ActivationOffload, swap: an offload.BlockSwap, or None."""
-    index = {block: i for i, block in enumerate(transformer.transformer_blocks)}
+    offload.ActivationOffload, swap: an offload.BlockSwap, or None. Compile the blocks after this."""
     options = checkpoint_options(policy)
+    if activations is None and swap is None:
+        for block in transformer.transformer_blocks:
+            block.forward = _checkpointed(block.forward, options)
+        return
+    index = {block: i for i, block in enumerate(transformer.transformer_blocks)}
 
     def checkpointed(block, hidden_states, encoder_hidden_states, *rest):
         run = block.__call__ if swap is None else _loading(swap, index[block], block)
@@ -57,6 +63,17 @@ def enable(transformer, policy: str, activations=None, swap=None) -> None:
             return checkpoint(run, hidden_states, encoder_hidden_states, *rest, **options)
 
     transformer.enable_gradient_checkpointing(checkpointed)
+
+
+def _checkpointed(forward, options: dict):
+    # A function of this file rather than a functools.partial: Dynamo starts tracing at the first frame outside
+    # torch (Module._call_impl and checkpoint are in its skip list), and it must start here to see the checkpoint.
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():  # validation: nothing to keep, and no dispatch mode to pay for
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, **options, **kwargs)
+
+    return run
 
 
 def _loading(swap, i: int, block):

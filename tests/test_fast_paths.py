@@ -16,10 +16,10 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from torch._dynamo.utils import counters
 
-from cogvideox_lora import memory, models
+from cogvideox_lora import attention, memory, models, recompute
 from cogvideox_lora.lora import add_lora, lora_state_dict, load_lora_state_dict, uncast_adapter_inputs
 from cogvideox_lora.loss import compute_loss, transformer_inputs
-from helpers import REPO, run_script, summary, train_argv
+from helpers import REPO, STAND_IN_CALLS, register_stand_in, run_script, summary, train_argv
 
 BF16 = torch.bfloat16
 
@@ -92,23 +92,32 @@ def test_compiled_blocks_give_the_plain_step(plain, batch):
     assert_same_step(step(plain, batch), step(compiled, batch, uncast=True), tolerance=1e-2)
 
 
-def test_checkpoint_inside_compiled_blocks_gives_the_plain_step(plain, batch):
-    """profile_step's "ingraph" experiment checkpoints inside the compiled blocks: the same step as the plain
-    path, keeping a small part of what the plain path keeps."""
+def test_checkpointed_compiled_blocks_give_the_plain_step(plain, batch):
+    """recompute.enable puts each block's checkpoint inside its compiled graph: the same step as the plain path,
+    keeping a small part of what the plain path keeps; keep_attention also keeps the attention output (the
+    stand-in kernel's custom op, which the compiler leaves whole as it does FlashAttention-4's)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import profile_step
 
-    ingraph = copy.deepcopy(plain)
-    profile_step.checkpoint_in_graph(ingraph, "full")
-    # Inductor's partition of forward and backward without its code generation, which would take a minute here.
-    for block in ingraph.transformer_blocks:
-        block.compile(backend="aot_eager_decomp_partition")
-    graphs = counters["stats"]["unique_graphs"]
-    kept_plain, reference = profile_step.saved_bytes(plain, lambda: step(plain, batch))
-    kept_ingraph, result = profile_step.saved_bytes(ingraph, lambda: step(ingraph, batch, uncast=True))
-    assert counters["stats"]["unique_graphs"] > graphs, "the checkpointed blocks should have been compiled"
-    assert_same_step(reference, result, tolerance=1e-2)
-    assert kept_ingraph < kept_plain / 3, (kept_ingraph, kept_plain)
+    base = copy.deepcopy(plain)
+    attention.use(base, attention.Choice(register_stand_in(), ""))
+    kept_plain, reference = profile_step.saved_bytes(base, lambda: step(base, batch))
+    kept = {}
+    for policy in recompute.POLICIES:
+        checkpointed = copy.deepcopy(base)
+        recompute.enable(checkpointed, policy)
+        # Inductor's partition of forward and backward without its code generation, which would take a minute here.
+        for block in checkpointed.transformer_blocks:
+            block.compile(backend="aot_eager_decomp_partition")
+        graphs = counters["stats"]["unique_graphs"]
+        STAND_IN_CALLS.update(forward=0, backward=0)
+        kept[policy], result = profile_step.saved_bytes(checkpointed, lambda: step(checkpointed, batch, uncast=True))
+        assert counters["stats"]["unique_graphs"] > graphs, "the checkpointed blocks should have been compiled"
+        layers = len(base.transformer_blocks)
+        forwards = {"full": 2, "keep_attention": 1}[policy]
+        assert STAND_IN_CALLS == {"forward": layers * forwards, "backward": layers}, policy
+        assert_same_step(reference, result, tolerance=1e-2)
+    assert kept["full"] < kept["keep_attention"] < kept_plain / 3, (kept, kept_plain)
 
 
 def test_float8_base_weights_stay_close_to_bf16(tiny_model_dir, plain, batch):

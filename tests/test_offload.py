@@ -427,7 +427,7 @@ def test_text_encoder_size_from_its_config():
     assert memory.text_encoder_bytes(config, 2) == 2 * memory.text_encoder_bytes(config, 1)
 
 
-def test_peaks_of_training_validation_and_its_decode_apart(monkeypatch):
+def test_peaks_of_encoding_training_validation_and_its_decode_apart(monkeypatch):
     # A stand-in for CUDA's one peak counter, which the parts read and reset.
     counter = {"peak": 0.0}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -435,6 +435,8 @@ def test_peaks_of_training_validation_and_its_decode_apart(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: counter["peak"] * memory.GIB)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: counter.update(peak=0.0))
     peaks = memory.Peaks()
+    with peaks.part("encoding"):  # the VAE's encode of what the cache lacks, before training
+        counter["peak"] = 9.0
     counter["peak"] = 5.0
     with peaks.part("validation"):
         counter["peak"] = 3.0
@@ -445,6 +447,7 @@ def test_peaks_of_training_validation_and_its_decode_apart(monkeypatch):
     assert peaks.training() == (5.0, 5.0)
     assert peaks.gib["validation"] == (3.0, 3.0) and peaks.gib["decoding"] == (4.0, 4.0)
     assert peaks.validation() == (4.0, 4.0)
+    assert peaks.gib["encoding"] == (9.0, 9.0)
 
 
 def test_a_crowded_decode_mid_run_leaves_training_as_it_was(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch,
