@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from diffusers import CogVideoXTransformer3DModel
 from torch.profiler import record_function
-from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -44,14 +43,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def checkpoint_around(transformer, policy: str) -> None:
-    """The trainer's way before 2026-12-02 and still its way with offloading (recompute.py): each block's
-    checkpoint around its compiled graph (checkpoint(compiled block)), so the recompute runs the block's
-    compiled forward whole and apart from its backward. Compile the blocks after this."""
-    options = recompute.checkpoint_options(policy)
-    transformer.enable_gradient_checkpointing(lambda block, *args: checkpoint(block.__call__, *args, **options))
-
-
 def saved_bytes(transformer, run):
     """What run() keeps for the backward pass beside the transformer's own parameters, in bytes, and its result."""
     own = {p.data_ptr() for p in transformer.parameters()}
@@ -69,7 +60,8 @@ def saved_bytes(transformer, run):
 
 def build(size: str, checkpointing: str | None, options: set, rank: int, kernel: str | None):
     """The transformer with LoRA as the trainer builds it; option "cast" keeps peft's fp32 cast of adapter inputs,
-    "around" checkpoints around the compiled blocks (checkpoint_around) instead of inside them."""
+    "around" checkpoints around the compiled blocks (recompute.around: the trainer's way until 2026-12-02, and
+    still its way with offloading) instead of inside them."""
     config = synthetic._SPECS[size]["transformer"]
     with torch.device(DEVICE):
         transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
@@ -81,7 +73,7 @@ def build(size: str, checkpointing: str | None, options: set, rank: int, kernel:
     if "around" in options:
         if not checkpointing:
             raise SystemExit("error: the around variant needs --checkpointing")
-        checkpoint_around(transformer, checkpointing)
+        recompute.around(transformer, checkpointing)
     elif checkpointing:
         recompute.enable(transformer, checkpointing)
     if "compile" in options:

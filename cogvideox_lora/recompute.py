@@ -40,7 +40,7 @@ def _keep_attention_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def checkpoint_options(policy: str) -> dict:
+def _options(policy: str) -> dict:
     """torch.utils.checkpoint's keyword arguments for this policy."""
     return {"use_reentrant": False, **({"context_fn": _keep_attention_context} if policy == "keep_attention" else {})}
 
@@ -48,11 +48,36 @@ def checkpoint_options(policy: str) -> dict:
 def enable(transformer, policy: str, activations=None, swap=None) -> None:
     """Turns on gradient checkpointing of every block with this policy; activations: an
     offload.ActivationOffload, swap: an offload.BlockSwap, or None. Compile the blocks after this."""
-    options = checkpoint_options(policy)
     if activations is None and swap is None:
-        for block in transformer.transformer_blocks:
-            block.forward = _checkpointed(block.forward, options)
-        return
+        inside(transformer, policy)
+    else:
+        around(transformer, policy, activations, swap)
+
+
+def inside(transformer, policy: str) -> None:
+    """The checkpoint inside each block's forward, where a compiled block traces it into its graph."""
+    options = _options(policy)
+
+    # A function of this file rather than a functools.partial: Dynamo starts tracing at the first frame outside
+    # torch (Module._call_impl and checkpoint are in its skip list), and it must start here to see the checkpoint.
+    def checkpointed(forward):
+        def run(*args, **kwargs):
+            # Validation calls the blocks without gradients: their plain forward, as diffusers calls a block
+            # without checkpointing then, so its compiled graph for that holds no checkpoint.
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, **options, **kwargs)
+
+        return run
+
+    for block in transformer.transformer_blocks:
+        block.forward = checkpointed(block.forward)
+
+
+def around(transformer, policy: str, activations=None, swap=None) -> None:
+    """The checkpoint around each (compiled) block, with the hooks of activation offloading and block swap, which
+    run outside the compiled graph: the recompute runs the block's compiled forward again, apart from its backward."""
+    options = _options(policy)
     index = {block: i for i, block in enumerate(transformer.transformer_blocks)}
 
     def checkpointed(block, hidden_states, encoder_hidden_states, *rest):
@@ -63,17 +88,6 @@ def enable(transformer, policy: str, activations=None, swap=None) -> None:
             return checkpoint(run, hidden_states, encoder_hidden_states, *rest, **options)
 
     transformer.enable_gradient_checkpointing(checkpointed)
-
-
-def _checkpointed(forward, options: dict):
-    # A function of this file rather than a functools.partial: Dynamo starts tracing at the first frame outside
-    # torch (Module._call_impl and checkpoint are in its skip list), and it must start here to see the checkpoint.
-    def run(*args, **kwargs):
-        if not torch.is_grad_enabled():  # validation: nothing to keep, and no dispatch mode to pay for
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, **options, **kwargs)
-
-    return run
 
 
 def _loading(swap, i: int, block):

@@ -1,5 +1,5 @@
-"""Checkpoint around each compiled block (profile_step.py's around, the trainer's way until 2026-12-02) or inside
-it (recompute.enable, the trainer's way since; the output beside this was the same before and after): one fp32 CPU
+"""Checkpoint around each compiled block (recompute.around, the trainer's way until 2026-12-02) or inside
+it (recompute.inside, the trainer's way since; the output beside this was the same before and after): one fp32 CPU
 step of two 2B-width blocks with rank-128 LoRA; what each keeps for the backward pass beside the weights, in
 [tokens, width] fp32 tensors, and the difference of loss and LoRA gradients.
 
@@ -30,9 +30,9 @@ def build(mode):
             torch.nn.init.normal_(param, std=0.02)
     attention.use(transformer, attention.Choice(None, ""))
     if mode == "around":
-        profile_step.checkpoint_around(transformer, "full")
+        recompute.around(transformer, "full")
     else:
-        recompute.enable(transformer, "full")
+        recompute.inside(transformer, "full")
     models.compile_blocks(transformer)
     return transformer
 
