@@ -12,6 +12,11 @@ GIB = 2**30
 # tensor. Fitted to peaks measured at 49x480x720 (BENCHMARKS.md): eager 2B without checkpointing kept ~19 such
 # tensors a block on an H100, compiled blocks ~13.6 on the H200 (fused elementwise ops keep fewer).
 ACTIVATIONS_PER_BLOCK = {False: 19.4, True: 13.6}
+# What a block's backward holds beyond that with full checkpointing inside the compiled block (recompute.inside:
+# no offloading, no swapping), where the recompute runs within the compiled backward: fitted to the H200 peaks
+# of 2B, 5B and 1.5-5B, 3.5, 1.1 and 5.8 such tensors above the estimate without it (BENCHMARKS.md). With
+# keep_attention, inside the blocks, the peaks are within 2 % of the estimate without it.
+RECOMPUTED_INSIDE = 4
 # Checkpointed inputs on the GPU at once with activation offloading: the block's own, the prefetched one and
 # those whose copy to the host is still under way (fitted to the 2B, 5B and 1.5-5B rows on the H200).
 INPUTS_IN_FLIGHT = 6
@@ -144,6 +149,8 @@ def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
         # Each block's input, on the GPU or (a few in flight) on the host; one block's activations at a time.
         kept_inputs = INPUTS_IN_FLIGHT if plan.offload_activations else layers
         activations = kept_inputs * one_tensor + block
+        if plan.checkpointing == "full" and not plan.offload_activations and not plan.blocks_to_swap:
+            activations += RECOMPUTED_INSIDE * one_tensor
         if plan.checkpointing == "keep_attention":
             heads = config["num_attention_heads"]
             activations += layers * (one_tensor + work.batch_size * heads * tokens * 4)  # output and fp32 lse

@@ -21,7 +21,7 @@ from helpers import (REPO, SCRIPT, check, lora, max_abs_diff, run_main, run_scri
 from cogvideox_lora import args as args_module, models
 from cogvideox_lora.args import parse_args, tracker_config
 from cogvideox_lora.data import epoch_batches
-from cogvideox_lora.latent_cache import LatentCache
+from cogvideox_lora.latent_cache import LatentCache, _fill
 from cogvideox_lora.synthetic import write_clips
 
 STEPS, EVERY = 12, 4
@@ -454,6 +454,21 @@ def test_damaged_cache_files_are_encoded_again(tmp_path, tiny_model_dir, tiny_da
     assert any(str(flipped) in m and "fails its checksum" in m for m in messages)
     assert any(str(garbage) in m for m in messages)
     assert all(LatentCache(cache).load(p.stem) is not None for p in cache.glob("*.safetensors"))
+
+
+def test_freshly_encoded_entries_are_what_a_warm_cache_loads(tmp_path):
+    """A cold run trains on the host copies it wrote, not on the encoder's outputs (on a GPU, they would stay
+    there through training): the same tensors, in the same layout, as a warm run loads."""
+    cache = LatentCache(tmp_path)
+    accelerator = Namespace(num_processes=1, process_index=0)
+    encoded = {i: {"latent_params": torch.randn(4, 3, 5).transpose(0, 2)} for i in range(2)}
+    cold, count = _fill(cache, ["a", "b"], accelerator, lambda mine: ((i, encoded[i]) for i in mine), "test")
+    warm, _ = _fill(cache, ["a", "b"], accelerator, lambda mine: pytest.fail("nothing is left to encode"), "test")
+    assert count == 2
+    for i in range(2):
+        fresh, loaded = cold[i]["latent_params"], warm[i]["latent_params"]
+        assert fresh is not encoded[i]["latent_params"] and fresh.is_contiguous() and fresh.device.type == "cpu"
+        assert torch.equal(fresh, loaded) and fresh.stride() == loaded.stride()
 
 
 def _write_repeatedly(root, tensor):
