@@ -4,8 +4,9 @@
     accelerate launch train_cogvideox_lora.py --pretrained_model_name_or_path THUDM/CogVideoX-2b \\
         --instance_data_root ~/disney --output_dir cogvideox-lora [--help for every flag]
 
-The recipe: check the data, encode clips and prompts once (cached on disk), load the transformer and
-add LoRA adapters, train, checkpoint, validate, save the LoRA for the model's stock diffusers pipeline.
+The recipe, one function a step: check the inputs (all that needs no model), plan memory, encode clips and
+prompts once (cached on disk), build the transformer with LoRA adapters, run the steps (checkpointing and
+validating), finish (the LoRA for the model's stock diffusers pipeline, a summary and a model card).
 """
 
 import json
@@ -15,29 +16,28 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from cogvideox_lora import attention, checkpoints, distributed, hub, memory, models, offload, recompute
-from cogvideox_lora.args import parse_args, tracker_config, validation_images, validation_prompts
-from cogvideox_lora.data import (Buckets, DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches,
-                                 long_prompts)
+from cogvideox_lora import attention, checkpoints, distributed, hub, memory, models, settings, transformer
+from cogvideox_lora.args import parse_args, tracker_config
+from cogvideox_lora.data import DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches, long_prompts
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
-from cogvideox_lora.lora import add_lora, save_lora, trainable_parameters, uncast_adapter_inputs
+from cogvideox_lora.lora import save_lora, trainable_parameters
 from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
 from cogvideox_lora.model_card import write_model_card
-from cogvideox_lora.optim import make_optimizer
-from cogvideox_lora.validation import Validator
+from cogvideox_lora.optim import make_optimizer, make_schedule
+from cogvideox_lora.placement import Placement, hold_to
+from cogvideox_lora.validation import PipelineParts, Validator
 
 logger = logging.getLogger("train_cogvideox_lora")
-
 
 
 def main(argv=None):
@@ -53,39 +53,77 @@ def main(argv=None):
 
 
 def train(args, started: float, stop: checkpoints.StopSignal):
-    # 1. Data and settings: all is checked before any model is loaded (the settings alone in parse_args).
-    hub.resolve_dataset(args)
-    transformer_config, vae_config, text_encoder_config, family = models.read_configs(args)
-    settings = FrameSettings.from_args(args, vae_config["temporal_compression_ratio"])
-    buckets = Buckets.from_args(args)
-    clips, bad_clips = check_dataset(args.instance_data_root, args.caption_column, args.video_column,
-                                     args.dataset_file, args.id_token, args.image_column, settings,
-                                     skip_bad=args.skip_bad_videos, buckets=buckets)
-    # Each clip's own size and length: its bucket's, or --height, --width and --max_num_frames.
-    per_clip = clip_settings(clips, settings, buckets)
+    inputs = check_inputs(args)
+    accelerator = start_accelerator(inputs.run)
+    plan = plan_memory(inputs, accelerator)
+    if inputs.run.dry_run:
+        return
+    encoded = encode_once(inputs, accelerator, plan)
+    model = build_transformer(inputs, accelerator, plan, encoded)
+    timing = run_steps(inputs, accelerator, model, encoded, stop, started)
+    finish(inputs, accelerator, plan, encoded, model, timing)
+
+
+class Inputs(NamedTuple):
+    """All that is known before any model loads: the settings, the model's configs and the checked dataset."""
+
+    run: settings.Settings
+    frames: FrameSettings
+    transformer_config: dict
+    vae_config: dict
+    text_encoder_config: dict
+    family: models.Family
+    clips: list
+    per_clip: list  # each clip's FrameSettings: its bucket's, or the run's
+    sizes: list  # the (frames, height, width) trained at, smallest first
+    tokenizer: object
+    resume_from: Path | None
+    tracker_config: dict
+
+
+def check_inputs(args) -> Inputs:
+    """Everything that needs no model, checked before any loads: the push, the dataset, the model's configs."""
+    run = settings.from_args(args)
+    push = hub.push_problems(run.output.push)
+    if push:
+        sys.exit("error: " + "\n  ".join(push))
+    data = hub.resolve_dataset(run.data)
+    run = replace(run, data=data)
+    transformer_config, vae_config, text_encoder_config, family = models.read_configs(run.model)
+    frames = replace(run.frames, temporal_compression=vae_config["temporal_compression_ratio"])
+    clips, bad_clips = check_dataset(data.root, data.caption_column, data.video_column, data.dataset_file,
+                                     data.id_token, data.image_column, frames, skip_bad=data.skip_bad,
+                                     buckets=run.buckets)
+    per_clip = clip_settings(clips, frames, run.buckets)
     sizes = sorted({(s.max_num_frames, s.height, s.width) for s in per_clip}, key=lambda s: s[0] * s[1] * s[2])
-    problems = family.problems(args, sizes, settings.temporal_compression)
+    problems = family.problems(run.model.path, run.validation.prompts, run.validation.images,
+                               run.ignore_learned_positional_embeddings, sizes, frames.temporal_compression)
     if problems:
         sys.exit("error: " + "\n  ".join(problems))
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
-    tokenizer = models.load_tokenizer(args)
+    tokenizer = models.load_tokenizer(run.model)
     too_long = long_prompts(clips, tokenizer, transformer_config["max_text_seq_length"])
     if too_long:
         logger.warning("%d prompt(s) have more tokens than the text encoder takes (%d); the rest is cut:\n  %s",
                        len(too_long), transformer_config["max_text_seq_length"], "\n  ".join(too_long))
-    resume_from = checkpoints.checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
+    resume_from = checkpoints.checkpoint_to_resume(run.output.output_dir, run.output.resume_from_checkpoint)
+    return Inputs(run, frames, transformer_config, vae_config, text_encoder_config, family, clips, per_clip, sizes,
+                  tokenizer, resume_from, tracker_config(args))
 
+
+def start_accelerator(run: settings.Settings) -> Accelerator:
     # The lr scheduler goes through prepare() (so accelerate reads it back with weights_only) and is stepped
     # once per optimizer step, however many processes there are.
+    output = run.output
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, step_scheduler_with_optimizer=False,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.nccl_timeout)
-                                                if args.nccl_timeout else None)],
+        mixed_precision=run.mixed_precision, step_scheduler_with_optimizer=False,
+        gradient_accumulation_steps=run.training.gradient_accumulation_steps,
+        log_with=None if output.report_to == "none" else output.report_to,
+        project_config=ProjectConfiguration(project_dir=output.output_dir,
+                                            logging_dir=os.path.join(output.output_dir, output.logging_dir)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=run.nccl_timeout)
+                                                if run.nccl_timeout else None)],
     )
     if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
         sys.exit(f"error: WORLD_SIZE is {os.environ['WORLD_SIZE']} but this process runs alone; every process would "
@@ -94,142 +132,191 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision == "fp16":
         sys.exit("error: under DeepSpeed the trainer runs fp16 without loss scaling, which underflows: use "
                  "--mixed_precision bf16.")
+    return accelerator
+
+
+class MemoryPlan(NamedTuple):
+    """How the run uses the GPU: precision, attention kernel, compiled blocks and the placement of its tensors."""
+
+    weight_dtype: torch.dtype
+    kernel: attention.Choice
+    compile_blocks: bool
+    placement: Placement
+    needed: memory.MemoryEstimate
+    budget_gib: float | None  # what this process may use, None without a GPU
+
+
+def plan_memory(inputs: Inputs, accelerator) -> MemoryPlan:
+    """The memory plan (--offload auto: the least offloading that fits), logged before any model loads."""
+    run, config = inputs.run, inputs.transformer_config
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
-    if accelerator.mixed_precision == "fp16" and family.trained_in_bf16:
+    if accelerator.mixed_precision == "fp16" and inputs.family.trained_in_bf16:
         logger.warning("fp16 with this model (rotary position embeddings: the CogVideoX-5B family, trained in bf16) "
                        "is known to give NaN losses: use --mixed_precision bf16.")
-    val_prompts = validation_prompts(args)
-    kernel = attention.choose(args.attention_backend, transformer_config["attention_head_dim"], weight_dtype)
+    kernel = attention.choose(run.attention_backend, config["attention_head_dim"], weight_dtype)
     logger.info("Attention: %s", kernel.description)
-    compile_blocks = torch.cuda.is_available() if args.compile_blocks is None else args.compile_blocks
-    spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-    def latent(frames, height, width):
-        return (frames - 1) // settings.temporal_compression + 1, height // spatial, width // spatial
-
+    compile_blocks = torch.cuda.is_available() if run.memory.compile_blocks is None else run.memory.compile_blocks
     available = torch.cuda.get_device_properties(device).total_memory / memory.GIB if torch.cuda.is_available() \
         else None
-    budget = args.max_gpu_memory or available
-    work, plan, needed = memory.from_args(
-        args, transformer_config, latent(*sizes[-1]),
-        latent(args.max_num_frames, args.height, args.width) if val_prompts else None, compile_blocks,
-        weight_dtype.itemsize, budget)
-    if plan.blocks_to_swap > transformer_config["num_layers"]:
-        sys.exit(f"error: --blocks_to_swap {plan.blocks_to_swap}: the model has {transformer_config['num_layers']} "
-                 f"blocks.")
+    budget = run.memory.max_gpu_memory or available
+    validation = run.validation
+    work, plan, needed = memory.plan_for(
+        run.memory, config, latent_size(inputs, *inputs.sizes[-1]),
+        latent_size(inputs, validation.num_frames, validation.height, validation.width) if validation.prompts
+        else None, run.training.batch_size, run.lora.rank, compile_blocks, weight_dtype.itemsize, budget)
+    if plan.blocks_to_swap > config["num_layers"]:
+        sys.exit(f"error: --blocks_to_swap {plan.blocks_to_swap}: the model has {config['num_layers']} blocks.")
     logger.info("Memory: %s (%s); offloading: %s. Estimated peak GPU memory: %s", plan, plan.flags(),
                 memory.cost(work, plan), needed)
     if budget is not None and needed.total_gib > budget:
         logger.warning("The estimate exceeds the %.1f GiB this run may use: consider --offload auto, "
                        "--base_weights_dtype fp8, --use_8bit_adam or a lower --rank.", budget)
-    if args.dry_run:
-        return
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if args.max_gpu_memory and available:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory / available),
-                                                   torch.cuda.current_device())
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if not run.dry_run:
+        if accelerator.is_main_process:
+            os.makedirs(run.output.output_dir, exist_ok=True)
+        hold_to(run.memory.max_gpu_memory, device)
+        if run.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+    return MemoryPlan(weight_dtype, kernel, compile_blocks, Placement(plan, device), needed, budget)
 
-    # 2. Encode once: each process encodes its share of what the cache lacks; the VAE and T5 are loaded
-    #    only for that and freed before training, so they take no GPU memory while the transformer trains.
-    cache = LatentCache(args.latent_cache_dir)
-    peaks = memory.Peaks()  # encoding's peak apart, so that the training peak is the same with a warm cache
-    model_id = {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
-                "dtype": str(weight_dtype)}
-    with peaks.part("encoding"):
+
+def latent_size(inputs: Inputs, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    spatial = 2 ** (len(inputs.vae_config["block_out_channels"]) - 1)
+    return (frames - 1) // inputs.frames.temporal_compression + 1, height // spatial, width // spatial
+
+
+class Encoded(NamedTuple):
+    """The cached latents of every clip and the T5 embeddings of every prompt (validation's and "" too)."""
+
+    videos: list[dict]
+    prompt_entry: dict  # prompt -> its cache entry
+    counts: tuple[int, int, int]  # clips, images and prompts this process encoded
+
+
+def encode_once(inputs: Inputs, accelerator, plan: MemoryPlan) -> Encoded:
+    """Each process encodes its share of what the cache lacks; the VAE and T5 are loaded only for that and freed
+    before training, so they take no GPU memory while the transformer trains."""
+    run, device, dtype = inputs.run, accelerator.device, plan.weight_dtype
+    cache = LatentCache(run.latent_cache_dir)
+    model_id = {"model": run.model.path, "revision": run.model.revision, "variant": run.model.variant,
+                "dtype": str(dtype)}
+    # Encoding's peak apart, so that the training peak is the same with a warm cache.
+    with plan.placement.peaks.part("encoding"):
         videos, encoded_clips, encoded_images = encode_videos(
-            accelerator, cache, clips, per_clip,
-            encoder_id={**model_id, "vae": vae_config, "tiling": args.enable_tiling, "slicing": args.enable_slicing},
-            with_flipped=args.random_flip > 0, with_images=family.image_to_video,
-            num_workers=args.dataloader_num_workers, load_vae=lambda: models.load_vae(args, weight_dtype, device))
+            accelerator, cache, inputs.clips, inputs.per_clip,
+            encoder_id={**model_id, "vae": inputs.vae_config, "tiling": run.memory.tiled_vae,
+                        "slicing": run.memory.sliced_vae},
+            with_flipped=run.training.random_flip > 0, with_images=inputs.family.image_to_video,
+            num_workers=run.data.num_workers,
+            load_vae=lambda: models.load_vae(run.model, dtype, device, run.memory.tiled_vae, run.memory.sliced_vae))
         # T5-XXL (8.9 GiB in bf16) encodes on the CPU where it would not fit the GPU memory this run may use.
-        text_device = device if budget is None or memory.text_encoder_bytes(
-            text_encoder_config, weight_dtype.itemsize) / memory.GIB < 0.9 * budget else "cpu"
-        prompts = list(dict.fromkeys([c.prompt for c in clips] + val_prompts + [""]))  # "" is the negative prompt
+        text_device = device if plan.budget_gib is None or memory.text_encoder_bytes(
+            inputs.text_encoder_config, dtype.itemsize) / memory.GIB < 0.9 * plan.budget_gib else "cpu"
+        prompts = list(dict.fromkeys([c.prompt for c in inputs.clips] + list(run.validation.prompts) + [""]))
         embeds, encoded_prompts = encode_prompts(
-            accelerator, cache, prompts, transformer_config["max_text_seq_length"],
-            encoder_id={**model_id, "text_encoder": text_encoder_config},
-            load_text_encoder=lambda: (tokenizer, models.load_text_encoder(args, weight_dtype, text_device)))
-    prompt_entry = dict(zip(prompts, embeds))
+            accelerator, cache, prompts, inputs.transformer_config["max_text_seq_length"],
+            encoder_id={**model_id, "text_encoder": inputs.text_encoder_config},
+            load_text_encoder=lambda: (inputs.tokenizer, models.load_text_encoder(run.model, dtype, text_device)))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return Encoded(videos, dict(zip(prompts, embeds)), (encoded_clips, encoded_images, encoded_prompts))
 
-    # 3. The transformer, frozen in the training precision, with fp32 LoRA adapters.
+
+class Model(NamedTuple):
+    """The transformer being trained and what steps it: optimizer, schedule, the step to start from."""
+
+    transformer: torch.nn.Module
+    lora_config: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    alphas_cumprod: torch.Tensor
+    first_step: int
+    max_train_steps: int
+    batches_per_epoch: int
+    validator: Validator
+    load_seconds: float
+    weight_dtype: torch.dtype
+
+
+def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded) -> Model:
+    """The frozen transformer in the training precision with fp32 LoRA adapters (transformer.prepare's order),
+    its optimizer and schedule through accelerate, resumed where asked; and the validation videos' maker."""
+    run, training = inputs.run, inputs.run.training
     loading = time.perf_counter()
-    transformer = models.load_transformer(args, weight_dtype).requires_grad_(False)
-    if args.ignore_learned_positional_embeddings and family.learned_positions:
-        models.drop_learned_positional_embeddings(transformer)
-    if args.base_weights_dtype == "fp8":
-        models.store_base_weights_in_fp8(transformer, weight_dtype, device)
-    set_seed(args.seed)  # the same fresh adapter in every process and every run with this seed
-    lora_config = add_lora(transformer, args.rank, args.lora_alpha)
-    uncast_adapter_inputs(transformer, weight_dtype)
-    attention.use(transformer, kernel)
-    swap = offload.BlockSwap(transformer.transformer_blocks, plan.blocks_to_swap, device) \
-        if plan.blocks_to_swap else None
-    if plan.checkpointing:
-        recompute.enable(transformer, plan.checkpointing,
-                         offload.ActivationOffload(device) if plan.offload_activations else None, swap)
-    transformer.to(device)
-    if compile_blocks:
-        models.compile_blocks(transformer)
-    model_load_seconds = time.perf_counter() - loading
-    noise_scheduler = models.load_scheduler(args)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device, torch.float32)
+    spec = transformer.TransformerSpec(
+        plan.weight_dtype, run.lora.rank, run.lora.alpha, training.seed, run.memory.fp8_base_weights,
+        run.ignore_learned_positional_embeddings and inputs.family.learned_positions, plan.kernel.kernel,
+        plan.compile_blocks)
+    model, lora_config = transformer.build(run.model, spec, plan.placement)
+    load_seconds = time.perf_counter() - loading
+    scheduler = models.load_scheduler(run.model)
 
-    # 4. Steps, optimizer and schedule.
-    shapes = [tuple(v["latent_params"].shape) for v in videos]
-    global_batch = args.train_batch_size * accelerator.num_processes
-    batches_per_epoch = len(epoch_batches(shapes, global_batch, args.seed, 0))
+    global_batch = training.batch_size * accelerator.num_processes
+    batches_per_epoch = len(epoch_batches(shapes_of(encoded), global_batch, training.seed, 0))
     if batches_per_epoch == 0:
-        sys.exit(f"error: {len(clips)} clip(s) cannot fill one batch of {global_batch} "
-                 f"(--train_batch_size x processes) from clips of one size ({len(sizes)} size(s)): lower "
+        sys.exit(f"error: {len(inputs.clips)} clip(s) cannot fill one batch of {global_batch} "
+                 f"(--train_batch_size x processes) from clips of one size ({len(inputs.sizes)} size(s)): lower "
                  f"--train_batch_size, add clips, or use fewer buckets.")
-    ga = args.gradient_accumulation_steps
-    max_train_steps = args.max_train_steps or math.ceil(args.num_train_epochs * batches_per_epoch / ga)
-    optimizer = make_optimizer(trainable_parameters(transformer), args)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
-                                 power=args.lr_power)
-    distributed.configure_deepspeed(accelerator, args)
-    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    checkpoints.register_lora_hooks(accelerator, transformer, lora_config)
-
+    max_train_steps = training.max_train_steps or math.ceil(
+        training.num_train_epochs * batches_per_epoch / training.gradient_accumulation_steps)
+    optimizer = make_optimizer(trainable_parameters(model), run.optimizer)
+    lr_scheduler = make_schedule(optimizer, run.optimizer, max_train_steps)
+    distributed.configure_deepspeed(accelerator, training.batch_size, training.gradient_accumulation_steps,
+                                    training.max_grad_norm)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    checkpoints.register_lora_hooks(accelerator, model, lora_config)
     first_step = 0
-    if resume_from is not None:
-        logger.info("Resuming from %s", resume_from)
-        first_step = checkpoints.load_checkpoint(accelerator, resume_from)
-    elif args.resume_from_checkpoint:
-        logger.info("No checkpoint in %s yet: starting a new run.", args.output_dir)
+    if inputs.resume_from is not None:
+        logger.info("Resuming from %s", inputs.resume_from)
+        first_step = checkpoints.load_checkpoint(accelerator, inputs.resume_from)
+    elif run.output.resume_from_checkpoint:
+        logger.info("No checkpoint in %s yet: starting a new run.", run.output.output_dir)
 
-    validator = Validator(args, val_prompts, [prompt_entry[p]["prompt_embeds"] for p in val_prompts],
-                          prompt_entry[""]["prompt_embeds"], noise_scheduler.config,
-                          lambda: models.load_vae(args, weight_dtype, "cpu"), weight_dtype, family.pipeline_class,
-                          validation_images(args) if family.image_to_video else None, swap=swap,
-                          optimizer=None if accelerator.distributed_type == DistributedType.DEEPSPEED else optimizer,
-                          peaks=peaks)
+    parts = PipelineParts(inputs.family.pipeline_class, scheduler.config,
+                          lambda: models.load_vae(run.model, plan.weight_dtype, "cpu", run.memory.tiled_vae,
+                                                  run.memory.sliced_vae), plan.weight_dtype)
+    validator = Validator(run.validation, [encoded.prompt_entry[p]["prompt_embeds"] for p in run.validation.prompts],
+                          encoded.prompt_entry[""]["prompt_embeds"], parts, plan.placement,
+                          None if accelerator.distributed_type == DistributedType.DEEPSPEED else optimizer)
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_name, config=tracker_config(args))
+        accelerator.init_trackers(run.output.tracker_name, config=inputs.tracker_config)
     logger.info("%s model, %d clips, %d batches of %d per epoch, %d optimizer steps (accumulating %d), %s on %d "
-                "process(es)", family.name, len(clips), batches_per_epoch, global_batch, max_train_steps, ga,
-                weight_dtype, accelerator.num_processes)
+                "process(es)", inputs.family.name, len(inputs.clips), batches_per_epoch, global_batch,
+                max_train_steps, training.gradient_accumulation_steps, plan.weight_dtype, accelerator.num_processes)
+    alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device, torch.float32)
+    return Model(model, lora_config, optimizer, lr_scheduler, alphas_cumprod, first_step, max_train_steps,
+                 batches_per_epoch, validator, load_seconds, plan.weight_dtype)
 
-    # 5. Train.
-    data = TrainingData(clips, videos, prompt_entry, shapes, batches_per_epoch, vae_config["scaling_factor"], family,
-                        alphas_cumprod)
-    inputs = {}  # the transformer's inputs of each latent size
+
+def shapes_of(encoded: Encoded) -> list[tuple]:
+    return [tuple(v["latent_params"].shape) for v in encoded.videos]
+
+
+class Timing(NamedTuple):
+    step_times: list[float]
+    seconds_to_first_step: float | None
+
+
+def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop: checkpoints.StopSignal,
+              started: float) -> Timing:
+    """The optimizer steps, checkpointing and validating on the way; a signal checkpoints and stops the run."""
+    run, training, device = inputs.run, inputs.run.training, accelerator.device
+    ga, output_dir = training.gradient_accumulation_steps, run.output.output_dir
+    data = TrainingData(inputs.clips, encoded.videos, encoded.prompt_entry, shapes_of(encoded),
+                        model.batches_per_epoch, inputs.vae_config["scaling_factor"], inputs.family,
+                        model.alphas_cumprod, model.weight_dtype, training)
+    inputs_of_size = {}  # the transformer's inputs of each latent size
     step_times, first_step_at, last = [], None, time.perf_counter()
-    progress = tqdm(range(first_step, max_train_steps), initial=first_step, total=max_train_steps, desc="Steps",
-                    disable=not accelerator.is_local_main_process)
-    for step in range(first_step, max_train_steps):
+    progress = tqdm(range(model.first_step, model.max_train_steps), initial=model.first_step,
+                    total=model.max_train_steps, desc="Steps", disable=not accelerator.is_local_main_process)
+    for step in range(model.first_step, model.max_train_steps):
         if first_step_at is None:
             first_step_at = time.perf_counter() - started
-        loss_sum, step_clips = accumulate_gradients(accelerator, transformer, args, data, step, weight_dtype, inputs)
+        loss_sum, step_clips = accumulate_gradients(accelerator, model.transformer, data, step, inputs_of_size)
         # A float under DeepSpeed, which clipped (and stepped) inside backward.
-        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm),
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.transformer.parameters(),
+                                                                training.max_grad_norm),
                                     dtype=torch.float32, device=device)
         # One reduction and one host sync a step: every process learns the mean loss, the gradient norm (the
         # same in all) and whether any was signalled, so all stop at the same step.
@@ -243,86 +330,103 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         if not math.isfinite(step_loss) or (accelerator.scaler is None and not math.isfinite(grad_norm)):
             accelerator.end_training()
             fault = f"the loss is {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm is {grad_norm}"
-            sys.exit(f"error: {fault} at step {step + 1} (clips: {', '.join(str(clips[i].video) for i in step_clips)})."
-                     f" This step was not applied and nothing was saved from it; the checkpoints in "
-                     f"{args.output_dir} are intact. Try a lower --learning_rate, or bf16 instead of fp16, or leave "
-                     f"the clip out.")
-        optimizer.step()  # under DeepSpeed a no-op: the engine stepped in backward (skipping non-finite gradients)
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            sys.exit(f"error: {fault} at step {step + 1} (clips: "
+                     f"{', '.join(str(inputs.clips[i].video) for i in step_clips)}). This step was not applied and "
+                     f"nothing was saved from it; the checkpoints in {output_dir} are intact. Try a lower "
+                     f"--learning_rate, or bf16 instead of fp16, or leave the clip out.")
+        model.optimizer.step()  # under DeepSpeed a no-op: the engine stepped in backward (skipping non-finite grads)
+        model.lr_scheduler.step()
+        model.optimizer.zero_grad(set_to_none=True)
 
         now = time.perf_counter()
         step_times.append(now - last)
         last = now
-        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "step_time_s": step_times[-1]}
-        if torch.cuda.is_available():
-            logs["peak_memory_allocated_gib"] = max(peaks.gib["training"][0],
-                                                    torch.cuda.max_memory_allocated() / memory.GIB)
-        accelerator.log(logs, step=step + 1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
-        progress.update()
-
+        log_step(accelerator, model, progress, step, step_loss, grad_norm, step_times[-1])
         done = step + 1
-        if (done % args.checkpointing_steps == 0 or stopping) and done < max_train_steps:
-            checkpoints.save_checkpoint(accelerator, args.output_dir, done, args.checkpoints_total_limit)
-        if stopping and done < max_train_steps:
+        if (done % training.checkpointing_steps == 0 or stopping) and done < model.max_train_steps:
+            checkpoints.save_checkpoint(accelerator, output_dir, done, training.checkpoints_total_limit)
+        if stopping and done < model.max_train_steps:
             accelerator.end_training()
             sys.exit(f"Stopped by a signal after step {done}; checkpoint-{done} is saved. Continue with the same "
                      f"command and --resume_from_checkpoint latest.")
-        epochs_before, epochs_after = step * ga // batches_per_epoch, done * ga // batches_per_epoch
-        if done < max_train_steps and (
-                (args.validation_steps and done % args.validation_steps == 0)
-                or (args.validation_epochs and epochs_after > epochs_before
-                    and epochs_after % args.validation_epochs == 0)):
-            validator.run(accelerator, transformer, done)
+        if done < model.max_train_steps and validates_after(training, step, model.batches_per_epoch):
+            model.validator.run(accelerator, model.transformer, done)
     progress.close()
+    return Timing(step_times, first_step_at)
 
-    # 6. Save: the last checkpoint, the LoRA for inference, a summary of the run; then a last validation.
-    if first_step < max_train_steps:
-        checkpoints.save_checkpoint(accelerator, args.output_dir, max_train_steps, args.checkpoints_total_limit)
+
+def log_step(accelerator, model: Model, progress, step: int, loss: float, grad_norm: float, seconds: float) -> None:
+    logs = {"loss": loss, "lr": model.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, "step_time_s": seconds}
+    if torch.cuda.is_available():
+        logs["peak_memory_allocated_gib"] = max(model.validator.placement.peaks.gib["training"][0],
+                                                torch.cuda.max_memory_allocated() / memory.GIB)
+    accelerator.log(logs, step=step + 1)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
+    progress.update()
+
+
+def validates_after(training: settings.TrainingSettings, step: int, batches_per_epoch: int) -> bool:
+    """Whether optimizer step `step` (0-based) ends where --validation_steps or --validation_epochs validate."""
+    done, ga = step + 1, training.gradient_accumulation_steps
+    epochs_before, epochs_after = step * ga // batches_per_epoch, done * ga // batches_per_epoch
+    return bool((training.validation_steps and done % training.validation_steps == 0)
+                or (training.validation_epochs and epochs_after > epochs_before
+                    and epochs_after % training.validation_epochs == 0))
+
+
+def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, model: Model, timing: Timing) -> None:
+    """The last checkpoint, the LoRA for inference, a last validation, a summary of the run and its model card."""
+    run, output_dir, steps = inputs.run, inputs.run.output.output_dir, model.max_train_steps
+    if model.first_step < steps:
+        checkpoints.save_checkpoint(accelerator, output_dir, steps, run.training.checkpoints_total_limit)
     if accelerator.is_main_process:
-        lora_path = save_lora(accelerator.unwrap_model(transformer), args.output_dir, lora_config)
+        lora_path = save_lora(accelerator.unwrap_model(model.transformer), output_dir, model.lora_config)
         logger.info("LoRA saved to %s", lora_path)
     # A row per process: what it encoded and its GPU's peak memory in training. Gathered before the last
     # validation, whose wait is the last one: a collective followed by processes ending at different
     # moments can leave gloo hanging in its shutdown.
-    cuda = torch.cuda.is_available()
-    per_process = accelerator.gather(torch.tensor(
-        [[encoded_clips, encoded_images, encoded_prompts, *peaks.training()]], dtype=torch.float64, device=device))
-    clips_encoded, images_encoded, prompts_encoded, allocated, reserved = per_process.T.tolist()
-    video_paths = validator.run(accelerator, transformer, max_train_steps)
+    peaks = plan.placement.peaks
+    per_process = accelerator.gather(torch.tensor([[*encoded.counts, *peaks.training()]], dtype=torch.float64,
+                                                  device=accelerator.device))
+    video_paths = model.validator.run(accelerator, model.transformer, steps)
     if accelerator.is_main_process:
-        timed = step_times[2:] if len(step_times) > 3 else step_times  # the first steps warm up kernels
-        step_time = statistics.median(timed) if timed else None
-        summary = {
-            "steps": max_train_steps, "resumed_at_step": first_step, "clips": len(clips),
-            "processes": accelerator.num_processes, "samples_per_step": global_batch * ga,
-            "encoded_clips": int(sum(clips_encoded)), "encoded_images": int(sum(images_encoded)),
-            "encoded_prompts": int(sum(prompts_encoded)), "encoded_clips_per_process": [int(n) for n in clips_encoded],
-            "seconds_to_first_step": first_step_at, "model_load_seconds": model_load_seconds,
-            "median_step_time_s": step_time,
-            "samples_per_second": global_batch * ga / step_time if step_time else None,
-            # Training steps alone (validation apart): the fullest GPU's, and each process's.
-            "peak_memory_allocated_gib": max(allocated) if cuda else None,
-            "peak_memory_reserved_gib": max(reserved) if cuda else None,
-            "peak_memory_allocated_gib_per_process": allocated if cuda else None,
-            # This process's: what its validation videos took, against its training steps.
-            "peak_memory_validation_gib": peaks.validation()[0] if cuda and val_prompts else None,
-            "peak_memory_decode_gib": peaks.gib["decoding"][0] if cuda and val_prompts else None,
-            "peak_memory_encoding_gib": peaks.gib["encoding"][0] if cuda else None,
-            "memory_plan": plan.flags(), "estimated_peak_gib": needed.total_gib,
-            "estimated_training_gib": needed.training_gib, "estimated_validation_gib": needed.validation_gib,
-            "attention": kernel.description,
-            "lora": str(lora_path), "validation_videos": [str(p) for p in video_paths],
-        }
-        Path(args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
-        write_model_card(args, family, max_train_steps, video_paths)
-        if args.push_to_hub:
-            hub.push(args)
+        summary = run_summary(inputs, accelerator, plan, model, timing, per_process.T.tolist())
+        summary.update(lora=str(lora_path), validation_videos=[str(p) for p in video_paths])
+        Path(output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
+        write_model_card(run, inputs.family, steps, video_paths)
+        if run.output.push.enabled:
+            hub.push(run.output)
         for path in video_paths:
             logger.info("Validation video: %s", path)
     accelerator.end_training()
+
+
+def run_summary(inputs: Inputs, accelerator, plan: MemoryPlan, model: Model, timing: Timing, per_process) -> dict:
+    """train_summary.json's figures; per_process: the columns of each process's counts and training peaks."""
+    clips_encoded, images_encoded, prompts_encoded, allocated, reserved = per_process
+    cuda, validates, peaks = torch.cuda.is_available(), bool(inputs.run.validation.prompts), plan.placement.peaks
+    samples = inputs.run.training.batch_size * accelerator.num_processes * inputs.run.training.gradient_accumulation_steps
+    timed = timing.step_times[2:] if len(timing.step_times) > 3 else timing.step_times  # the first warm up kernels
+    step_time = statistics.median(timed) if timed else None
+    return {
+        "steps": model.max_train_steps, "resumed_at_step": model.first_step, "clips": len(inputs.clips),
+        "processes": accelerator.num_processes, "samples_per_step": samples,
+        "encoded_clips": int(sum(clips_encoded)), "encoded_images": int(sum(images_encoded)),
+        "encoded_prompts": int(sum(prompts_encoded)), "encoded_clips_per_process": [int(n) for n in clips_encoded],
+        "seconds_to_first_step": timing.seconds_to_first_step, "model_load_seconds": model.load_seconds,
+        "median_step_time_s": step_time, "samples_per_second": samples / step_time if step_time else None,
+        # Training steps alone (validation apart): the fullest GPU's, and each process's.
+        "peak_memory_allocated_gib": max(allocated) if cuda else None,
+        "peak_memory_reserved_gib": max(reserved) if cuda else None,
+        "peak_memory_allocated_gib_per_process": allocated if cuda else None,
+        # This process's: what its validation videos took, against its training steps.
+        "peak_memory_validation_gib": peaks.validation()[0] if cuda and validates else None,
+        "peak_memory_decode_gib": peaks.gib["decoding"][0] if cuda and validates else None,
+        "peak_memory_encoding_gib": peaks.gib["encoding"][0] if cuda else None,
+        "memory_plan": plan.placement.plan.flags(), "estimated_peak_gib": plan.needed.total_gib,
+        "estimated_training_gib": plan.needed.training_gib, "estimated_validation_gib": plan.needed.validation_gib,
+        "attention": plan.kernel.description,
+    }
 
 
 class TrainingData(NamedTuple):
@@ -336,38 +440,40 @@ class TrainingData(NamedTuple):
     scaling_factor: float
     family: models.Family
     alphas_cumprod: torch.Tensor
+    weight_dtype: torch.dtype
+    training: settings.TrainingSettings
 
 
-def accumulate_gradients(accelerator, transformer, args, data: TrainingData, step: int, weight_dtype, inputs: dict):
+def accumulate_gradients(accelerator, transformer, data: TrainingData, step: int, inputs: dict):
     """The forward and backward passes of the batches that optimizer step `step` accumulates; returns this process's
     summed loss and the clips of the step (all processes').
 
     The order of batches is a function of (seed, epoch), so a step number says which batch comes next, in one
     process or many. inputs caches the transformer's inputs of each latent size.
     """
-    rank, batch_size, ga = accelerator.process_index, args.train_batch_size, args.gradient_accumulation_steps
-    family, alphas_cumprod, device = data.family, data.alphas_cumprod, accelerator.device
+    training, family, alphas_cumprod, device = data.training, data.family, data.alphas_cumprod, accelerator.device
+    rank, batch_size, ga = accelerator.process_index, training.batch_size, training.gradient_accumulation_steps
     loss_sum, step_clips = torch.zeros((), device=device), []
     for micro_step in range(step * ga, (step + 1) * ga):
         epoch, index = divmod(micro_step, data.batches_per_epoch)
-        global_ids = epoch_batches(data.shapes, batch_size * accelerator.num_processes, args.seed, epoch)[index]
+        global_ids = epoch_batches(data.shapes, batch_size * accelerator.num_processes, training.seed, epoch)[index]
         step_clips += global_ids
         mine = global_ids[rank * batch_size:(rank + 1) * batch_size]
-        seeds = [sample_seed(args.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]
+        seeds = [sample_seed(training.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]
         entries = [data.videos[i] for i in mine]
         batch = draw_batch(entries, [data.prompt_entry[data.clips[i].prompt] for i in mine], seeds,
-                           data.scaling_factor, args.random_flip, len(alphas_cumprod), device, family.patch_size_t)
+                           data.scaling_factor, training.random_flip, len(alphas_cumprod), device, family.patch_size_t)
         size = tuple(batch[0].shape[i] for i in (1, 3, 4))  # latent frames, height, width
         if size not in inputs:
             inputs[size] = transformer_inputs(accelerator.unwrap_model(transformer).config, *size, device)
         # Image-to-video models also take each clip's first-frame latent (or nothing, at times).
         image_latents = draw_image_latents(
-            entries, seeds, family.image_latent_scale, args.random_flip, len(alphas_cumprod),
-            args.noised_image_dropout, size[0], device) if family.image_to_video else None
+            entries, seeds, family.image_latent_scale, training.random_flip, len(alphas_cumprod),
+            training.noised_image_dropout, size[0], device) if family.image_to_video else None
         # accelerate counts the batches: backward divides the loss by ga, and only the last batch of a
         # step all-reduces the gradients (DDP) or steps the optimizer inside backward (DeepSpeed).
         with accelerator.accumulate(transformer):
-            loss = compute_loss(transformer, batch, alphas_cumprod, weight_dtype, inputs[size], image_latents)
+            loss = compute_loss(transformer, batch, alphas_cumprod, data.weight_dtype, inputs[size], image_latents)
             accelerator.backward(loss)
         loss_sum += loss.detach()
     return loss_sum, step_clips

@@ -23,10 +23,12 @@ from diffusers import CogVideoXTransformer3DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cogvideox_lora import attention, offload, recompute, synthetic  # noqa: E402
-from cogvideox_lora.lora import add_lora, trainable_parameters, uncast_adapter_inputs  # noqa: E402
+from cogvideox_lora import attention, synthetic  # noqa: E402
+from cogvideox_lora.lora import trainable_parameters  # noqa: E402
 from cogvideox_lora.loss import compute_loss, draw_batch, transformer_inputs  # noqa: E402
-from cogvideox_lora.models import compile_blocks  # noqa: E402
+from cogvideox_lora.memory import Plan  # noqa: E402
+from cogvideox_lora.placement import Placement  # noqa: E402
+from cogvideox_lora.transformer import TransformerSpec, prepare  # noqa: E402
 
 SHAPES = {"2b 49x480x720": (30, 17776), "5b 49x480x720": (48, 17776), "1.5-5b 81x768x1360": (48, 45106)}
 
@@ -88,14 +90,10 @@ def compare(reference, other) -> dict:
 
 
 def steps() -> dict:
-    config = synthetic._SPECS["2b"]["transformer"]
+    config = synthetic.SPECS["2b"]["transformer"]
     torch.manual_seed(0)
     with torch.device("cuda"):
         base = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
-    add_lora(base, 128, 128)
-    uncast_adapter_inputs(base, torch.bfloat16)
-    for p in trainable_parameters(base):  # B is zero at init: give every adapter matrix a gradient to compare
-        p.data.normal_(0, 0.01)
     video = {"latent_params": torch.randn(32, 13, 60, 90, dtype=torch.bfloat16)}
     prompt = {"prompt_embeds": torch.randn(226, 4096, dtype=torch.bfloat16)}
     batch = draw_batch([video], [prompt], [3], 1.0, 0.0, 1000, "cuda")
@@ -104,17 +102,17 @@ def steps() -> dict:
 
     def variant(kernel, policy=None, offload_activations=False, blocks=0, compiled=True):
         model = copy.deepcopy(base)
-        attention.use(model, attention.Choice(kernel, ""))
-        swap = offload.BlockSwap(model.transformer_blocks, blocks, "cuda") if blocks else None
-        if policy:
-            recompute.enable(model, policy, offload.ActivationOffload("cuda") if offload_activations else None, swap)
-        if compiled:
-            compile_blocks(model)
+        prepare(model, TransformerSpec(torch.bfloat16, 128, 128, kernel=kernel, compile=compiled),
+                Placement(Plan(policy, offload_activations, blocks), "cuda"))
+        # B is zero at init: the same random adapter in every variant gives every matrix a gradient to compare.
+        generator = torch.Generator("cuda").manual_seed(1)
+        for p in trainable_parameters(model):
+            p.data.normal_(0, 0.01, generator=generator)
         torch.cuda.reset_peak_memory_stats()
         training_step(model, batch, inputs, alphas)  # compiles; the second step is the one compared
         result = training_step(model, batch, inputs, alphas)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        del model, swap
+        del model
         torch.cuda.empty_cache()
         return result, peak
 

@@ -2,7 +2,7 @@
 
     python benchmarks/estimate_rows.py [ROW ...]      # default: every row of bench_train.ROWS
 
-Each row's flags go through the trainer's own parser and memory.from_args, as train_cogvideox_lora.py does
+Each row's flags go through the trainer's own parser, settings and memory.plan_for, as train_cogvideox_lora.py does
 before loading anything; the compiled blocks and bf16 of the GPU runs are assumed.
 """
 
@@ -15,7 +15,7 @@ from diffusers import CogVideoXTransformer3DModel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_train import ROWS, latent_size, native_shape, parse_row  # noqa: E402
-from cogvideox_lora import memory, synthetic  # noqa: E402
+from cogvideox_lora import memory, settings, synthetic  # noqa: E402
 from cogvideox_lora.args import parse_args  # noqa: E402
 
 DEFAULTS = {name: p.default for name, p in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
@@ -26,13 +26,14 @@ def estimate(row: str) -> tuple[memory.Plan, memory.MemoryEstimate]:
     base, *_ = parse_row(row)
     size, flags = ROWS[base]
     frames, height, width = native_shape(size)
-    args = parse_args(["--pretrained_model_name_or_path", size, "--instance_data_root", ".", "--mixed_precision",
-                       "bf16", "--rank", "128", "--height", str(height), "--width", str(width), "--max_num_frames",
-                       str(frames), *flags])
+    run = settings.from_args(parse_args([
+        "--pretrained_model_name_or_path", size, "--instance_data_root", ".", "--mixed_precision", "bf16", "--rank",
+        "128", "--height", str(height), "--width", str(width), "--max_num_frames", str(frames), *flags]))
     latent = latent_size(frames, height, width)
-    config = {**DEFAULTS, **synthetic._SPECS[size]["transformer"]}
-    _, plan, needed = memory.from_args(args, config, latent, latent if args.validation_prompt else None,
-                                       compiled=True, weight_bytes=2, budget_gib=args.max_gpu_memory)
+    config = {**DEFAULTS, **synthetic.SPECS[size]["transformer"]}
+    _, plan, needed = memory.plan_for(run.memory, config, latent, latent if run.validation.prompts else None,
+                                      run.training.batch_size, run.lora.rank, compiled=True, weight_bytes=2,
+                                      budget_gib=run.memory.max_gpu_memory)
     return plan, needed
 
 

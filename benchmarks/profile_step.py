@@ -28,9 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_train import latent_size  # noqa: E402
 from cogvideox_lora import attention, recompute, synthetic  # noqa: E402
-from cogvideox_lora.lora import add_lora, trainable_parameters, uncast_adapter_inputs  # noqa: E402
+from cogvideox_lora.lora import trainable_parameters  # noqa: E402
 from cogvideox_lora.loss import compute_loss, draw_batch, transformer_inputs  # noqa: E402
-from cogvideox_lora.models import compile_blocks, store_base_weights_in_fp8  # noqa: E402
+from cogvideox_lora.memory import Plan  # noqa: E402
+from cogvideox_lora.placement import Placement  # noqa: E402
+from cogvideox_lora.profiling import gpu_idle, saved_bytes  # noqa: E402
+from cogvideox_lora.transformer import TransformerSpec, prepare  # noqa: E402
 
 GIB = 2**30
 
@@ -43,42 +46,16 @@ def sync():
         torch.cuda.synchronize()
 
 
-def saved_bytes(transformer, run):
-    """What run() keeps for the backward pass beside the transformer's own parameters, in bytes, and its result."""
-    own = {p.data_ptr() for p in transformer.parameters()}
-    sizes = []
-
-    def pack(tensor):
-        if tensor.data_ptr() not in own:
-            sizes.append(tensor.numel() * tensor.element_size())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = run()
-    return sum(sizes), result
-
-
 def build(size: str, checkpointing: str | None, options: set, rank: int, kernel: str | None):
-    """The transformer with LoRA as the trainer builds it; option "cast" keeps peft's fp32 cast of adapter inputs,
-    "around" checkpoints around the compiled blocks (recompute.around: the trainer's way until 2026-12-02, and
-    still its way with offloading) instead of inside them."""
-    config = synthetic._SPECS[size]["transformer"]
+    """The transformer with LoRA as the trainer builds it (transformer.prepare), from the real config with random
+    weights, on this device."""
+    config = synthetic.SPECS[size]["transformer"]
     with torch.device(DEVICE):
-        transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
-    if "fp8" in options:
-        store_base_weights_in_fp8(transformer, torch.bfloat16, DEVICE)
-    add_lora(transformer, rank, rank)
-    uncast_adapter_inputs(transformer, torch.float32 if "cast" in options else torch.bfloat16)
-    attention.use(transformer, attention.Choice(kernel, ""))
-    if "around" in options:
-        if not checkpointing:
-            raise SystemExit("error: the around variant needs --checkpointing")
-        recompute.around(transformer, checkpointing)
-    elif checkpointing:
-        recompute.enable(transformer, checkpointing)
-    if "compile" in options:
-        compile_blocks(transformer)
-    return transformer
+        model = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
+    spec = TransformerSpec(torch.bfloat16, rank, rank, fp8_base_weights="fp8" in options, kernel=kernel,
+                           compile="compile" in options)
+    prepare(model, spec, Placement(Plan(checkpointing), DEVICE))
+    return model
 
 
 def run_variant(name: str, args) -> dict:
@@ -160,50 +137,13 @@ def run_variant(name: str, args) -> dict:
             "warmup_s": warmup_s, "table": table, "idle": idle}
 
 
-PHASES = ("batch", "forward", "backward", "clip", "optimizer")
-GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
-LAUNCHES = ("cuda_runtime", "cuda_driver")
-
-
-def gpu_idle(events: list[dict], gap_us: float = 1.0) -> dict:
-    """GPU idle time in profiled steps (a chrome trace's events), by the step's phase in which the host
-    launched the work that ended each gap: {phase: {"idle_ms", "gaps", "largest_us", "largest_before"}},
-    plus "busy_ms" and "span_ms" (first to last GPU work). A gap is counted from gap_us on.
-    """
-    work = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_WORK), key=lambda e: e["ts"])
-    launched_at = {e["args"]["correlation"]: e["ts"] for e in events
-                   if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})}
-    phases = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-                    if e.get("cat") == "user_annotation" and e.get("name") in PHASES)
-
-    def phase_at(ts):
-        return next((name for start, end, name in phases if start <= ts <= end), "between")
-
-    result = {p: {"idle_ms": 0.0, "gaps": 0, "largest_us": 0.0, "largest_before": ""} for p in (*PHASES, "between")}
-    busy, end = 0.0, None
-    for e in work:
-        start, stop = e["ts"], e["ts"] + e["dur"]
-        if end is not None and start - end >= gap_us:
-            launch = launched_at.get(e.get("args", {}).get("correlation"))
-            entry = result[phase_at(launch if launch is not None else start)]
-            entry["idle_ms"] += (start - end) / 1000
-            entry["gaps"] += 1
-            if start - end > entry["largest_us"]:
-                entry["largest_us"], entry["largest_before"] = start - end, e["name"][:60]
-        busy += max(0.0, stop - max(start, end or start))
-        end = stop if end is None else max(end, stop)
-    result = {p: v for p, v in result.items() if v["gaps"]}
-    return {**result, "busy_ms": busy / 1000, "span_ms": (end - work[0]["ts"]) / 1000 if work else 0.0}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="2b", choices=["2b", "5b", "tiny"])
     parser.add_argument("--variants", default="cudnn,flash",
                         help="comma-separated; each joins with '+' an attention backend (flash4, cudnn, flash, "
-                             "efficient, math) and optionally 'compile' (torch.compile each block), 'fp8' (float8 base weights), "
-                             "'cast' (keep peft's fp32 cast of adapter inputs) and 'around' (with --checkpointing: the "
-                             "checkpoint around each compiled block, not inside it)")
+                             "efficient, math) and optionally 'compile' (torch.compile each block) and 'fp8' (float8 "
+                             "base weights)")
     parser.add_argument("--checkpointing", choices=recompute.POLICIES, default=None,
                         help="gradient checkpointing with this policy (default: none)")
     parser.add_argument("--frames", type=int, default=49)

@@ -33,7 +33,7 @@ def median_ms(fn, repeats: int = 21) -> float:
 
 def main():
     with torch.device("meta"):
-        transformer = CogVideoXTransformer3DModel(**synthetic._SPECS["2b"]["transformer"]).requires_grad_(False)
+        transformer = CogVideoXTransformer3DModel(**synthetic.SPECS["2b"]["transformer"]).requires_grad_(False)
     add_lora(transformer, 128, 128)
 
     def per_step():

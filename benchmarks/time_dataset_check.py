@@ -7,15 +7,16 @@
 
 import sys, time, statistics
 sys.path.insert(0, sys.argv[1])
+from cogvideox_lora import settings
 from cogvideox_lora.args import parse_args
-from cogvideox_lora.data import Buckets, FrameSettings, check_dataset, clip_settings
-args = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_root", "/tmp/probe_data", "--output_dir", "/tmp/o",
-                   "--height_buckets", "480", "320", "--width_buckets", "720", "480", "--frame_buckets", "25", "49"])
-s = FrameSettings.from_args(args, 4); b = Buckets.from_args(args)
+from cogvideox_lora.data import check_dataset, clip_settings
+run = settings.from_args(parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_root", "/tmp/probe_data", "--output_dir", "/tmp/o",
+                   "--height_buckets", "480", "320", "--width_buckets", "720", "480", "--frame_buckets", "25", "49"]))
+s, b, d = run.frames, run.buckets, run.data
 times = []
 for _ in range(5):
     t = time.perf_counter()
-    clips, _ = check_dataset(args.instance_data_root, args.caption_column, args.video_column, None, None, None, s, buckets=b)
+    clips, _ = check_dataset(d.root, d.caption_column, d.video_column, None, None, None, s, buckets=b)
     per = clip_settings(clips, s, b)
     times.append(time.perf_counter() - t)
 print(sys.argv[1], len(clips), "clips; median %.3f s" % statistics.median(times), sorted({(p.max_num_frames, p.height, p.width) for p in per}))

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from .attention import BACKENDS
-from .hub import push_problems
 from .recompute import POLICIES
+from .settings import resume_path, split
 
 
 def default_latent_cache_dir() -> str:
@@ -23,7 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a LoRA on a CogVideoX transformer from a folder of short clips.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_model_flags(p)
+    _add_data_flags(p)
+    _add_vae_flags(p)
+    _add_validation_flags(p)
+    _add_training_flags(p)
+    _add_checkpoint_flags(p)
+    _add_example_flags(p)
+    return p
 
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", required=True,
                        help="Hub id (e.g. THUDM/CogVideoX-2b) or local folder of a diffusers CogVideoX model.")
@@ -37,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "alone, to train at other sizes on its rotary embeddings. Generate with the LoRA the "
                             "same way (cli_demo.py --ignore_learned_positional_embeddings).")
 
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--instance_data_root", default=None,
                       help="Dataset folder holding the prompts file, the videos file and the clips; with "
@@ -99,10 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Where encoded clips and prompts are kept, so later runs on the same data skip "
                            "the VAE and T5.")
 
+
+def _add_vae_flags(p: argparse.ArgumentParser) -> None:
     vae = p.add_argument_group("VAE")
     vae.add_argument("--enable_tiling", action="store_true", help="Encode and decode with VAE tiling (less memory).")
     vae.add_argument("--enable_slicing", action="store_true", help="Encode and decode with VAE slicing (less memory).")
 
+
+def _add_validation_flags(p: argparse.ArgumentParser) -> None:
     val = p.add_argument_group("validation")
     val.add_argument("--validation_prompt", default=None,
                      help="Prompts for validation videos, split by --validation_prompt_separator.")
@@ -121,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--guidance_scale", type=float, default=6.0, help="Classifier-free guidance of validation videos.")
     val.add_argument("--use_dynamic_cfg", action="store_true", help="Use dynamic guidance in validation (as cli_demo).")
 
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
     train = p.add_argument_group("training")
     train.add_argument("--output_dir", default="cogvideox-lora", help="Where checkpoints, LoRA, videos and logs go.")
     train.add_argument("--seed", type=int, default=0,
@@ -193,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "before the run is ended; default: PyTorch's. Encoding and validation wait for each "
                             "other without this limit.")
 
+
+def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     ckpt = p.add_argument_group("checkpoints and logs")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500,
                       help="Save a resumable checkpoint every this many optimizer steps.")
@@ -206,8 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
                            "accelerate's), all (those three) or none. One whose package is missing is an error "
                            "at the start.")
     ckpt.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
-    _add_example_flags(p)
-    return p
 
 
 def _add_example_flags(p: argparse.ArgumentParser) -> None:
@@ -247,18 +265,6 @@ def _add_example_flags(p: argparse.ArgumentParser) -> None:
     hub.add_argument("--push_checkpoints", action="store_true", help="Upload the checkpoint-N folders too.")
 
 
-def _split(text: str | None, separator: str) -> list[str]:
-    return [p.strip() for p in text.split(separator) if p.strip()] if text else []
-
-
-def validation_prompts(args) -> list[str]:
-    return _split(args.validation_prompt, args.validation_prompt_separator)
-
-
-def validation_images(args) -> list[Path]:
-    return [Path(p).expanduser() for p in _split(args.validation_images, args.validation_prompt_separator)]
-
-
 def _flag_values(args, *names) -> list[tuple[str, int]]:
     """(flag, value) for each value of the named flags, list-valued (buckets) or not."""
     pairs = []
@@ -280,10 +286,11 @@ def check_args(args) -> list[str]:
         if value < 1 or (value - 1) % 4:
             lower = max(1, (value - 1) // 4 * 4 + 1)
             problems.append(f"--{name} {value} is not 4k+1: use {lower} or {lower + 4}.")
-    if args.validation_prompt is not None and not validation_prompts(args):
+    prompts = split(args.validation_prompt, args.validation_prompt_separator)
+    images = [Path(p).expanduser() for p in split(args.validation_images, args.validation_prompt_separator)]
+    if args.validation_prompt is not None and not prompts:
         problems.append(f"--validation_prompt {args.validation_prompt!r} holds no prompt once split by "
                         f"{args.validation_prompt_separator!r}.")
-    images, prompts = validation_images(args), validation_prompts(args)
     if images and len(images) != len(prompts):
         problems.append(f"--validation_images gives {len(images)} image(s) for {len(prompts)} --validation_prompt "
                         f"prompt(s): give one image per prompt, split by {args.validation_prompt_separator!r}.")
@@ -319,7 +326,7 @@ def check_args(args) -> list[str]:
                     if p.exists())
     if not existing.is_dir():
         problems.append(f"--output_dir {args.output_dir}: {existing} is a file, not a folder: name a folder.")
-    resume = args.resume_from_checkpoint
+    resume = resume_path(args.resume_from_checkpoint, args.output_dir)
     if resume and resume != "latest":
         if not Path(resume).is_dir():
             problems.append(f"--resume_from_checkpoint {resume} does not exist: give a checkpoint-N folder of an "
@@ -363,18 +370,7 @@ def example_problems(args) -> list[str]:
     if precision == "fp16" and not _gpu_available():
         problems.append("--mixed_precision fp16 needs a GPU (on a CPU there is no fp16 autocast): use "
                         "--mixed_precision bf16 or no.")
-    return problems + push_problems(args)
-
-
-def resolve_example_values(args) -> None:
-    """The diffusers example's value forms turned into this trainer's: a checkpoint named inside --output_dir,
-    --scale_lr."""
-    resume = args.resume_from_checkpoint
-    if resume and resume != "latest" and not Path(resume).is_dir() and (Path(args.output_dir) / resume).is_dir():
-        args.resume_from_checkpoint = str(Path(args.output_dir) / resume)
-    if args.scale_lr:
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * processes
+    return problems
 
 
 # Settings named like credentials never reach a tracker. --id_token is a word put in prompts, not one.
@@ -388,16 +384,9 @@ def tracker_config(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked for what needs neither a model, the data nor the network."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    resolve_example_values(args)
-    # With --dataset_name they depend on the layout the hub dataset holds: hub.resolve_dataset sets them.
-    if args.dataset_file and not args.dataset_name:
-        args.caption_column = args.caption_column or "caption"
-        args.video_column = args.video_column or "video"
-    elif not args.dataset_name:
-        args.caption_column = args.caption_column or "prompts.txt"
-        args.video_column = args.video_column or "videos.txt"
     problems = check_args(args)
     if problems:
         parser.error("\n  " + "\n  ".join(problems))

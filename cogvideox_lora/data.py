@@ -62,11 +62,6 @@ class FrameSettings:
     reshape_mode: str
     temporal_compression: int = 4
 
-    @classmethod
-    def from_args(cls, args, temporal_compression: int) -> "FrameSettings":
-        return cls(args.height, args.width, args.fps, args.max_num_frames, args.skip_frames_start,
-                   args.skip_frames_end, args.video_reshape_mode, temporal_compression)
-
 
 @dataclass(frozen=True)
 class Buckets:
@@ -81,14 +76,6 @@ class Buckets:
     widths: tuple[int, ...]
     frames: tuple[int, ...]
     auto_area: int | None = None
-
-    @classmethod
-    def from_args(cls, args) -> "Buckets | None":
-        if not (args.height_buckets or args.width_buckets or args.frame_buckets or args.auto_buckets):
-            return None
-        return cls(tuple(args.height_buckets or [args.height]), tuple(args.width_buckets or [args.width]),
-                   tuple(sorted(args.frame_buckets or [args.max_num_frames])),
-                   args.height * args.width if args.auto_buckets else None)
 
     def size(self, height: int, width: int) -> tuple[int, int]:
         if self.auto_area:

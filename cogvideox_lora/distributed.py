@@ -23,7 +23,7 @@ def wait_for_everyone_without_deadline(accelerator, name: str, poll_seconds: flo
         time.sleep(poll_seconds)
 
 
-def configure_deepspeed(accelerator, args) -> None:
+def configure_deepspeed(accelerator, batch_size: int, accumulation: int, max_grad_norm: float) -> None:
     """Under DeepSpeed, the engine settings that the trainer's flags decide, whatever the config file says.
 
     Call it before accelerator.prepare. There is no DataLoader for accelerate to read the batch size
@@ -33,10 +33,10 @@ def configure_deepspeed(accelerator, args) -> None:
         return
     precision = accelerator.mixed_precision  # read from the config, so before it changes below
     config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    config["gradient_clipping"] = args.max_grad_norm
+    config["train_micro_batch_size_per_gpu"] = batch_size
+    config["gradient_accumulation_steps"] = accumulation
+    config["train_batch_size"] = batch_size * accumulation * accelerator.num_processes
+    config["gradient_clipping"] = max_grad_norm
     # DeepSpeed's bf16/fp16 modes cast every parameter, the adapter's too, to half precision. Its
     # torch_autocast mode keeps the parameters as the trainer made them (the frozen model in
     # --mixed_precision, the adapter and hence its optimizer state in fp32), as without DeepSpeed. An

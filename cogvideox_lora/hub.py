@@ -5,6 +5,7 @@ like a local folder. What needs the network (a download, a push) is checked befo
 """
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import huggingface_hub
@@ -14,6 +15,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Repo
 
 from .data import DatasetError
 from .lora import LORA_WEIGHTS_NAME
+from .settings import DataSource, HubPush, OutputSettings
 
 logger = logging.getLogger(__name__)
 
@@ -22,31 +24,31 @@ TABLE_SUFFIXES = (".csv", ".jsonl", ".json")
 CARD_FILE = "README.md"
 
 
-def _download_command(args) -> str:
-    revision = f" --revision {args.dataset_revision}" if args.dataset_revision else ""
-    cache = f" --cache-dir {args.cache_dir}" if args.cache_dir else ""
-    return f"hf download {args.dataset_name} --repo-type dataset{revision}{cache}"
+def _download_command(data: DataSource) -> str:
+    revision = f" --revision {data.dataset_revision}" if data.dataset_revision else ""
+    cache = f" --cache-dir {data.cache_dir}" if data.cache_dir else ""
+    return f"hf download {data.dataset_name} --repo-type dataset{revision}{cache}"
 
 
-def fetch_dataset(args) -> Path:
+def fetch_dataset(data: DataSource) -> Path:
     """The local snapshot of --dataset_name, downloaded into the hub cache (--cache_dir) if it is not there."""
     try:
         # Offline, huggingface_hub would still try to download a revision given as a commit hash.
-        return Path(snapshot_download(args.dataset_name, repo_type="dataset", revision=args.dataset_revision,
-                                      cache_dir=args.cache_dir, local_files_only=constants.HF_HUB_OFFLINE))
+        return Path(snapshot_download(data.dataset_name, repo_type="dataset", revision=data.dataset_revision,
+                                      cache_dir=data.cache_dir, local_files_only=constants.HF_HUB_OFFLINE))
     except LocalEntryNotFoundError as e:
-        raise DatasetError([f"--dataset_name {args.dataset_name}: not in the hub cache "
-                            f"({args.cache_dir or constants.HF_HUB_CACHE}) and the hub cannot be reached "
+        raise DatasetError([f"--dataset_name {data.dataset_name}: not in the hub cache "
+                            f"({data.cache_dir or constants.HF_HUB_CACHE}) and the hub cannot be reached "
                             f"({'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else e}). Download it first "
-                            f"where there is a network: {_download_command(args)}"]) from e
+                            f"where there is a network: {_download_command(data)}"]) from e
     except RevisionNotFoundError as e:
-        raise DatasetError([f"--dataset_revision {args.dataset_revision}: no such branch, tag or commit of the "
-                            f"dataset {args.dataset_name}."]) from e
+        raise DatasetError([f"--dataset_revision {data.dataset_revision}: no such branch, tag or commit of the "
+                            f"dataset {data.dataset_name}."]) from e
     except RepositoryNotFoundError as e:
-        raise DatasetError([f"--dataset_name {args.dataset_name}: no such dataset repository on the Hub, or it is "
+        raise DatasetError([f"--dataset_name {data.dataset_name}: no such dataset repository on the Hub, or it is "
                             f"private and you are not logged in (hf auth login)."]) from e
     except HfHubHTTPError as e:
-        raise DatasetError([f"--dataset_name {args.dataset_name}: download failed ({e})."]) from e
+        raise DatasetError([f"--dataset_name {data.dataset_name}: download failed ({e})."]) from e
 
 
 def _config_files(folder: Path, config_name: str) -> list[str]:
@@ -66,68 +68,67 @@ def _config_files(folder: Path, config_name: str) -> list[str]:
     return []
 
 
-def resolve_dataset(args) -> None:
-    """Points the dataset flags at --dataset_name's snapshot, whichever layout it holds.
+def resolve_dataset(data: DataSource) -> DataSource:
+    """The dataset as a local folder: `data` itself, or --dataset_name's snapshot, whichever layout it holds.
 
     Its prompts.txt/videos.txt (or the files --caption_column and --video_column name), or else one table
     (--dataset_file, the files of --dataset_config_name, or its only CSV/JSON-lines file). With
     --instance_data_root too, as in the diffusers example, the table comes from the hub and the clips
     are read under the root.
     """
-    if not args.dataset_name:
-        return
-    snapshot = fetch_dataset(args)
-    folder, table = snapshot, args.dataset_file
-    if args.dataset_config_name:
-        files = _config_files(snapshot, args.dataset_config_name)
+    if not data.dataset_name:
+        return data
+    snapshot = fetch_dataset(data)
+    folder, table = snapshot, data.dataset_file
+    if data.dataset_config_name:
+        files = _config_files(snapshot, data.dataset_config_name)
         if files:
             table = table or files[0]
-        elif (snapshot / args.dataset_config_name).is_dir():
-            folder = snapshot / args.dataset_config_name
+        elif (snapshot / data.dataset_config_name).is_dir():
+            folder = snapshot / data.dataset_config_name
         else:
-            raise DatasetError([f"--dataset_config_name {args.dataset_config_name}: {args.dataset_name} has no "
+            raise DatasetError([f"--dataset_config_name {data.dataset_config_name}: {data.dataset_name} has no "
                                 f"such config (none in the `configs` of its {CARD_FILE}, nor a folder of that "
                                 f"name)."])
-    captions, videos = args.caption_column or PROMPTS_FILE, args.video_column or VIDEOS_FILE
+    captions, videos = data.caption_column or PROMPTS_FILE, data.video_column or VIDEOS_FILE
     if not table and not ((folder / captions).is_file() and (folder / videos).is_file()):
         tables = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in TABLE_SUFFIXES)
         if len(tables) != 1:
-            raise DatasetError([f"--dataset_name {args.dataset_name} ({folder}) holds neither {captions} and "
+            raise DatasetError([f"--dataset_name {data.dataset_name} ({folder}) holds neither {captions} and "
                                 f"{videos} nor a single table (.csv, .jsonl): it has "
                                 f"{', '.join(sorted(p.name for p in folder.iterdir())) or 'no files'}. Name its "
                                 f"table with --dataset_file, or its files with --caption_column and --video_column."])
         table = tables[0]
     if table:
-        args.dataset_file = str(folder / table)
-        args.caption_column, args.video_column = args.caption_column or "caption", args.video_column or "video"
+        resolved = replace(data, dataset_file=str(folder / table), caption_column=data.caption_column or "caption",
+                           video_column=data.video_column or "video")
     else:
-        args.caption_column, args.video_column = str(folder / captions), str(folder / videos)
-        if args.image_column is None and (folder / "images.txt").is_file():
-            args.image_column = str(folder / "images.txt")
-    if args.instance_data_root is None:
-        args.instance_data_root = str(folder)
-    logger.info("Dataset %s: %s", args.dataset_name, args.dataset_file or folder)
+        image_column = data.image_column
+        if image_column is None and (folder / "images.txt").is_file():
+            image_column = str(folder / "images.txt")
+        resolved = replace(data, caption_column=str(folder / captions), video_column=str(folder / videos),
+                           image_column=image_column)
+    if resolved.root is None:
+        resolved = replace(resolved, root=str(folder))
+    logger.info("Dataset %s: %s", data.dataset_name, resolved.dataset_file or folder)
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pushing the LoRA
 
 
-def _token(args) -> str | None:
-    return args.hub_token or huggingface_hub.get_token()
-
-
-def push_problems(args) -> list[str]:
+def push_problems(push: HubPush) -> list[str]:
     """Why a push at the end of training would fail, found before the training starts."""
-    if not args.push_to_hub:
+    if not push.enabled:
         return []
-    if args.hub_token:
+    if push.token:
         logger.warning("--hub_token shows in the process list and the shell history of this machine: prefer "
                        "`hf auth login` or the HF_TOKEN environment variable.")
     if constants.HF_HUB_OFFLINE:
         return ["--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it, or drop --push_to_hub "
                 "and upload the output folder later (hf upload REPO OUTPUT_DIR)."]
-    token = _token(args)
+    token = push.token or huggingface_hub.get_token()
     if not token:
         return ["--push_to_hub: not logged in to the Hugging Face Hub: run `hf auth login`, or set HF_TOKEN."]
     try:
@@ -138,20 +139,15 @@ def push_problems(args) -> list[str]:
     return []
 
 
-def repo_id(args) -> str:
-    return args.hub_model_id or Path(args.output_dir).absolute().name
-
-
-def push(args) -> str:
+def push(output: OutputSettings) -> str:
     """Uploads the LoRA, its model card and the validation videos (and the checkpoints if asked); returns the
     commit's URL."""
-    token = _token(args)
-    repo = huggingface_hub.create_repo(repo_id(args), exist_ok=True, token=token).repo_id
+    token = output.push.token or huggingface_hub.get_token()
+    repo = huggingface_hub.create_repo(output.repo_id(), exist_ok=True, token=token).repo_id
     patterns = [LORA_WEIGHTS_NAME, CARD_FILE, "validation/*", "train_summary.json"]
-    if args.push_checkpoints:
+    if output.push.checkpoints:
         patterns.append("checkpoint-*/*")
-    commit = huggingface_hub.upload_folder(repo_id=repo, folder_path=args.output_dir, allow_patterns=patterns,
+    commit = huggingface_hub.upload_folder(repo_id=repo, folder_path=output.output_dir, allow_patterns=patterns,
                                            commit_message="End of training", token=token)
     logger.info("Pushed to https://huggingface.co/%s", repo)
     return str(commit)
-

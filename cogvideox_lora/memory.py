@@ -66,6 +66,20 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class Request:
+    """What the command line asks of memory: a plan, or (auto) the least offloading under max_gpu_memory."""
+
+    plan: Plan
+    auto: bool = False
+    max_gpu_memory: float | None = None
+    compile_blocks: bool | None = None  # None: on with a GPU
+    fp8_base_weights: bool = False
+    use_8bit_adam: bool = False
+    tiled_vae: bool = False
+    sliced_vae: bool = False
+
+
+@dataclass(frozen=True)
 class Workload:
     """What is trained, at which size (latent frames, height, width of the largest batch), and what is validated
     (the validation videos' latent size, or None)."""
@@ -214,16 +228,14 @@ def decode_plan(with_weights_gib: float, without_weights_gib: float, latent, lim
     return DecodePlan(True, scale, without_weights_gib + vae_decode_gib(latent, scale))
 
 
-def from_args(args, config: dict, latent, validation_latent, compiled: bool, weight_bytes: float,
-              budget_gib: float | None) -> tuple[Workload, Plan, MemoryEstimate]:
-    """The workload the command line trains, and the plan (--offload auto: the first that fits budget_gib)."""
-    work = Workload(config, latent, args.train_batch_size, args.rank, compiled, weight_bytes=weight_bytes,
-                    optimizer_state_bytes=2 if args.use_8bit_adam else 8,
-                    float8_blocks=args.base_weights_dtype == "fp8", validation_latent=validation_latent,
-                    tiled_vae=args.enable_tiling)
-    asked = Plan(args.checkpointing_policy if args.gradient_checkpointing else None, args.offload == "activations",
-                 args.blocks_to_swap)
-    plan, needed = fit(work, asked, budget_gib, auto=args.offload == "auto")
+def plan_for(request: "Request", config: dict, latent, validation_latent, batch_size: int, rank: int,
+             compiled: bool, weight_bytes: float, budget_gib: float | None) -> tuple[Workload, Plan, MemoryEstimate]:
+    """The workload of a run (what is trained at its largest latent size, and what is validated, or None) and the
+    plan it asks for (with auto: the first that fits budget_gib)."""
+    work = Workload(config, latent, batch_size, rank, compiled, weight_bytes=weight_bytes,
+                    optimizer_state_bytes=2 if request.use_8bit_adam else 8, float8_blocks=request.fp8_base_weights,
+                    validation_latent=validation_latent, tiled_vae=request.tiled_vae)
+    plan, needed = fit(work, request.plan, budget_gib, auto=request.auto)
     return work, plan, needed
 
 

@@ -7,11 +7,9 @@ from diffusers import (AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXI
                        CogVideoXPipeline, CogVideoXTransformer3DModel)
 from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
 
+from .settings import ModelSource
+
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _hub_kwargs(args) -> dict:
-    return {"revision": args.revision, "cache_dir": args.cache_dir}
 
 
 class ModelError(Exception):
@@ -71,16 +69,17 @@ class Family:
     def pipeline_class(self):
         return CogVideoXImageToVideoPipeline if self.image_to_video else CogVideoXPipeline
 
-    def problems(self, args, sizes, temporal_compression: int) -> list[str]:
+    def problems(self, model: str, validation_prompts, validation_images, ignore_learned_positions: bool, sizes,
+                 temporal_compression: int) -> list[str]:
         """What in the command line does not fit this model; sizes are the (frames, height, width) to train at."""
         problems = []
-        if self.image_to_video and args.validation_prompt and not args.validation_images:
-            problems.append(f"{args.pretrained_model_name_or_path} is an image-to-video model ({self.name}): give "
+        if self.image_to_video and validation_prompts and not validation_images:
+            problems.append(f"{model} is an image-to-video model ({self.name}): give "
                             f"--validation_images, one image per --validation_prompt, for its validation videos.")
-        if not self.image_to_video and args.validation_images:
-            problems.append(f"{args.pretrained_model_name_or_path} is a text-to-video model ({self.name}): drop "
+        if not self.image_to_video and validation_images:
+            problems.append(f"{model} is a text-to-video model ({self.name}): drop "
                             f"--validation_images, or train an image-to-video model.")
-        if self.learned_positions and not args.ignore_learned_positional_embeddings:
+        if self.learned_positions and not ignore_learned_positions:
             f0, h0, w0 = self.native_frames, self.native_height, self.native_width
             # Any frame count of the same latent length uses the table; another length silently replaces it
             # by a sin-cos table in diffusers, and another height or width fails there.
@@ -94,24 +93,21 @@ class Family:
         return problems
 
 
-def read_configs(args) -> tuple[dict, dict, dict, Family]:
+def read_configs(source: ModelSource) -> tuple[dict, dict, dict, Family]:
     """The transformer's, VAE's and text encoder's configs and the model's family: all that differs between
     models is read from them."""
-    transformer = CogVideoXTransformer3DModel.load_config(args.pretrained_model_name_or_path,
-                                                          subfolder="transformer", **_hub_kwargs(args))
-    vae = AutoencoderKLCogVideoX.load_config(args.pretrained_model_name_or_path, subfolder="vae",
-                                             **_hub_kwargs(args))
-    text_encoder = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
-                                              **_hub_kwargs(args)).to_dict()
-    pipeline_class = CogVideoXPipeline.load_config(args.pretrained_model_name_or_path,
-                                                   **_hub_kwargs(args))["_class_name"]
-    family = Family.from_configs(transformer, vae, pipeline_class, args.pretrained_model_name_or_path)
+    transformer = CogVideoXTransformer3DModel.load_config(source.path, subfolder="transformer",
+                                                          **source.hub_kwargs())
+    vae = AutoencoderKLCogVideoX.load_config(source.path, subfolder="vae", **source.hub_kwargs())
+    text_encoder = AutoConfig.from_pretrained(source.path, subfolder="text_encoder", **source.hub_kwargs()).to_dict()
+    pipeline_class = CogVideoXPipeline.load_config(source.path, **source.hub_kwargs())["_class_name"]
+    family = Family.from_configs(transformer, vae, pipeline_class, source.path)
     return transformer, vae, text_encoder, family
 
 
-def load_transformer(args, dtype: torch.dtype):
-    return CogVideoXTransformer3DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
-                                                       variant=args.variant, torch_dtype=dtype, **_hub_kwargs(args))
+def load_transformer(source: ModelSource, dtype: torch.dtype):
+    return CogVideoXTransformer3DModel.from_pretrained(source.path, subfolder="transformer", variant=source.variant,
+                                                       torch_dtype=dtype, **source.hub_kwargs())
 
 
 def drop_learned_positional_embeddings(transformer) -> None:
@@ -124,30 +120,28 @@ def drop_learned_positional_embeddings(transformer) -> None:
     transformer.register_to_config(use_learned_positional_embeddings=False)
 
 
-def load_vae(args, dtype: torch.dtype, device):
-    vae = AutoencoderKLCogVideoX.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
-                                                 variant=args.variant, torch_dtype=dtype, **_hub_kwargs(args))
-    if args.enable_tiling:
+def load_vae(source: ModelSource, dtype: torch.dtype, device, tiling: bool = False, slicing: bool = False):
+    vae = AutoencoderKLCogVideoX.from_pretrained(source.path, subfolder="vae", variant=source.variant,
+                                                 torch_dtype=dtype, **source.hub_kwargs())
+    if tiling:
         vae.enable_tiling()
-    if args.enable_slicing:
+    if slicing:
         vae.enable_slicing()
     return vae.requires_grad_(False).eval().to(device)
 
 
-def load_tokenizer(args):
-    return AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer",
-                                         **_hub_kwargs(args))
+def load_tokenizer(source: ModelSource):
+    return AutoTokenizer.from_pretrained(source.path, subfolder="tokenizer", **source.hub_kwargs())
 
 
-def load_text_encoder(args, dtype: torch.dtype, device):
-    text_encoder = T5EncoderModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
-                                                  variant=args.variant, dtype=dtype, **_hub_kwargs(args))
+def load_text_encoder(source: ModelSource, dtype: torch.dtype, device):
+    text_encoder = T5EncoderModel.from_pretrained(source.path, subfolder="text_encoder", variant=source.variant,
+                                                  dtype=dtype, **source.hub_kwargs())
     return text_encoder.requires_grad_(False).eval().to(device)
 
 
-def load_scheduler(args):
-    return CogVideoXDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                                 **_hub_kwargs(args))
+def load_scheduler(source: ModelSource):
+    return CogVideoXDPMScheduler.from_pretrained(source.path, subfolder="scheduler", **source.hub_kwargs())
 
 
 class Float8Linear(torch.nn.Linear):

@@ -82,7 +82,7 @@ def _spec(transformer, vae, text_encoder, snr_shift_scale, image_to_video=False)
                 image_to_video=image_to_video)
 
 
-_SPECS = {
+SPECS = {
     "tiny": _spec(_TINY_TRANSFORMER, _TINY_VAE, _TINY_T5, 3.0),
     # Every way 5b differs from 2b, at tiny size: rotary embeddings, VAE scale, SNR shift.
     "tiny-5b": _spec(_TINY_5B_TRANSFORMER, {**_TINY_VAE, "scaling_factor": 0.7}, _TINY_T5, 1.0),
@@ -206,9 +206,9 @@ def build_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch
                            CogVideoXPipeline, CogVideoXTransformer3DModel)
     from transformers import T5Config, T5EncoderModel
 
-    if size not in _SPECS:
+    if size not in SPECS:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    spec = _SPECS[size]
+    spec = SPECS[size]
     transformer_config = spec["transformer"]
     max_text_seq_length = transformer_config.get("max_text_seq_length", 226)
 

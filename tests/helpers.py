@@ -202,18 +202,20 @@ def tiny_transformer(num_layers: int = 2, kernel: str | None = None, lora_rank: 
     cogvideox_lora.attention's processor with this kernel (None: PyTorch's SDPA)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from cogvideox_lora import attention, synthetic
-    from cogvideox_lora.lora import add_lora
+    from cogvideox_lora import synthetic
+    from cogvideox_lora.memory import Plan
+    from cogvideox_lora.placement import Placement
+    from cogvideox_lora.transformer import TransformerSpec, prepare
 
-    config = {**synthetic._SPECS["tiny-5b"]["transformer"], "num_layers": num_layers}
+    config = {**synthetic.SPECS["tiny-5b"]["transformer"], "num_layers": num_layers}
     torch.manual_seed(seed)
     transformer = CogVideoXTransformer3DModel(**config).requires_grad_(False)
-    add_lora(transformer, lora_rank, lora_rank)
+    prepare(transformer, TransformerSpec(torch.float32, lora_rank, lora_rank, seed=seed, kernel=kernel),
+            Placement(Plan(), "cpu"))
     generator = torch.Generator().manual_seed(seed + 1)
     for param in transformer.parameters():
         if param.requires_grad:
             param.data = torch.randn(param.shape, generator=generator) * 0.1
-    attention.use(transformer, attention.Choice(kernel, "test"))
     return transformer
 
 

@@ -11,6 +11,7 @@ from diffusers import CogVideoXPipeline
 from huggingface_hub import ModelCard
 
 from helpers import check, hub_dataset, lora, max_abs_diff, run_main, run_script, summary, train_argv
+from cogvideox_lora import settings
 from cogvideox_lora.args import build_parser, parse_args
 from cogvideox_lora.optim import make_optimizer
 
@@ -72,8 +73,9 @@ def test_scale_lr_multiplies_by_accumulation_batch_and_processes(tmp_path, monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     argv = ["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path), "--report_to", "none",
             "--learning_rate", "1e-4", "--train_batch_size", "2", "--gradient_accumulation_steps", "3"]
-    assert parse_args(argv).learning_rate == pytest.approx(1e-4)
-    assert parse_args(argv + ["--scale_lr"]).learning_rate == pytest.approx(1e-4 * 3 * 2 * 2)
+    assert settings.from_args(parse_args(argv)).optimizer.learning_rate == pytest.approx(1e-4)
+    scaled = settings.from_args(parse_args(argv + ["--scale_lr"])).optimizer.learning_rate
+    assert scaled == pytest.approx(1e-4 * 3 * 2 * 2)
 
 
 def test_prodigy_settings_reach_prodigy(monkeypatch):
@@ -83,7 +85,7 @@ def test_prodigy_settings_reach_prodigy(monkeypatch):
     args = build_parser().parse_args(["--pretrained_model_name_or_path", "m", "--optimizer", "prodigy",
                                       "--prodigy_beta3", "0.9", "--prodigy_decouple", "--prodigy_use_bias_correction",
                                       "--prodigy_safeguard_warmup", "--learning_rate", "0.5"])
-    make_optimizer([torch.nn.Parameter(torch.zeros(2))], args)
+    make_optimizer([torch.nn.Parameter(torch.zeros(2))], settings.from_args(args).optimizer)
     assert made == {"lr": 0.5, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 1e-4, "beta3": 0.9,
                     "decouple": True, "use_bias_correction": True, "safeguard_warmup": True}
 

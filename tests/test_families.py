@@ -219,7 +219,7 @@ def test_i2v_trains_on_the_images_file(family_models, tiny_dataset_dir, tmp_path
     ("1.5-5b-i2v", True, 2, True, False)])
 def test_real_size_families(size, image_to_video, patch_size_t, ofs, learned):
     # On the meta device nothing is allocated: the real sizes are checked without their memory.
-    spec = synthetic._SPECS[size]
+    spec = synthetic.SPECS[size]
     with torch.device("meta"):
         transformer = CogVideoXTransformer3DModel(**spec["transformer"])
     assert sum(p.numel() for p in transformer.parameters()) == pytest.approx(5.57e9, rel=0.01)

@@ -16,7 +16,11 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from torch._dynamo.utils import counters
 
-from cogvideox_lora import attention, memory, models, recompute
+from cogvideox_lora import attention, memory, models, profiling, recompute
+from cogvideox_lora.memory import Plan
+from cogvideox_lora.placement import Placement
+from cogvideox_lora.settings import ModelSource
+from cogvideox_lora.transformer import TransformerSpec, build
 from cogvideox_lora.lora import add_lora, lora_state_dict, load_lora_state_dict, uncast_adapter_inputs
 from cogvideox_lora.loss import compute_loss, transformer_inputs
 from helpers import REPO, STAND_IN_CALLS, register_stand_in, run_script, summary, train_argv
@@ -25,12 +29,8 @@ BF16 = torch.bfloat16
 
 
 def load_tiny(model_dir, fp8: bool = False):
-    transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir, subfolder="transformer",
-                                                              torch_dtype=BF16).requires_grad_(False)
-    if fp8:
-        models.store_base_weights_in_fp8(transformer, BF16, "cpu")
-    add_lora(transformer, rank=4, alpha=4)
-    return transformer
+    spec = TransformerSpec(BF16, rank=4, alpha=4, fp8_base_weights=fp8)
+    return build(ModelSource(str(model_dir)), spec, Placement(Plan(), "cpu"))[0]
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +96,9 @@ def test_checkpointed_compiled_blocks_give_the_plain_step(plain, batch):
     """recompute.enable puts each block's checkpoint inside its compiled graph: the same step as the plain path,
     keeping a small part of what the plain path keeps; keep_attention also keeps the attention output (the
     stand-in kernel's custom op, which the compiler leaves whole as it does FlashAttention-4's)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import profile_step
-
     base = copy.deepcopy(plain)
     attention.use(base, attention.Choice(register_stand_in(), ""))
-    kept_plain, reference = profile_step.saved_bytes(base, lambda: step(base, batch))
+    kept_plain, reference = profiling.saved_bytes(base, lambda: step(base, batch))
     kept = {}
     for policy in recompute.POLICIES:
         checkpointed = copy.deepcopy(base)
@@ -111,7 +108,7 @@ def test_checkpointed_compiled_blocks_give_the_plain_step(plain, batch):
             block.compile(backend="aot_eager_decomp_partition")
         graphs = counters["stats"]["unique_graphs"]
         STAND_IN_CALLS.update(forward=0, backward=0)
-        kept[policy], result = profile_step.saved_bytes(checkpointed, lambda: step(checkpointed, batch, uncast=True))
+        kept[policy], result = profiling.saved_bytes(checkpointed, lambda: step(checkpointed, batch, uncast=True))
         assert counters["stats"]["unique_graphs"] > graphs, "the checkpointed blocks should have been compiled"
         layers = len(base.transformer_blocks)
         forwards = {"full": 2, "keep_attention": 1}[policy]
@@ -202,9 +199,6 @@ def test_benchmark_runs_in_tiny_mode(tmp_path):
 
 
 def test_profile_attributes_gpu_idle_to_the_phase_that_launched_the_next_work():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import profile_step
-
     def kernel(ts, dur, correlation, name="k"):
         return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
 
@@ -220,7 +214,7 @@ def test_profile_attributes_gpu_idle_to_the_phase_that_launched_the_next_work():
         launch(30, 3), kernel(175, 25, 3, "late"),  # 100 us idle, launched in forward
         launch(310, 4), kernel(400, 10, 4, "adam"),  # 200 us idle, launched by the optimizer
     ]
-    idle = profile_step.gpu_idle(events)
+    idle = profiling.gpu_idle(events)
     assert idle["forward"]["idle_ms"] == 0.1 and idle["forward"]["gaps"] == 1
     assert idle["optimizer"] == {"idle_ms": 0.2, "gaps": 1, "largest_us": 200, "largest_before": "adam"}
     assert idle["busy_ms"] == (65 + 25 + 10) / 1000 and idle["span_ms"] == 0.4
@@ -232,7 +226,7 @@ def test_adapter_inputs_are_uncast_only_in_half_precision():
 
     from cogvideox_lora import synthetic
 
-    transformer = CogVideoXTransformer3DModel(**{**synthetic._SPECS["tiny"]["transformer"], "num_layers": 1})
+    transformer = CogVideoXTransformer3DModel(**{**synthetic.SPECS["tiny"]["transformer"], "num_layers": 1})
     add_lora(transformer, 4, 4)
     layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
     assert len(layers) == 4 and all(m.cast_input_dtype_enabled for m in layers)

@@ -11,7 +11,7 @@ from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
 
 from helpers import hub_dataset, lora, max_abs_diff, run_main, summary, train_argv, TINY_FLAGS
-from cogvideox_lora import hub
+from cogvideox_lora import hub, settings
 from cogvideox_lora.args import parse_args
 from cogvideox_lora.data import DatasetError, read_index
 
@@ -68,13 +68,12 @@ configs:
 
 
 def _resolved(tmp_path, *extra):
-    args = parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "me/clips", "--cache_dir",
-                       str(tmp_path / "hub"), "--report_to", "none", *extra])
-    hub.resolve_dataset(args)
-    clips, problems = read_index(args.instance_data_root, args.caption_column, args.video_column, args.dataset_file,
-                                 args.id_token)
+    data = hub.resolve_dataset(settings.from_args(parse_args([
+        "--pretrained_model_name_or_path", "m", "--dataset_name", "me/clips", "--cache_dir", str(tmp_path / "hub"),
+        "--report_to", "none", *extra])).data)
+    clips, problems = read_index(data.root, data.caption_column, data.video_column, data.dataset_file, data.id_token)
     assert not problems
-    return args, clips
+    return data, clips
 
 
 def test_config_names_tables_and_revisions(tmp_path):
@@ -86,8 +85,8 @@ def test_config_names_tables_and_revisions(tmp_path):
                          commit=pinned_commit, ref="v1")
     (tmp_path / "clips").mkdir()
 
-    args, clips = _resolved(tmp_path, "--dataset_config_name", "bears")
-    assert args.dataset_file == str(main / "bears" / "metadata.csv")
+    data, clips = _resolved(tmp_path, "--dataset_config_name", "bears")
+    assert data.dataset_file == str(main / "bears" / "metadata.csv")
     # The table's paths are relative to the dataset, as in a local folder.
     assert [(c.prompt, c.video) for c in clips] == [("a bear", main / "videos" / "bear.mp4")]
     _, clips = _resolved(tmp_path, "--dataset_config_name", "squares", "--id_token", "TOK")
@@ -95,9 +94,9 @@ def test_config_names_tables_and_revisions(tmp_path):
 
     # A revision pins another snapshot, found offline by its commit; its only table is read, with the columns named.
     for revision in (pinned_commit, "v1"):
-        args, clips = _resolved(tmp_path, "--dataset_revision", revision, "--caption_column", "text",
+        data, clips = _resolved(tmp_path, "--dataset_revision", revision, "--caption_column", "text",
                                 "--video_column", "file", "--instance_data_root", str(tmp_path / "clips"))
-        assert args.dataset_file == str(pinned / "data.csv")
+        assert data.dataset_file == str(pinned / "data.csv")
         assert [(c.prompt, c.video) for c in clips] == [("old prompt", tmp_path / "clips" / "old.mp4")]
 
     with pytest.raises(DatasetError, match="--dataset_config_name cats: me/clips has no such config"):
@@ -177,9 +176,9 @@ def test_push_uploads_the_lora_card_and_videos_not_the_checkpoints(pushed):
     assert not any(SECRET in r for r in records)
     assert not any(SECRET.encode() in p.read_bytes() for p in output_dir.rglob("*") if p.is_file())
 
-    args = parse_args([*map(str, argv), "--push_checkpoints"])
+    output = settings.from_args(parse_args([*map(str, argv), "--push_checkpoints"])).output
     fake.calls.clear()
-    hub.push(args)
+    hub.push(output)
     assert {"checkpoint-1/pytorch_lora_weights.safetensors", "checkpoint-2/optimizer.bin"} <= set(fake.uploaded())
 
 

@@ -323,7 +323,7 @@ def test_validation_runs_guidance_one_sample_at_a_time():
     # The same video as the pipeline's batch of two, and the transformer as it was afterwards.
     import torch
     from cogvideox_lora import synthetic
-    from cogvideox_lora.validation import one_sample_at_a_time
+    from cogvideox_lora.placement import one_sample_at_a_time
 
     pipe = synthetic.build_pipeline("tiny-5b")
     pipe.set_progress_bar_config(disable=True)
@@ -408,7 +408,7 @@ def test_frozen_weights_wait_on_the_host_and_come_back():
 
 def test_validation_tiles_come_back_as_they_were():
     from cogvideox_lora import synthetic
-    from cogvideox_lora.validation import tiles
+    from cogvideox_lora.placement import tiles
 
     vae = synthetic.build_pipeline("tiny", text_encoder=False).vae
     assert not vae.use_tiling
@@ -457,11 +457,11 @@ def test_a_crowded_decode_mid_run_leaves_training_as_it_was(tmp_path, tiny_model
                                                            caplog):
     # Validation after step 2 of 4, with and without the GPU taken to be full (100 GiB held against a training peak
     # of 0): the crowded decode moves the transformer's frozen weights to the host and back, and shrinks the tiles.
-    from cogvideox_lora.validation import Validator
+    from cogvideox_lora import placement
 
     argv = ["--max_train_steps", 4, "--validation_prompt", "a brown bear", "--validation_steps", 2]
     run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "roomy", tmp_path / "cache", *argv))
-    monkeypatch.setattr(Validator, "_gpu_held_gib", staticmethod(lambda: 100.0))
+    monkeypatch.setattr(placement, "_gpu_held_gib", lambda: 100.0)
     with caplog.at_level("INFO"):
         run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "crowded", tmp_path / "cache", *argv))
     assert "decode with the transformer's frozen weights on the host and tiles of 0.25 times" in caplog.text

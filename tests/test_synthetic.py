@@ -91,7 +91,7 @@ def test_same_seed_same_weights_other_seed_other_weights():
 @pytest.mark.parametrize("size, transformer_params, rotary", [("2b", 1.69e9, False), ("5b", 5.57e9, True)])
 def test_real_size_configs(size, transformer_params, rotary):
     # On the meta device nothing is allocated, so the real sizes can be checked on a laptop.
-    spec = synthetic._SPECS[size]
+    spec = synthetic.SPECS[size]
     with torch.device("meta"):
         transformer = CogVideoXTransformer3DModel(**spec["transformer"])
         text_encoder = T5EncoderModel(T5Config(**spec["text_encoder"]))

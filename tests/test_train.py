@@ -14,6 +14,7 @@ from transformers import T5EncoderModel
 from helpers import (check, load_lora_and_collect_warnings, lora, max_abs_diff, run_main, run_script, summary,
                      train_argv, tree_state)
 from cogvideox_lora import models
+from cogvideox_lora import settings
 from cogvideox_lora.args import build_parser, parse_args
 from cogvideox_lora.optim import make_optimizer
 from cogvideox_lora.synthetic import write_clips
@@ -346,7 +347,7 @@ def test_help_mentions_every_flag(capsys):
 def test_optimizer_spelling(tmp_path, spelling, expected):
     args = parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path),
                        "--optimizer", spelling])
-    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(2))], args)
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(2))], settings.from_args(args).optimizer)
     assert type(optimizer) is expected
     with pytest.raises(SystemExit):
         parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path),
