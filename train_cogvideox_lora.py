@@ -196,7 +196,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                                  power=args.lr_power)
     distributed.configure_deepspeed(accelerator, args)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    checkpoints.register_lora_hooks(accelerator, transformer, lora_config)
+    checkpoints.register_lora_hooks(accelerator, transformer, lora_config, comfyui_copy=not args.no_comfyui_lora)
 
     first_step = 0
     if resume_from is not None:
@@ -282,7 +282,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     if first_step < max_train_steps:
         checkpoints.save_checkpoint(accelerator, args.output_dir, max_train_steps, args.checkpoints_total_limit)
     if accelerator.is_main_process:
-        lora_path = save_lora(accelerator.unwrap_model(transformer), args.output_dir, lora_config)
+        lora_path = save_lora(accelerator.unwrap_model(transformer), args.output_dir, lora_config,
+                              comfyui_copy=not args.no_comfyui_lora)
         logger.info("LoRA saved to %s", lora_path)
     # A row per process: what it encoded and its GPU's peak memory in training. Gathered before the last
     # validation, whose wait is the last one: a collective followed by processes ending at different

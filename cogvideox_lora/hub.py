@@ -12,6 +12,7 @@ from huggingface_hub import DatasetCard, constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, \
     RevisionNotFoundError
 
+from .comfyui import COMFYUI_LORA_NAME
 from .data import DatasetError
 from .lora import LORA_WEIGHTS_NAME
 
@@ -147,7 +148,7 @@ def push(args) -> str:
     commit's URL."""
     token = _token(args)
     repo = huggingface_hub.create_repo(repo_id(args), exist_ok=True, token=token).repo_id
-    patterns = [LORA_WEIGHTS_NAME, CARD_FILE, "validation/*", "train_summary.json"]
+    patterns = [LORA_WEIGHTS_NAME, COMFYUI_LORA_NAME, CARD_FILE, "validation/*", "train_summary.json"]
     if args.push_checkpoints:
         patterns.append("checkpoint-*/*")
     commit = huggingface_hub.upload_folder(repo_id=repo, folder_path=args.output_dir, allow_patterns=patterns,
