@@ -14,6 +14,7 @@ from cogvideox_lora.args import parse_args
 from cogvideox_lora.checkpoints import CheckpointError, checkpoint_to_resume, register_lora_hooks
 from cogvideox_lora.comfyui import COMFYUI_LORA_NAME, DIFFUSERS_LORA_NAME, diffusers_layer
 from cogvideox_lora.lora import add_lora, save_lora
+from cogvideox_lora.model_card import where_each_file_goes
 from cogvideox_lora.synthetic import build_model_folder
 
 FAMILIES = ["tiny", "tiny-5b", "tiny-i2v", "tiny-1.5", "tiny-1.5-i2v"]
@@ -311,3 +312,11 @@ def test_the_comfyui_file_carries_the_alpha_per_layer_not_in_metadata(tmp_path, 
         alphas = [f.get_tensor(k) for k in f.keys() if k.endswith(".alpha")]
     assert all(a.shape == () and a.dtype == torch.float32 for a in alphas)
     assert [a.item() for a in alphas] == [float(ALPHA)] * 2 * 4  # 2 blocks, 4 projections each
+
+
+def test_the_model_card_says_which_file_goes_where():
+    rows = {line.split(" | ")[0]: line for line in where_each_file_goes(True).splitlines() if line.startswith("| ")}
+    assert COMFYUI_LORA_NAME in rows["| core ComfyUI (its built-in CogVideoX)"]
+    assert "ComfyUI/models/loras/" in rows["| core ComfyUI (its built-in CogVideoX)"]
+    assert DIFFUSERS_LORA_NAME in rows["| kijai's ComfyUI-CogVideoXWrapper"]
+    assert "to-comfyui" in where_each_file_goes(False) and "to-comfyui" not in where_each_file_goes(True)
