@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import re
@@ -275,26 +276,48 @@ def save_beside(peft_layers: dict[str, torch.Tensor], lora_config: dict, directo
 
 def read(path) -> tuple[str, dict[str, torch.Tensor], dict | None]:
     """("diffusers" or "comfyui", the tensors, the diffusers adapter metadata if any) of a LoRA file."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-            raw = (f.metadata() or {}).get("lora_adapter_metadata")
-    except (SafetensorError, OSError) as e:
-        raise LoraFormatError(f"{path} is not a readable .safetensors file ({e})") from None
-    if not tensors:
-        raise LoraFormatError(f"{path} holds no tensors: it is not a LoRA")
-    if all(key.startswith((_COMFYUI_PREFIX, _KOHYA_PREFIX)) for key in tensors):
+    with _opened(path) as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if _layout(path, tensors) == "comfyui":
         return "comfyui", tensors, None
-    if not any(".lora_A." in key or ".lora_B." in key for key in tensors):
-        raise LoraFormatError(f"{path} is not a CogVideoX LoRA: its keys (such as {next(iter(tensors))}) are neither "
-                              f"diffusers' (transformer.transformer_blocks.N.attn1.to_q.lora_A.weight) nor ComfyUI's "
-                              f"({_COMFYUI_PREFIX}blocks.N.q.lora_down.weight)")
     metadata = json.loads(raw) if raw else None
     if metadata and all(key.startswith(_DIFFUSERS_PREFIX) for key in metadata):
         metadata = {key.removeprefix(_DIFFUSERS_PREFIX): value for key, value in metadata.items()}
     return "diffusers", {key.removeprefix(_DIFFUSERS_PREFIX): value for key, value in tensors.items()}, metadata
+
+
+def is_comfyui_lora(path) -> bool:
+    """Whether a .safetensors file is a LoRA in ComfyUI's layout, from its keys alone (no tensor is read)."""
+    with _opened(path) as f:
+        keys = list(f.keys())
+    try:
+        return _layout(path, keys) == "comfyui"
+    except LoraFormatError:
+        return False
+
+
+@contextlib.contextmanager
+def _opened(path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise LoraFormatError(f"{path} is not a readable .safetensors file ({e})") from None
+
+
+def _layout(path, keys) -> str:
+    if not keys:
+        raise LoraFormatError(f"{path} holds no tensors: it is not a LoRA")
+    if all(key.startswith((_COMFYUI_PREFIX, _KOHYA_PREFIX)) for key in keys):
+        return "comfyui"
+    if not any(".lora_A." in key or ".lora_B." in key for key in keys):
+        raise LoraFormatError(f"{path} is not a CogVideoX LoRA: its keys (such as {next(iter(keys))}) are neither "
+                              f"diffusers' (transformer.transformer_blocks.N.attn1.to_q.lora_A.weight) nor ComfyUI's "
+                              f"({_COMFYUI_PREFIX}blocks.N.q.lora_down.weight)")
+    return "diffusers"
 
 
 def convert(source, target, to: str, alpha: float | None = None, model: str | None = None) -> str:

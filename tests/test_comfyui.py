@@ -193,6 +193,26 @@ def test_inference_picks_the_diffusers_file_of_a_folder_with_both(tmp_path, tiny
 # Errors
 
 
+def test_cli_demo_names_the_converter_for_a_comfyui_lora_before_loading_the_model(tmp_path, tiny_model_dir,
+                                                                                  monkeypatch):
+    import cli_demo
+
+    monkeypatch.setattr(inference, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    trainer_lora(tiny_model_dir, tmp_path / "lora")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (tmp_path / "lora" / COMFYUI_LORA_NAME).rename(alone / COMFYUI_LORA_NAME)
+    for lora_path in (alone / COMFYUI_LORA_NAME, alone):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_demo.main(["--prompt", "p", "--model_path", str(tiny_model_dir), "--lora_path", str(lora_path),
+                           "--output_path", str(tmp_path / "out.mp4")])
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and "core ComfyUI's layout" in message
+        assert f"to-diffusers {alone / COMFYUI_LORA_NAME} " in message
+    inference.check_lora_path(str(tmp_path / "lora"))  # the diffusers file alone: fine
+
+
+
 def not_a_lora(tmp_path, tiny_model_dir):
     return next((tiny_model_dir / "transformer").glob("*.safetensors"))
 
