@@ -68,8 +68,7 @@ _OTHER_LAYERS = {
 _DIFFUSERS_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
 _COMFYUI_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 _KOHYA_BLOCK = re.compile(r"blocks_(\d+)_(.+)")
-
-_HOW_TO_CONVERT = "python -m cogvideox_lora.comfyui"
+_LAYOUT_NAMES = {"comfyui": "core ComfyUI's", "diffusers": "diffusers'"}
 
 
 class LoraFormatError(ValueError):
@@ -325,17 +324,16 @@ def convert(source, target, to: str, alpha: float | None = None, model: str | No
     line saying what was written. Raises LoraFormatError (and FileExistsError) before writing anything."""
     source, target = Path(source), Path(target)
     if source.is_dir():
-        source = source / DIFFUSERS_LORA_NAME
+        source = source / (DIFFUSERS_LORA_NAME if to == "comfyui" else COMFYUI_LORA_NAME)
     if not source.is_file():
-        raise FileNotFoundError(f"{source} is not a file")
+        raise FileNotFoundError(f"LoRA not found: {source} is not a file")
     if target.suffix != ".safetensors":
         raise LoraFormatError(f"{target}: name the output file *.safetensors")
     if target.exists():
         raise FileExistsError(f"{target} exists already, and is left as it is: name a new output file")
     layout, tensors, metadata = read(source)
-    wanted = "diffusers" if to == "comfyui" else "comfyui"
-    if layout != wanted:
-        raise LoraFormatError(f"{source} is in {layout} layout already; to-{to} converts a {wanted} LoRA")
+    if layout == to:
+        raise LoraFormatError(f"{source} is a LoRA in {_LAYOUT_NAMES[to]} layout already: nothing to convert")
     if alpha is not None and layout != "diffusers":
         raise LoraFormatError("--alpha is for a diffusers LoRA: a ComfyUI LoRA's alpha is in the file, per layer")
     try:
@@ -359,7 +357,9 @@ def _transformer_config(model: str) -> dict:
     try:
         return CogVideoXTransformer3DModel.load_config(model, subfolder="transformer")
     except (OSError, ValueError) as e:
-        raise LoraFormatError(f"--model {model}: no CogVideoX transformer config found there ({e})") from None
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise LoraFormatError(f"--model {model}: no CogVideoX transformer config there ({reason}); give a model "
+                              f"folder holding transformer/config.json, or a hub id") from None
 
 
 def _describe(layers: dict[str, LayerLora]) -> str:
@@ -370,18 +370,18 @@ def _describe(layers: dict[str, LayerLora]) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog=_HOW_TO_CONVERT, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cogvideox_lora.comfyui", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     to_comfyui = commands.add_parser("to-comfyui", help="a diffusers-layout LoRA (this trainer's) to core ComfyUI's")
     to_diffusers = commands.add_parser("to-diffusers", help="a LoRA in core ComfyUI's layout to diffusers' (cli_demo.py)")
     for command in (to_comfyui, to_diffusers):
-        command.add_argument("input", help="the LoRA .safetensors file")
+        command.add_argument("input", help="the LoRA .safetensors file, or a trainer's output or checkpoint folder")
         command.add_argument("output", help="the .safetensors file to write (must not exist)")
         command.add_argument("--model", default=None,
                              help="a CogVideoX model folder or hub id: check first that the LoRA fits its layers")
     to_comfyui.add_argument("--alpha", type=float, default=None,
-                            help="the lora_alpha it was trained with (default: the file's metadata; without any, "
-                                 "alpha = rank, the scale diffusers loads such a file at)")
+                            help="the lora_alpha it was trained with, for every layer (default: the file's "
+                                 "metadata; without any, alpha = rank, the scale diffusers loads such a file at)")
     args = parser.parse_args(argv)
     to = "comfyui" if args.command == "to-comfyui" else "diffusers"
     try:

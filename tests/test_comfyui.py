@@ -150,6 +150,9 @@ def test_the_round_trip_is_lossless(tmp_path, model_dir, capsys):
     assert_same_weights(fused_by_diffusers(model_dir, back), fused_by_diffusers(model_dir, original))
     # Converting our own file gives what the trainer wrote beside it.
     assert_same_weights(load_file(str(comfy_file)), load_file(str(tmp_path / "lora" / COMFYUI_LORA_NAME)))
+    # A trainer's output folder converts either way: each direction takes the file it converts from.
+    from_folder = comfyui.main(["to-diffusers", str(tmp_path / "lora"), str(tmp_path / "f.safetensors")])
+    assert_same_weights(load_file(str(from_folder)), after)
 
 
 def comfyui_variants(comfy: dict) -> dict:
@@ -254,7 +257,7 @@ def test_the_output_is_never_overwritten_nor_the_wrong_way_round(tmp_path, tiny_
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"mine")
     for argv, expected in [(["to-comfyui", lora_file, taken], "exists already"),
-                           (["to-diffusers", lora_file, tmp_path / "x.safetensors"], "in diffusers layout already"),
+                           (["to-diffusers", lora_file, tmp_path / "x.safetensors"], "in diffusers' layout already"),
                            (["to-comfyui", lora_file.parent, tmp_path / "x.bin"], "*.safetensors")]:
         with pytest.raises(SystemExit) as exit_info:
             comfyui.main(list(map(str, argv)))
@@ -292,6 +295,10 @@ def test_alpha_from_the_flag_or_else_rank_for_a_file_without_metadata(tmp_path, 
     for extra, alpha in [([], RANK), (["--alpha", "1"], 1.0)]:
         out = comfyui.main(["to-comfyui", str(bare), str(tmp_path / f"{alpha}.safetensors"), *extra])
         assert {t.item() for k, t in load_file(str(out)).items() if k.endswith(".alpha")} == {alpha}
+    # rsLoRA scales by alpha / sqrt(rank): ComfyUI's alpha / rank gives the same with alpha * sqrt(rank).
+    peft_layers = {k.removeprefix("transformer."): t for k, t in load_file(str(lora_file)).items()}
+    layers = comfyui.from_peft(peft_layers, {"r": RANK, "lora_alpha": ALPHA, "use_rslora": True})
+    assert {layer.alpha / layer.rank for layer in layers.values()} == {ALPHA / RANK ** 0.5}
 
 
 # ---------------------------------------------------------------------------------------------------------------
