@@ -98,7 +98,7 @@ def comfyui_layer(diffusers_layer: str) -> str:
 
 
 def diffusers_layer(comfyui_name: str) -> str:
-    """The diffusers name of a CogVideoX layer from ComfyUI's name (blocks.0.attn_out -> transformer_blocks.0.attn1.to_out.0)."""
+    """diffusers' name of a CogVideoX layer from ComfyUI's (blocks.0.ff_out -> transformer_blocks.0.ff.net.2)."""
     block = _COMFYUI_BLOCK.fullmatch(comfyui_name)
     name = (_inverse(_BLOCK_LAYERS).get(block.group(2)) if block else _inverse(_OTHER_LAYERS).get(comfyui_name))
     if name is None:
@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m cogvideox_lora.comfyui", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     to_comfyui = commands.add_parser("to-comfyui", help="a diffusers-layout LoRA (this trainer's) to core ComfyUI's")
-    to_diffusers = commands.add_parser("to-diffusers", help="a LoRA in core ComfyUI's layout to diffusers' (cli_demo.py)")
+    to_diffusers = commands.add_parser("to-diffusers",
+                                       help="a LoRA in core ComfyUI's layout to diffusers' (for cli_demo.py)")
     for command in (to_comfyui, to_diffusers):
         command.add_argument("input", help="the LoRA .safetensors file, or a trainer's output or checkpoint folder")
         command.add_argument("output", help="the .safetensors file to write (must not exist)")

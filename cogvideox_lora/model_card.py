@@ -86,13 +86,15 @@ def where_each_file_goes(comfyui_written: bool) -> str:
     comfyui = (f"`{COMFYUI_LORA_NAME}` | {where}, `strength_model` 1.0" if comfyui_written else
                f"`{COMFYUI_LORA_NAME}`, not written here (`--no_comfyui_lora`) | make it with `python -m "
                f"cogvideox_lora.comfyui to-comfyui {LORA_WEIGHTS_NAME} {COMFYUI_LORA_NAME}`, then {where}")
+    wrapper = "into `ComfyUI/models/CogVideo/loras/`, then the **CogVideo LoraSelect** node, strength 1.0"
+    diffusers = "the code above, or `python cli_demo.py --lora_path ...`"
     return f"""## Which file goes where
 
 | to generate with | file | how |
 | --- | --- | --- |
 | core ComfyUI (its built-in CogVideoX) | {comfyui} |
-| kijai's ComfyUI-CogVideoXWrapper | `{LORA_WEIGHTS_NAME}` | into `ComfyUI/models/CogVideo/loras/`, then the **CogVideo LoraSelect** node, strength 1.0 |
-| diffusers, the trainer's `cli_demo.py` | `{LORA_WEIGHTS_NAME}` or this folder | the code above, or `python cli_demo.py --lora_path ...` |
+| kijai's ComfyUI-CogVideoXWrapper | `{LORA_WEIGHTS_NAME}` | {wrapper} |
+| diffusers, the trainer's `cli_demo.py` | `{LORA_WEIGHTS_NAME}` or this folder | {diffusers} |
 
 Both hold the same LoRA, at strength 1.0 the strength it was trained at. Core ComfyUI names the layers its own way \
 and reads each layer's scale from the `.alpha` tensors of its file: it loads nothing of the diffusers file. diffusers \

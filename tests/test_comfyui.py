@@ -34,11 +34,14 @@ COMFYUI_OTHER_LAYERS = ["patch_embed.proj", "patch_embed.text_proj", "time_embed
 SAME_LAYER = [("blocks.0.q", "transformer_blocks.0.attn1.to_q"), ("blocks.1.k", "transformer_blocks.1.attn1.to_k"),
               ("blocks.29.v", "transformer_blocks.29.attn1.to_v"),
               ("blocks.41.attn_out", "transformer_blocks.41.attn1.to_out.0"),
-              ("blocks.0.ff_proj", "transformer_blocks.0.ff.net.0.proj"), ("blocks.0.ff_out", "transformer_blocks.0.ff.net.2"),
+              ("blocks.0.ff_proj", "transformer_blocks.0.ff.net.0.proj"),
+              ("blocks.0.ff_out", "transformer_blocks.0.ff.net.2"),
               ("blocks.3.norm1.linear", "transformer_blocks.3.norm1.linear"),
               ("blocks.3.norm2.linear", "transformer_blocks.3.norm2.linear"),
-              ("time_embedding_linear_1", "time_embedding.linear_1"), ("time_embedding_linear_2", "time_embedding.linear_2"),
-              ("ofs_embedding_linear_1", "ofs_embedding.linear_1"), ("ofs_embedding_linear_2", "ofs_embedding.linear_2"),
+              ("time_embedding_linear_1", "time_embedding.linear_1"),
+              ("time_embedding_linear_2", "time_embedding.linear_2"),
+              ("ofs_embedding_linear_1", "ofs_embedding.linear_1"),
+              ("ofs_embedding_linear_2", "ofs_embedding.linear_2"),
               ("patch_embed.proj", "patch_embed.proj"), ("patch_embed.text_proj", "patch_embed.text_proj"),
               ("norm_out.linear", "norm_out.linear"), ("proj_out", "proj_out")]
 
