@@ -1,7 +1,7 @@
 """Resumable checkpoints: written whole or not at all, pruned oldest first, holding only the LoRA.
 
 A checkpoint is accelerate's state (optimizer, lr scheduler, RNG) plus the LoRA in diffusers format,
-so any checkpoint folder also loads in a stock pipeline. It is written as `.checkpoint-N.partial` and
+so any checkpoint folder also loads in a stock pipeline (and, by default, in core ComfyUI's format beside it). It is written as `.checkpoint-N.partial` and
 renamed to `checkpoint-N` once complete: a kill at any moment leaves no folder that `latest` picks.
 Under DeepSpeed the engine writes its own model and optimizer state (pytorch_model/) beside these.
 """

@@ -1,4 +1,5 @@
-"""LoRA adapters on the transformer's attention projections, and saving them in diffusers format."""
+"""LoRA adapters on the transformer's attention projections, and saving them in diffusers format (and in core
+ComfyUI's beside it)."""
 
 from pathlib import Path
 
