@@ -17,7 +17,7 @@ from pathlib import Path
 
 from diffusers.utils import load_image
 
-from cogvideox_lora import attention, inference
+from cogvideox_lora import attention, comfyui, inference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +90,7 @@ def main(argv=None) -> Path:
         if args.lora_path:
             strength = inference.load_lora(pipe, args.lora_path, args.lora_scale)
             print(f"LoRA {args.lora_path}: applied at {strength:g} (its alpha/rank x --lora_scale {args.lora_scale:g})")
-    except (FileNotFoundError, inference.LoraMismatchError, attention.AttentionError) as e:
+    except (FileNotFoundError, inference.LoraMismatchError, comfyui.LoraFormatError, attention.AttentionError) as e:
         sys.exit(f"error: {e}")
     device = inference.place(pipe, args.cpu_offload, args.vae_tiling, args.vae_slicing)
     print(f"Generating on {device}")

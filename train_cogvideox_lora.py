@@ -265,7 +265,7 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
     distributed.configure_deepspeed(accelerator, training.batch_size, training.gradient_accumulation_steps,
                                     training.max_grad_norm)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    checkpoints.register_lora_hooks(accelerator, model, lora_config)
+    checkpoints.register_lora_hooks(accelerator, model, lora_config, comfyui_copy=run.output.comfyui_lora)
     first_step = 0
     if inputs.resume_from is not None:
         logger.info("Resuming from %s", inputs.resume_from)
@@ -380,7 +380,8 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
     if model.first_step < steps:
         checkpoints.save_checkpoint(accelerator, output_dir, steps, run.training.checkpoints_total_limit)
     if accelerator.is_main_process:
-        lora_path = save_lora(accelerator.unwrap_model(model.transformer), output_dir, model.lora_config)
+        lora_path = save_lora(accelerator.unwrap_model(model.transformer), output_dir, model.lora_config,
+                              comfyui_copy=run.output.comfyui_lora)
         logger.info("LoRA saved to %s", lora_path)
     # A row per process: what it encoded and its GPU's peak memory in training. Gathered before the last
     # validation, whose wait is the last one: a collective followed by processes ending at different

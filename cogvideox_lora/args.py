@@ -141,6 +141,9 @@ def _add_validation_flags(p: argparse.ArgumentParser) -> None:
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     train = p.add_argument_group("training")
     train.add_argument("--output_dir", default="cogvideox-lora", help="Where checkpoints, LoRA, videos and logs go.")
+    train.add_argument("--no_comfyui_lora", action="store_true",
+                       help="Write the LoRA (and each checkpoint's) in diffusers format only, without the copy in "
+                            "core ComfyUI's format, pytorch_lora_weights_comfyui.safetensors, beside it.")
     train.add_argument("--seed", type=int, default=0,
                        help="Seed of the adapter's initial weights, data order, noise and validation videos.")
     train.add_argument("--rank", type=int, default=128, help="Dimension of the LoRA update matrices.")

@@ -12,7 +12,7 @@ import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
 from diffusers.utils import export_to_video
 
-from . import attention
+from . import attention, comfyui
 from .models import drop_learned_positional_embeddings
 
 ADAPTER = "lora"
@@ -44,12 +44,22 @@ def load_pipeline(model_path: str, generate_type: str = "t2v", dtype: torch.dtyp
 
 
 def check_lora_path(lora_path: str) -> None:
-    """Fails at once on a local path that does not exist, before minutes go into loading the model.
+    """Fails at once on a local path that does not exist, or on a LoRA in core ComfyUI's layout (which diffusers
+    would load nothing of), before minutes go into loading the model.
 
     Anything shaped like `owner/name` may be a Hub repo and is left for load_lora to try.
     """
-    if not Path(lora_path).exists() and (not _HUB_ID.fullmatch(lora_path) or lora_path.endswith(".safetensors")):
+    path = Path(lora_path)
+    if not path.exists() and (not _HUB_ID.fullmatch(lora_path) or lora_path.endswith(".safetensors")):
         raise FileNotFoundError(f"LoRA not found: {lora_path} is neither a file nor a folder.")
+    # diffusers takes pytorch_lora_weights.safetensors from a folder, else its only .safetensors file.
+    if path.is_dir() and not (path / comfyui.DIFFUSERS_LORA_NAME).exists():
+        path = next(iter(sorted(path.glob("*.safetensors"))), path)
+    if path.is_file() and path.suffix == ".safetensors" and comfyui.is_comfyui_lora(path):
+        raise comfyui.LoraFormatError(
+            f"{path} is a LoRA in core ComfyUI's layout, which diffusers does not load. Convert it: python -m "
+            f"cogvideox_lora.comfyui to-diffusers {path} {path.with_name(path.stem + '_diffusers.safetensors')}, "
+            f"and pass that file.")
 
 
 def load_lora(pipe, lora_path: str, scale: float = 1.0) -> float:

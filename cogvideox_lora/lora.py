@@ -1,4 +1,5 @@
-"""LoRA adapters on the transformer's attention projections, and saving them in diffusers format."""
+"""LoRA adapters on the transformer's attention projections, and saving them in diffusers format (and in core
+ComfyUI's beside it)."""
 
 from pathlib import Path
 
@@ -7,6 +8,8 @@ from diffusers import CogVideoXPipeline
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from . import comfyui
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -60,15 +63,19 @@ def load_lora_state_dict(transformer, state_dict: dict[str, torch.Tensor]) -> No
         raise ValueError(f"LoRA weights do not fit this transformer; unexpected keys such as {unexpected[:3]}")
 
 
-def save_lora(transformer, directory, config: LoraConfig) -> Path:
-    """Writes pytorch_lora_weights.safetensors that CogVideoXPipeline.load_lora_weights takes as is.
+def save_lora(transformer, directory, config: LoraConfig, comfyui_copy: bool = True) -> Path:
+    """Writes pytorch_lora_weights.safetensors that CogVideoXPipeline.load_lora_weights takes as is, and
+    (comfyui_copy) the same LoRA in core ComfyUI's format beside it, pytorch_lora_weights_comfyui.safetensors.
 
     The adapter's rank and alpha go into the file's metadata, so loaders apply alpha/rank, the strength
-    it was trained at, without a hand-set scale.
+    it was trained at, without a hand-set scale; ComfyUI reads a per-layer alpha instead, which its copy has.
     """
+    state_dict = lora_state_dict(transformer)
     CogVideoXPipeline.save_lora_weights(
         directory,
-        transformer_lora_layers=lora_state_dict(transformer),
+        transformer_lora_layers=state_dict,
         transformer_lora_adapter_metadata=config.to_dict(),
     )
+    if comfyui_copy:
+        comfyui.save_beside(state_dict, config.to_dict(), directory)
     return Path(directory) / LORA_WEIGHTS_NAME

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .comfyui import COMFYUI_LORA_NAME
 from .hub import CARD_FILE
 from .lora import LORA_WEIGHTS_NAME
 from .settings import Settings
@@ -74,7 +75,30 @@ The file `{LORA_WEIGHTS_NAME}` carries its rank and alpha, so it loads at the st
 ```
 
 `pipe.set_adapters(["lora"], [0.8])` weakens it, `pipe.fuse_lora()` merges it into the weights for speed.
+
+{where_each_file_goes(run.output.comfyui_lora)}
 """
+
+
+def where_each_file_goes(comfyui_written: bool) -> str:
+    """The card's table of which file each tool loads, at strength 1.0 the trained strength in every one."""
+    where = "into `ComfyUI/models/loras/`, then a **Load LoRA** node (`LoraLoaderModelOnly`) on the CogVideoX model"
+    comfyui = (f"`{COMFYUI_LORA_NAME}` | {where}, `strength_model` 1.0" if comfyui_written else
+               f"`{COMFYUI_LORA_NAME}`, not written here (`--no_comfyui_lora`) | make it with `python -m "
+               f"cogvideox_lora.comfyui to-comfyui {LORA_WEIGHTS_NAME} {COMFYUI_LORA_NAME}`, then {where}")
+    wrapper = "into `ComfyUI/models/CogVideo/loras/`, then the **CogVideo LoraSelect** node, strength 1.0"
+    diffusers = "the code above, or `python cli_demo.py --lora_path ...`"
+    return f"""## Which file goes where
+
+| to generate with | file | how |
+| --- | --- | --- |
+| core ComfyUI (its built-in CogVideoX) | {comfyui} |
+| kijai's ComfyUI-CogVideoXWrapper | `{LORA_WEIGHTS_NAME}` | {wrapper} |
+| diffusers, the trainer's `cli_demo.py` | `{LORA_WEIGHTS_NAME}` or this folder | {diffusers} |
+
+Both hold the same LoRA, at strength 1.0 the strength it was trained at. Core ComfyUI names the layers its own way \
+and reads each layer's scale from the `.alpha` tensors of its file: it loads nothing of the diffusers file. diffusers \
+and the wrapper read rank and alpha from the diffusers file's metadata."""
 
 
 def write_model_card(run: Settings, family, steps: int, videos: list[Path]) -> Path | None:

@@ -120,6 +120,7 @@ class OutputSettings:
     tracker_name: str
     resume_from_checkpoint: str | None
     push: HubPush
+    comfyui_lora: bool = True  # a copy of each saved LoRA in core ComfyUI's format
 
     def repo_id(self) -> str:
         return self.push.model_id or Path(self.output_dir).absolute().name
@@ -214,7 +215,8 @@ def from_args(args) -> Settings:
             args.offload == "auto", args.max_gpu_memory, args.compile_blocks, args.base_weights_dtype == "fp8",
             args.use_8bit_adam, args.enable_tiling, args.enable_slicing),
         output=OutputSettings(args.output_dir, args.logging_dir, args.report_to, args.tracker_name, resume_path(args.resume_from_checkpoint, args.output_dir),
-                              HubPush(args.push_to_hub, args.hub_model_id, args.hub_token, args.push_checkpoints)),
+                              HubPush(args.push_to_hub, args.hub_model_id, args.hub_token, args.push_checkpoints),
+                              not args.no_comfyui_lora),
         mixed_precision=args.mixed_precision,
         attention_backend=args.attention_backend,
         ignore_learned_positional_embeddings=args.ignore_learned_positional_embeddings,

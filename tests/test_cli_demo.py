@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from helpers import load_lora_and_collect_warnings, run_main
+from helpers import load_lora_and_collect_warnings, random_lora_b, run_main
 import cli_demo
 from cogvideox_lora import inference
 from cogvideox_lora.lora import TARGET_MODULES, add_lora, save_lora
@@ -41,15 +41,6 @@ def lora_scalings(pipe, adapter=inference.ADAPTER) -> set[float]:
 def read_video(path) -> np.ndarray:
     reader = decord.VideoReader(str(path))
     return reader.get_batch(list(range(len(reader)))).asnumpy()
-
-
-def random_lora_b(transformer, seed=0) -> None:
-    """A fresh adapter's B is zero, a no-op: random B gives a LoRA that changes the video."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
