@@ -30,7 +30,7 @@ from cogvideox_lora.args import parse_args, tracker_config, validation_images, v
 from cogvideox_lora.data import (Buckets, DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches,
                                  long_prompts)
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
-from cogvideox_lora.lora import add_lora, save_lora, trainable_parameters, uncast_adapter_inputs
+from cogvideox_lora.lora import TrainedOn, add_lora, save_lora, trainable_parameters, uncast_adapter_inputs
 from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
 from cogvideox_lora.model_card import write_model_card
 from cogvideox_lora.optim import make_optimizer
@@ -166,6 +166,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         models.store_base_weights_in_fp8(transformer, weight_dtype, device)
     set_seed(args.seed)  # the same fresh adapter in every process and every run with this seed
     lora_config = add_lora(transformer, args.rank, args.lora_alpha)
+    trained_on = TrainedOn(family.name, family.generate_type, family.version, args.pretrained_model_name_or_path,
+                           args.height, args.width, args.max_num_frames, args.ignore_learned_positional_embeddings)
     uncast_adapter_inputs(transformer, weight_dtype)
     attention.use(transformer, kernel)
     swap = offload.BlockSwap(transformer.transformer_blocks, plan.blocks_to_swap, device) \
@@ -196,7 +198,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                                  power=args.lr_power)
     distributed.configure_deepspeed(accelerator, args)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    checkpoints.register_lora_hooks(accelerator, transformer, lora_config)
+    checkpoints.register_lora_hooks(accelerator, transformer, lora_config, trained_on)
 
     first_step = 0
     if resume_from is not None:
@@ -282,7 +284,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     if first_step < max_train_steps:
         checkpoints.save_checkpoint(accelerator, args.output_dir, max_train_steps, args.checkpoints_total_limit)
     if accelerator.is_main_process:
-        lora_path = save_lora(accelerator.unwrap_model(transformer), args.output_dir, lora_config)
+        lora_path = save_lora(accelerator.unwrap_model(transformer), args.output_dir, lora_config, trained_on)
         logger.info("LoRA saved to %s", lora_path)
     # A row per process: what it encoded and its GPU's peak memory in training. Gathered before the last
     # validation, whose wait is the last one: a collective followed by processes ending at different
@@ -317,7 +319,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
             "lora": str(lora_path), "validation_videos": [str(p) for p in video_paths],
         }
         Path(args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
-        write_model_card(args, family, max_train_steps, video_paths)
+        write_model_card(args, family, max_train_steps, video_paths, accelerator.num_processes)
         if args.push_to_hub:
             hub.push(args)
         for path in video_paths:

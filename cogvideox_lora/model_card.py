@@ -15,8 +15,9 @@ logger = logging.getLogger(__name__)
 MARKER_TAG = "cogvideox-lora-trainer"
 
 
-def card_text(args, family, steps: int, videos: list[Path]) -> str:
-    """The card: YAML front matter the Hub reads (base model, tags, widget), how it was trained, how to load it."""
+def card_text(args, family, steps: int, videos: list[Path], processes: int = 1) -> str:
+    """The card: YAML front matter the Hub reads (base model, tags, widget), how it was trained, how to load it.
+    processes: how many the run had, whose batches add up to the global batch."""
     i2v = family.image_to_video
     prompts = validation_prompts(args)
     output_dir = Path(args.output_dir)
@@ -38,12 +39,13 @@ def card_text(args, family, steps: int, videos: list[Path]) -> str:
     code = "\n".join([
         "import torch",
         f"from diffusers import {pipeline}" + ("\nfrom diffusers.utils import load_image" if i2v else ""),
-        f'pipe = {pipeline}.from_pretrained({args.pretrained_model_name_or_path!r}, '
-        f'dtype=torch.bfloat16).to("cuda")',
+        *_pipeline_code(pipeline, args.pretrained_model_name_or_path,
+                        args.ignore_learned_positional_embeddings and family.learned_positions),
         f'pipe.load_lora_weights({repo!r}, adapter_name="lora")',
         f'video = pipe({image_arg}prompt={prompt!r}, num_frames={args.max_num_frames}, height={args.height}, '
         f'width={args.width}).frames[0]',
     ])
+    global_batch = args.train_batch_size * processes * args.gradient_accumulation_steps
     return f"""---
 {data.to_yaml()}
 ---
@@ -61,7 +63,8 @@ A LoRA for {base} ({family.name}, {'image' if i2v else 'text'}-to-video), traine
 | rank, lora_alpha | {args.rank}, {args.lora_alpha:g} (updates scaled by {args.lora_alpha / args.rank:g}) |
 | resolution | {args.width}x{args.height} |
 | frames | {args.max_num_frames} at {args.fps} fps |
-| batch | {args.train_batch_size} per process x {args.gradient_accumulation_steps} accumulated |
+| batch | {global_batch} a step: {args.train_batch_size} per process x {processes} process(es) x \
+{args.gradient_accumulation_steps} accumulated |
 | learning rate | {args.learning_rate:g} ({args.optimizer}, {args.lr_scheduler}) |
 | mixed precision | {args.mixed_precision or 'from the accelerate config'} |
 
@@ -77,12 +80,25 @@ The file `{LORA_WEIGHTS_NAME}` carries its rank and alpha, so it loads at the st
 """
 
 
-def write_model_card(args, family, steps: int, videos: list[Path]) -> Path | None:
+def _pipeline_code(pipeline: str, base: str, without_learned_positions: bool) -> list[str]:
+    """The lines that load the base model as the LoRA was trained on it: a LoRA trained with
+    --ignore_learned_positional_embeddings needs the transformer without them, as diffusers refuses other sizes
+    than the table's."""
+    if not without_learned_positions:
+        return [f'pipe = {pipeline}.from_pretrained({base!r}, dtype=torch.bfloat16).to("cuda")']
+    return ["from diffusers import CogVideoXTransformer3DModel",
+            "# Trained with --ignore_learned_positional_embeddings: the transformer without its learned table.",
+            f"transformer = CogVideoXTransformer3DModel.from_pretrained({base!r}, subfolder=\"transformer\", "
+            f"use_learned_positional_embeddings=False, torch_dtype=torch.bfloat16)",
+            f'pipe = {pipeline}.from_pretrained({base!r}, transformer=transformer, dtype=torch.bfloat16).to("cuda")']
+
+
+def write_model_card(args, family, steps: int, videos: list[Path], processes: int = 1) -> Path | None:
     """Writes OUTPUT_DIR/README.md, unless a README.md there is not one of this trainer's."""
     path = Path(args.output_dir) / CARD_FILE
     if path.exists() and MARKER_TAG not in (ModelCard.load(path).data.tags or []):
         logger.warning("%s is not a model card of this trainer: left as it is, no card written.", path)
         return None
-    ModelCard(card_text(args, family, steps, videos)).save(path)
+    ModelCard(card_text(args, family, steps, videos, processes)).save(path)
     logger.info("Model card written to %s", path)
     return path

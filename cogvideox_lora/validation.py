@@ -16,7 +16,8 @@ import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
 from diffusers.utils import export_to_video
 
-from .data import open_image, resize_and_crop
+from .data import resize_and_crop
+from .images import open_image
 from .distributed import wait_for_everyone_without_deadline
 from .memory import GIB, VAE_TILE, Peaks, decode_plan, untiled_scale
 from .offload import frozen_tensors, on_host

@@ -43,6 +43,10 @@ def read_video(path) -> np.ndarray:
     return reader.get_batch(list(range(len(reader)))).asnumpy()
 
 
+def refuse_to_load(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
 def random_lora_b(transformer, seed=0) -> None:
     """A fresh adapter's B is zero, a no-op: random B gives a LoRA that changes the video."""
     generator = torch.Generator().manual_seed(seed)
@@ -186,12 +190,26 @@ def tiny_i2v_model_dir(tmp_path_factory, tiny_model_dir):
     return path
 
 
-def test_image_to_video_with_a_lora(tmp_path, tiny_i2v_model_dir, trained_lora):
+def test_a_t2v_lora_on_an_i2v_model_is_refused_naming_both_unless_allowed(tmp_path, tiny_i2v_model_dir, trained_lora,
+                                                                         monkeypatch, capsys):
     image = tmp_path / "first.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(image)
-    path = cli_demo.main(cli(tiny_i2v_model_dir, tmp_path / "i2v.mp4", "--generate_type", "i2v",
-                             "--image_or_video_path", image, "--lora_path", trained_lora))
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 96, 3), dtype=np.uint8)).save(image)
+    argv = cli(tiny_i2v_model_dir, tmp_path / "i2v.mp4", "--image_or_video_path", image, "--lora_path", trained_lora)
+    with monkeypatch.context() as m:
+        m.setattr(inference, "load_pipeline", refuse_to_load)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_demo.main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "trained on a CogVideoX T2V model" in message
+    assert f"{tiny_i2v_model_dir} is a CogVideoX I2V model" in message and "--allow_lora_mismatch" in message
+
+    # Asked for, it is applied with a warning; the model's type chose i2v, and the 96x48 image was cropped to
+    # 64x48 as training crops it.
+    path = cli_demo.main(argv + ["--allow_lora_mismatch"])
     assert read_video(path).shape == (9, 48, 64, 3)
+    out = capsys.readouterr().out
+    assert "warning: the LoRA" in out and "generating i2v" in out
+    assert "is 96x48, the video 64x48: the image is resized and centre-cropped" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,13 +253,28 @@ def test_a_lora_for_another_model_size_says_so_with_both_shapes(tmp_path, tiny_m
 
 @pytest.mark.parametrize("argv, problem", [
     (["--generate_type", "i2v"], "needs --image_or_video_path"),
-    (["--generate_type", "i2v", "--image_or_video_path", "no-such.png"], "no-such.png is not a file"),
+    (["--generate_type", "i2v", "--image_or_video_path", "no-such.png"], "no-such.png: it does not exist"),
     (["--compare"], "--compare needs --lora_path"),
+    (["--height", "50"], "--height 50 is not a multiple of 16 (VAE x8, patch x2): use 48 or 64."),
+    (["--output_path", "video"], "--output_path video: name a video file ending in .mp4, .mov, .mkv, e.g. video.mp4"),
+    (["--output_path", "out.txt"], "--output_path out.txt: name a video file ending in"),
+    (["--output_path", "videos/"], "--output_path videos/ is a folder: name the video file, e.g. videos/output.mp4"),
 ])
 def test_command_line_mistakes_are_reported_before_anything_loads(argv, problem, capsys):
     with pytest.raises(SystemExit):
         cli_demo.parse_args(["--prompt", PROMPT, *argv])
     assert problem in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_folder_or_an_unreadable_image_is_refused(tmp_path, capsys):
+    broken = tmp_path / "first.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(SystemExit):
+        cli_demo.parse_args(["--prompt", PROMPT, "--output_path", str(tmp_path), "--image_or_video_path",
+                             str(broken)])
+    err = capsys.readouterr().err
+    assert f"--output_path {tmp_path} is a folder" in err
+    assert f"--image_or_video_path {broken}: it cannot be read as an image" in err
 
 
 def test_the_pipeline_attends_as_the_trainer_chose(tiny_model_dir, tmp_path):
