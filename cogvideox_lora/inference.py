@@ -142,8 +142,8 @@ def _choose_size(chosen: Plan, family, trained_on: TrainedOn | None, num_frames,
                  temporal_compression: int) -> None:
     """Frames and size: as given, else the LoRA's training's (frames where the model can generate them), else the
     model's native ones; refuses a frame count the model cannot make and a size its learned positions refuse."""
-    if trained_on is not None and (height, width) == (None, None):
-        height, width = trained_on.height, trained_on.width
+    if trained_on is not None and None in (height, width):
+        height, width = height or trained_on.height, width or trained_on.width
         chosen.notes.append(f"Generating at {width}x{height}, the size the LoRA was trained at.")
     if num_frames is None and trained_on is not None and \
             not frame_counts.generation_problem("", trained_on.frames, temporal_compression):
