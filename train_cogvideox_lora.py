@@ -30,7 +30,7 @@ from cogvideox_lora import attention, checkpoints, distributed, hub, memory, mod
 from cogvideox_lora.args import parse_args, tracker_config
 from cogvideox_lora.data import DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches, long_prompts
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
-from cogvideox_lora.lora import save_lora, trainable_parameters
+from cogvideox_lora.lora import TrainedOn, save_lora, trainable_parameters
 from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
 from cogvideox_lora.model_card import write_model_card
 from cogvideox_lora.optim import make_optimizer, make_schedule
@@ -265,7 +265,7 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
     distributed.configure_deepspeed(accelerator, training.batch_size, training.gradient_accumulation_steps,
                                     training.max_grad_norm)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    checkpoints.register_lora_hooks(accelerator, model, lora_config, comfyui_copy=run.output.comfyui_lora)
+    checkpoints.register_lora_hooks(accelerator, model, lora_config, trained_on(inputs), run.output.comfyui_lora)
     first_step = 0
     if inputs.resume_from is not None:
         logger.info("Resuming from %s", inputs.resume_from)
@@ -287,6 +287,13 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
     alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device, torch.float32)
     return Model(model, lora_config, optimizer, lr_scheduler, alphas_cumprod, first_step, max_train_steps,
                  batches_per_epoch, validator, load_seconds, plan.weight_dtype)
+
+
+def trained_on(inputs: Inputs) -> TrainedOn:
+    """What the LoRA is trained on, recorded in every LoRA file it is saved to (cli_demo.py reads it)."""
+    run, family = inputs.run, inputs.family
+    return TrainedOn(family.name, family.generate_type, family.version, run.model.path, run.frames.height,
+                     run.frames.width, run.frames.max_num_frames, run.ignore_learned_positional_embeddings)
 
 
 def shapes_of(encoded: Encoded) -> list[tuple]:
@@ -381,7 +388,7 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
         checkpoints.save_checkpoint(accelerator, output_dir, steps, run.training.checkpoints_total_limit)
     if accelerator.is_main_process:
         lora_path = save_lora(accelerator.unwrap_model(model.transformer), output_dir, model.lora_config,
-                              comfyui_copy=run.output.comfyui_lora)
+                              trained_on(inputs), run.output.comfyui_lora)
         logger.info("LoRA saved to %s", lora_path)
     # A row per process: what it encoded and its GPU's peak memory in training. Gathered before the last
     # validation, whose wait is the last one: a collective followed by processes ending at different
@@ -394,7 +401,7 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
         summary = run_summary(inputs, accelerator, plan, model, timing, per_process.T.tolist())
         summary.update(lora=str(lora_path), validation_videos=[str(p) for p in video_paths])
         Path(output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
-        write_model_card(run, inputs.family, steps, video_paths)
+        write_model_card(run, inputs.family, steps, video_paths, accelerator.num_processes)
         if run.output.push.enabled:
             hub.push(run.output)
         for path in video_paths:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
+from . import frame_counts
 from .attention import BACKENDS
+from .images import image_problem
 from .recompute import POLICIES
 from .settings import resume_path, split
 
@@ -277,27 +279,36 @@ def _flag_values(args, *names) -> list[tuple[str, int]]:
     return pairs
 
 
+def size_problem(name: str, value: int) -> str | None:
+    """Why --name value cannot be a frame height or width (the trainer's and cli_demo.py's), or None."""
+    if value > 0 and value % 16 == 0:
+        return None
+    lower = value // 16 * 16
+    nearest = " or ".join(str(v) for v in (lower, lower + 16) if v >= 16) or "16"
+    return f"--{name} {value} is not a multiple of 16 (VAE x8, patch x2): use {nearest}."
+
+
 def check_args(args) -> list[str]:
     """Settings that would fail later, said now, before any model is loaded."""
     problems = []
-    for name, value in _flag_values(args, "height", "width", "height_buckets", "width_buckets"):
-        if value <= 0 or value % 16:
-            lower = value // 16 * 16
-            nearest = " or ".join(str(v) for v in (lower, lower + 16) if v >= 16) or "16"
-            problems.append(f"--{name} {value} is not a multiple of 16 (VAE x8, patch x2): use {nearest}.")
-    for name, value in _flag_values(args, "max_num_frames", "frame_buckets"):
-        if value < 1 or (value - 1) % 4:
-            lower = max(1, (value - 1) // 4 * 4 + 1)
-            problems.append(f"--{name} {value} is not 4k+1: use {lower} or {lower + 4}.")
+    problems += filter(None, (size_problem(name, value) for name, value in
+                              _flag_values(args, "height", "width", "height_buckets", "width_buckets")))
+    problems += filter(None, (frame_counts.training_problem(f"--{name}", value)
+                              for name, value in _flag_values(args, "max_num_frames", "frame_buckets")))
     prompts = split(args.validation_prompt, args.validation_prompt_separator)
     images = [Path(p).expanduser() for p in split(args.validation_images, args.validation_prompt_separator)]
+    if prompts and not frame_counts.training_problem("", args.max_num_frames):
+        problem = frame_counts.generation_problem("--max_num_frames", args.max_num_frames)
+        if problem:
+            problems.append(f"{problem} (Validation videos are generated at --max_num_frames.)")
     if args.validation_prompt is not None and not prompts:
         problems.append(f"--validation_prompt {args.validation_prompt!r} holds no prompt once split by "
                         f"{args.validation_prompt_separator!r}.")
     if images and len(images) != len(prompts):
         problems.append(f"--validation_images gives {len(images)} image(s) for {len(prompts)} --validation_prompt "
                         f"prompt(s): give one image per prompt, split by {args.validation_prompt_separator!r}.")
-    problems += [f"--validation_images: {p} is not a file." for p in images if not p.is_file()]
+    problems += [f"--validation_images: {p}: {problem}: give an image file Pillow opens (PNG, JPEG, WebP)."
+                 for p, problem in ((p, image_problem(p)) for p in images) if problem]
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
                  "rank", "fps", "num_validation_videos", "max_train_steps", "checkpoints_total_limit",
                  "validation_steps", "validation_epochs", "nccl_timeout"):

@@ -116,13 +116,14 @@ def load_checkpoint(accelerator, checkpoint: Path) -> int:
     return step_of(checkpoint)
 
 
-def register_lora_hooks(accelerator, transformer, lora_config, comfyui_copy: bool = True) -> None:
-    """Makes accelerate save and load the adapter alone, not the multi-GB frozen transformer; each checkpoint
-    also holds the LoRA in core ComfyUI's format unless comfyui_copy is off."""
+def register_lora_hooks(accelerator, transformer, lora_config, trained_on=None, comfyui_copy: bool = True) -> None:
+    """Makes accelerate save and load the adapter alone, not the multi-GB frozen transformer. trained_on: the
+    lora.TrainedOn each checkpoint's LoRA records, so that cli_demo.py can use it as it uses the final one; each
+    checkpoint also holds the LoRA in core ComfyUI's format unless comfyui_copy is off."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            save_lora(accelerator.unwrap_model(models[0]), output_dir, lora_config, comfyui_copy)
+            save_lora(accelerator.unwrap_model(models[0]), output_dir, lora_config, trained_on, comfyui_copy)
         weights.clear()  # accelerate would otherwise write the whole transformer too
 
     def load_hook(models, input_dir):

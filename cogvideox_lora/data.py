@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .images import open_image
 from .video import open_video, reencode_command
 
 logger = logging.getLogger(__name__)
@@ -244,14 +245,6 @@ def frames_at_times(starts, end: float, settings: FrameSettings) -> list[int]:
         indices.append(bisect.bisect_right(starts, t + tolerance, first, last) - 1)
     t = settings.temporal_compression
     return indices[: (len(indices) - 1) // t * t + 1] if indices else []
-
-
-def open_image(path: Path) -> torch.Tensor:
-    """[3, H, W] uint8 of an image file."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
 
 
 def _image_problem(clip: Clip) -> str | None:

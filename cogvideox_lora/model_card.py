@@ -16,8 +16,9 @@ logger = logging.getLogger(__name__)
 MARKER_TAG = "cogvideox-lora-trainer"
 
 
-def card_text(run: Settings, family, steps: int, videos: list[Path]) -> str:
-    """The card: YAML front matter the Hub reads (base model, tags, widget), how it was trained, how to load it."""
+def card_text(run: Settings, family, steps: int, videos: list[Path], processes: int = 1) -> str:
+    """The card: YAML front matter the Hub reads (base model, tags, widget), how it was trained, how to load it.
+    processes: how many the run had, whose batches add up to the global batch."""
     i2v = family.image_to_video
     prompts = run.validation.prompts
     output_dir = Path(run.output.output_dir)
@@ -39,12 +40,13 @@ def card_text(run: Settings, family, steps: int, videos: list[Path]) -> str:
     code = "\n".join([
         "import torch",
         f"from diffusers import {pipeline}" + ("\nfrom diffusers.utils import load_image" if i2v else ""),
-        f'pipe = {pipeline}.from_pretrained({run.model.path!r}, '
-        f'dtype=torch.bfloat16).to("cuda")',
+        *_pipeline_code(pipeline, run.model.path,
+                        run.ignore_learned_positional_embeddings and family.learned_positions),
         f'pipe.load_lora_weights({repo!r}, adapter_name="lora")',
         f'video = pipe({image_arg}prompt={prompt!r}, num_frames={run.frames.max_num_frames}, height={run.frames.height}, '
         f'width={run.frames.width}).frames[0]',
     ])
+    global_batch = run.training.batch_size * processes * run.training.gradient_accumulation_steps
     return f"""---
 {data.to_yaml()}
 ---
@@ -62,7 +64,8 @@ A LoRA for {base} ({family.name}, {'image' if i2v else 'text'}-to-video), traine
 | rank, lora_alpha | {run.lora.rank}, {run.lora.alpha:g} (updates scaled by {run.lora.alpha / run.lora.rank:g}) |
 | resolution | {run.frames.width}x{run.frames.height} |
 | frames | {run.frames.max_num_frames} at {run.frames.fps} fps |
-| batch | {run.training.batch_size} per process x {run.training.gradient_accumulation_steps} accumulated |
+| batch | {global_batch} a step: {run.training.batch_size} per process x {processes} process(es) x \
+{run.training.gradient_accumulation_steps} accumulated |
 | learning rate | {run.optimizer.learning_rate:g} ({run.optimizer.name}, {run.optimizer.scheduler}) |
 | mixed precision | {run.mixed_precision or 'from the accelerate config'} |
 
@@ -101,12 +104,25 @@ and reads each layer's scale from the `.alpha` tensors of its file: it loads not
 and the wrapper read rank and alpha from the diffusers file's metadata."""
 
 
-def write_model_card(run: Settings, family, steps: int, videos: list[Path]) -> Path | None:
+def _pipeline_code(pipeline: str, base: str, without_learned_positions: bool) -> list[str]:
+    """The lines that load the base model as the LoRA was trained on it: a LoRA trained with
+    --ignore_learned_positional_embeddings needs the transformer without them, as diffusers refuses other sizes
+    than the table's."""
+    if not without_learned_positions:
+        return [f'pipe = {pipeline}.from_pretrained({base!r}, dtype=torch.bfloat16).to("cuda")']
+    return ["from diffusers import CogVideoXTransformer3DModel",
+            "# Trained with --ignore_learned_positional_embeddings: the transformer without its learned table.",
+            f"transformer = CogVideoXTransformer3DModel.from_pretrained({base!r}, subfolder=\"transformer\", "
+            f"use_learned_positional_embeddings=False, torch_dtype=torch.bfloat16)",
+            f'pipe = {pipeline}.from_pretrained({base!r}, transformer=transformer, dtype=torch.bfloat16).to("cuda")']
+
+
+def write_model_card(run: Settings, family, steps: int, videos: list[Path], processes: int = 1) -> Path | None:
     """Writes OUTPUT_DIR/README.md, unless a README.md there is not one of this trainer's."""
     path = Path(run.output.output_dir) / CARD_FILE
     if path.exists() and MARKER_TAG not in (ModelCard.load(path).data.tags or []):
         logger.warning("%s is not a model card of this trainer: left as it is, no card written.", path)
         return None
-    ModelCard(card_text(run, family, steps, videos)).save(path)
+    ModelCard(card_text(run, family, steps, videos, processes)).save(path)
     logger.info("Model card written to %s", path)
     return path

@@ -215,7 +215,7 @@ def test_cli_demo_names_the_converter_for_a_comfyui_lora_before_loading_the_mode
         message = str(exit_info.value.code)
         assert message.startswith("error: ") and "core ComfyUI's layout" in message
         assert f"to-diffusers {alone / COMFYUI_LORA_NAME} " in message
-    inference.check_lora_path(str(tmp_path / "lora"))  # the diffusers file alone: fine
+    assert inference.resolve_lora(str(tmp_path / "lora")).name == DIFFUSERS_LORA_NAME  # the diffusers file: fine
 
 
 
