@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import writable
+from . import text, writable
 from .attention import BACKENDS
 from .recompute import POLICIES
 from .settings import resume_path, split
@@ -309,6 +309,8 @@ def _validation_problems(args) -> list[str]:
     if args.validation_prompt and not prompts:
         problems.append(f"--validation_prompt {args.validation_prompt!r} holds no prompt once split by "
                         f"{args.validation_prompt_separator!r}.")
+    problems += [f"--validation_prompt: prompt {i} holds {', '.join(found)}, which a terminal does not show: "
+                 f"delete it." for i, found in enumerate(map(text.invisible, prompts), start=1) if found]
     if images and len(images) != len(prompts):
         problems.append(f"--validation_images gives {len(images)} image(s) for {len(prompts)} --validation_prompt "
                         f"prompt(s): give one image per prompt, split by {args.validation_prompt_separator!r}.")

@@ -29,6 +29,11 @@ def test_values_that_would_train_nothing_are_refused(capsys, flag, value, said):
     assert said in refusal(capsys, flag, value)
 
 
+def test_a_validation_prompt_with_a_character_that_does_not_show_is_refused(capsys):
+    said = refusal(capsys, "--validation_prompt", "a bear:::a car\u200bon a road")
+    assert "--validation_prompt: prompt 2 holds U+200B ZERO WIDTH SPACE at column 6" in said
+
+
 def validation(*argv) -> settings.ValidationSettings:
     return settings.from_args(parse_args(COMMON + list(argv))).validation
 
