@@ -85,11 +85,7 @@ class Inputs(NamedTuple):
 def check_inputs(args) -> Inputs:
     """Everything that needs no model, checked before any loads: the push, the dataset, the model's configs."""
     run = settings.from_args(args)
-    output = run.output
-    folders = {"--output_dir": Path(output.output_dir), "--latent_cache_dir": Path(run.latent_cache_dir).expanduser()}
-    if output.report_to != "none":
-        folders["--logging_dir"] = Path(output.output_dir, output.logging_dir)
-    unusable = hub.push_problems(output.push) + writable.problems(folders)
+    unusable = hub.push_problems(run.output.push) + writable.run_problems(run.output, run.latent_cache_dir)
     if unusable:
         sys.exit("error: " + "\n  ".join(unusable))
     data = hub.resolve_dataset(run.data)
@@ -110,7 +106,8 @@ def check_inputs(args) -> Inputs:
         sys.exit("error: " + "\n  ".join(problems))
     if not run.validation.prompts:
         logger.info("Validation is off (%s): no validation videos are made.",
-                    "--num_validation_videos 0" if args.num_validation_videos == 0 else "no --validation_prompt")
+                    "--num_validation_videos 0" if args.num_validation_videos == 0 else "no --validation_prompt"
+                    if args.validation_prompt is None else f"--validation_prompt {args.validation_prompt!r}")
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
     tokenizer = models.load_tokenizer(run.model)

@@ -150,14 +150,13 @@ def _read_table(root: Path, dataset_file: str, caption_column: str, video_column
     path = root / dataset_file
     if not path.is_file():
         return [], [f"{path}: not found (--dataset_file is relative to --instance_data_root)."]
+    required = (caption_column, video_column) + ((image_column,) if image_column else ())
     try:
-        records, problems = tables.read_records(path, text.read_text(path), (caption_column, video_column)
-                                                + ((image_column,) if image_column else ()))
+        records, problems = tables.read_records(path, text.read_text(path), required)
     except ValueError as e:
         return [], [str(e)]
     rows = []
     for n, record in records:
-        required = (caption_column, video_column) + ((image_column,) if image_column else ())
         missing = [c for c in required if c not in record]
         if missing:
             problems.append(f"{path}:{n}: no key {', '.join(missing)}; it has {', '.join(record)}. "

@@ -6,6 +6,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .settings import OutputSettings
+
 
 def _nearest_existing(folder: Path) -> Path:
     return next(p for p in (folder, *folder.parents) if p.exists())
@@ -56,3 +58,12 @@ def problems(folders: dict[str, Path]) -> list[str]:
             found.append(f"{flag} {folder}: the run cannot {made}: {existing} is not writable ({e.strerror}). "
                          f"Choose another folder, or make it writable (chmod u+w, or a disk with free space).")
     return found
+
+
+def run_problems(output: OutputSettings, latent_cache_dir: str) -> list[str]:
+    """The problems of the folders a run writes: its output folder, the latent cache and, with a tracker, the
+    tracker's folder (--logging_dir, inside the output folder unless absolute)."""
+    folders = {"--output_dir": Path(output.output_dir), "--latent_cache_dir": Path(latent_cache_dir).expanduser()}
+    if output.report_to != "none":
+        folders["--logging_dir"] = Path(output.output_dir, output.logging_dir)
+    return problems(folders)

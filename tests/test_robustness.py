@@ -247,12 +247,13 @@ def test_a_batch_that_cannot_fill_is_refused_before_any_model(tmp_path, tiny_mod
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("off, said", [(["--validation_prompt", ""], "no --validation_prompt"),
-                                       (["--num_validation_videos", 0], "--num_validation_videos 0")])
+@pytest.mark.parametrize("off, said", [(["--validation_prompt", ""], "--validation_prompt ''"),
+                                       (["--num_validation_videos", 0], "--num_validation_videos 0"),
+                                       ([], "no --validation_prompt")])
 def test_validation_turned_off_is_said(tmp_path, tiny_model_dir, tiny_dataset_dir, no_models, caplog, off, said):
     caplog.set_level(logging.INFO)
-    run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache", "--validation_prompt",
-                        "a bear", *off, "--dry_run"))
+    run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
+                        *(["--validation_prompt", "a bear"] + off if off else []), "--dry_run"))
     assert f"Validation is off ({said}): no validation videos are made." in caplog.messages
 
 
