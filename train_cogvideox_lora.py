@@ -26,9 +26,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from cogvideox_lora import attention, checkpoints, distributed, hub, memory, models, settings, transformer
+from cogvideox_lora import attention, checkpoints, distributed, hub, memory, models, settings, transformer, writable
 from cogvideox_lora.args import parse_args, tracker_config
-from cogvideox_lora.data import DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches, long_prompts
+from cogvideox_lora.data import (DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches, long_prompts,
+                                 unfillable_batch)
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
 from cogvideox_lora.lora import TrainedOn, save_lora, trainable_parameters
 from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
@@ -84,9 +85,9 @@ class Inputs(NamedTuple):
 def check_inputs(args) -> Inputs:
     """Everything that needs no model, checked before any loads: the push, the dataset, the model's configs."""
     run = settings.from_args(args)
-    push = hub.push_problems(run.output.push)
-    if push:
-        sys.exit("error: " + "\n  ".join(push))
+    unusable = hub.push_problems(run.output.push) + writable.run_problems(run.output, run.latent_cache_dir)
+    if unusable:
+        sys.exit("error: " + "\n  ".join(unusable))
     data = hub.resolve_dataset(run.data)
     run = replace(run, data=data)
     transformer_config, vae_config, text_encoder_config, family = models.read_configs(run.model)
@@ -98,8 +99,15 @@ def check_inputs(args) -> Inputs:
     sizes = sorted({(s.max_num_frames, s.height, s.width) for s in per_clip}, key=lambda s: s[0] * s[1] * s[2])
     problems = family.problems(run.model.path, run.validation.prompts, run.validation.images,
                                run.ignore_learned_positional_embeddings, sizes, frames.temporal_compression)
+    unfilled = unfillable_batch(per_clip, run.training.batch_size, settings.processes())
+    if unfilled:
+        problems.append(unfilled)
     if problems:
         sys.exit("error: " + "\n  ".join(problems))
+    if not run.validation.prompts:
+        logger.info("Validation is off (%s): no validation videos are made.",
+                    "--num_validation_videos 0" if args.num_validation_videos == 0 else "no --validation_prompt"
+                    if args.validation_prompt is None else f"--validation_prompt {args.validation_prompt!r}")
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
     tokenizer = models.load_tokenizer(run.model)
@@ -253,11 +261,7 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
     scheduler = models.load_scheduler(run.model)
 
     global_batch = training.batch_size * accelerator.num_processes
-    batches_per_epoch = len(epoch_batches(shapes_of(encoded), global_batch, training.seed, 0))
-    if batches_per_epoch == 0:
-        sys.exit(f"error: {len(inputs.clips)} clip(s) cannot fill one batch of {global_batch} "
-                 f"(--train_batch_size x processes) from clips of one size ({len(inputs.sizes)} size(s)): lower "
-                 f"--train_batch_size, add clips, or use fewer buckets.")
+    batches_per_epoch = len(epoch_batches(shapes_of(encoded), global_batch, training.seed, 0))  # > 0: check_inputs
     max_train_steps = training.max_train_steps or math.ceil(
         training.num_train_epochs * batches_per_epoch / training.gradient_accumulation_steps)
     optimizer = make_optimizer(trainable_parameters(model), run.optimizer)

@@ -10,6 +10,7 @@ import functools
 import itertools
 import logging
 import re
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -25,7 +26,10 @@ ANIMATED_SUFFIXES = {".gif", ".webp"}
 
 
 def reencode_command(path: Path) -> str:
-    return f"ffmpeg -i {path} -c:v libx264 -pix_fmt yuv420p -r 24 {path.with_name(path.stem + '_fixed.mp4')}"
+    """The ffmpeg command that re-encodes a clip beside it, quoted for a POSIX shell (names with spaces, brackets
+    or quotes paste as they are)."""
+    return shlex.join(["ffmpeg", "-i", str(path), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-r", "24",
+                       str(path.with_name(path.stem + "_fixed.mp4"))])
 
 
 class ClipUnreadable(Exception):
