@@ -9,19 +9,8 @@
 # (bench_data/, see h200_run.sh). Each row's JSON, with "side": "this" or "reference", goes to $OUT/rows.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}
-BUDGET=${BUDGET:-560}
-WORKDIR=${WORKDIR:-/tmp/bench_work}
-mkdir -p "$OUT" "$WORKDIR"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-[[ -d bench_data ]] && cp -rn bench_data/. "$WORKDIR"/
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-# Not the checkout: each side's bench_train.py puts its own first, and the trainer runs from its own folder.
-export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-# imageio without imageio-ffmpeg cannot write mp4; without imageio, diffusers writes them with OpenCV.
-python3 -c 'import imageio_ffmpeg' 2>/dev/null || python3 -m pip uninstall -y -q imageio 2>/dev/null
-nvidia-smi -L
+# Not the checkout on PYTHONPATH: each side's bench_train.py puts its own first, and the trainer runs from its folder.
+source benchmarks/device_setup.sh
 for row in $ROWS; do
   for side in this reference; do
     dir=$([[ $side == this ]] && echo . || echo "$REF")
