@@ -194,7 +194,8 @@ def check_host_memory(inputs: Inputs, work, plan, needed, budget, weight_dtype) 
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     host = host_memory.estimate(work, plan, needed, text_encoder if on_cpu else 0.0, processes)
     available = host_memory.available_gib()
-    logger.info("Host memory: %s%s.", host, "" if available is None else f", of {available:.1f} GiB available")
+    logger.info("Host memory: the run needs %s%s.", host,
+                "" if available is None else f", of {available:.1f} GiB available")
     refused = host_memory.refusal(work, plan, needed, text_encoder if on_cpu else 0.0, available, processes)
     if refused:
         sys.exit(f"error: {refused}")
@@ -424,10 +425,12 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
     if accelerator.is_main_process:
         summary = run_summary(inputs, accelerator, plan, model, timing, per_process.T.tolist())
         summary.update(measured_memory(plan))
-        logger.info("Peak memory: training %s GiB on the card (PyTorch's allocator %.2f), validation %s GiB on the "
-                    "card; host %.2f GiB (resident %.2f, pinned %.2f)", summary["peak_device_memory_gib"],
-                    summary["peak_memory_allocated_gib"] or 0.0, summary["peak_device_memory_validation_gib"],
-                    summary["peak_host_memory_gib"], summary["peak_host_rss_gib"], summary["host_pinned_gib"])
+        gib = lambda key: "unknown" if summary[key] is None else f"{summary[key]:.2f} GiB"  # noqa: E731
+        logger.info("Peak memory on the card (NVML): training %s, validation %s; PyTorch's allocated: training %s, "
+                    "validation %s; host: %s (resident %s, pinned %s)", gib("peak_device_memory_gib"),
+                    gib("peak_device_memory_validation_gib"), gib("peak_memory_allocated_gib"),
+                    gib("peak_memory_validation_gib"), gib("peak_host_memory_gib"), gib("peak_host_rss_gib"),
+                    gib("host_pinned_gib"))
         summary.update(lora=str(lora_path), validation_videos=[str(p) for p in video_paths])
         Path(output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
         write_model_card(run, inputs.family, steps, video_paths)

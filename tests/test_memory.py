@@ -142,7 +142,7 @@ def test_the_trainer_refuses_before_loading_what_the_host_cannot_hold(tmp_path, 
     meminfo.write_text("MemAvailable:    8388608 kB\n")
     with caplog.at_level("INFO", logger="train_cogvideox_lora"):
         run_main([*argv, "--dry_run"])
-    assert any(r.getMessage().startswith("Host memory: about") and "of 8.0 GiB available" in r.getMessage()
+    assert any(r.getMessage().startswith("Host memory: the run needs about") and "of 8.0 GiB available" in r.getMessage()
                for r in caplog.records)
 
 
@@ -168,3 +168,20 @@ def test_peaks_keep_the_cards_figure_of_each_part():
     bare = memory.Peaks()
     bare.training()
     assert bare.device_gib["training"] is None and bare.device_validation() is None
+
+
+def test_a_run_the_first_step_finds_short_stops_in_one_line(tmp_path, tiny_model_dir, tiny_dataset_dir,
+                                                            monkeypatch):
+    # The check after the first step says the plan will not fit (what memory.recheck says on a GPU): every process
+    # stops before the step is applied, with the one line, and no checkpoint or LoRA is written.
+    from cogvideox_lora import placement
+
+    said = memory.Recheck(message="After the first step the CUDA context and kernels take 2.00 GiB", stop=True)
+    calls = []
+    monkeypatch.setattr(placement.Placement, "recheck", lambda self: calls.append(1) or said)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as raised:
+        run_main(train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache", "--max_train_steps", 3,
+                            "--checkpointing_steps", 1))
+    assert raised.value.code == f"error: {said.message}" and calls == [1]
+    assert not list(out.glob("checkpoint-*")) and not (out / "pytorch_lora_weights.safetensors").exists()
