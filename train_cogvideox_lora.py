@@ -182,8 +182,10 @@ def plan_memory(inputs: Inputs, accelerator) -> MemoryPlan:
         if run.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-    return MemoryPlan(weight_dtype, kernel, compile_blocks, Placement(plan, device, budget=card, work=work,
-                                                                      asked=run.memory.plan), needed, budget, host)
+    # The card's figure of each part's peak (NVML keeps none): sampled from here on.
+    peaks = memory.Peaks(None if run.dry_run else device_memory.Sampler(device).start())
+    return MemoryPlan(weight_dtype, kernel, compile_blocks, Placement(plan, device, peaks, card, work, run.memory.plan),
+                      needed, budget, host)
 
 
 def check_host_memory(inputs: Inputs, work, plan, needed, budget, weight_dtype) -> host_memory.HostEstimate:

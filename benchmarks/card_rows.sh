@@ -33,19 +33,15 @@ python3 -c 'import imageio_ffmpeg' 2>/dev/null || python3 -m pip uninstall -y -q
 nvidia-smi -L
 python3 -c 'import torch, pynvml; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), "nvml ok")'
 
-# The model folders first, without a ballast: building them takes the GPU, and the process that builds them
-# holds its CUDA context until it ends.
-names=""
-for spec in $ROWS; do names+="${spec%%:*},"; done
-timeout $((BUDGET - SECONDS)) python3 benchmarks/bench_train.py --workdir "$WORKDIR" --rows "${names%,}" --build_only \
-  || exit 1
-echo "=== model folders ready at ${SECONDS}s"
-
 for spec in $ROWS; do
   row=${spec%%:*} leave=${spec#*:}
   left=$((BUDGET - SECONDS))
   if ((left < 90)); then echo "=== $row: skipped, ${left}s left"; continue; fi
-  echo "=== $row ($STEPS steps) under a ballast leaving $leave GiB free: at most ${left}s"
+  # The row's model folder and clips first, without a ballast: building them takes the GPU, and the process that
+  # builds them holds its CUDA context until it ends.
+  timeout $((left - 60)) python3 benchmarks/bench_train.py --workdir "$WORKDIR" --rows "$row" --build_only || continue
+  left=$((BUDGET - SECONDS))
+  echo "=== $row ($STEPS steps) under a ballast leaving $leave GiB free: at most ${left}s (built at ${SECONDS}s)"
   rm -f "$WORKDIR/ballast.ready" "$WORKDIR/row.json"
   python3 benchmarks/ballast.py --leave_gib "$leave" --ready "$WORKDIR/ballast.ready" &
   ballast=$!

@@ -1,7 +1,7 @@
 """GPU memory as the card counts it (NVML, what nvidia-smi shows), beside what PyTorch's allocator counts.
 
 A process holds more of the card than its allocator reserves: the CUDA context and the kernels that cuDNN, cuBLAS,
-Triton and FlashAttention load (about 0.76 GiB on an H100, issue 27). NVML reads the card; this module is the one
+Triton and FlashAttention load (757–762 MiB on an H100, issue 27). NVML reads the card; this module is the one
 place that does, and every function of it gives None (or does nothing) without a GPU or without NVML
 (`pip install nvidia-ml-py`).
 
@@ -69,13 +69,15 @@ def process_used_gib(device) -> float | None:
     handle = _handle(device)
     if handle is None:
         return None
-    for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-        if process.pid == os.getpid() and process.usedGpuMemory is not None:
-            return process.usedGpuMemory / GIB
-    others = _state["others"].get(_uuid(handle))
-    if others is None:
+    try:
+        for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if process.pid == os.getpid() and process.usedGpuMemory is not None:
+                return process.usedGpuMemory / GIB
+        # Not listed (a container's process ids): the card's figure less what the others held before this process.
+        others = _state["others"].get(_uuid(handle))
+        return None if others is None else (pynvml.nvmlDeviceGetMemoryInfo(handle).used - others) / GIB
+    except Exception:  # pynvml.NVMLError: a query this driver or GPU does not support
         return None
-    return (pynvml.nvmlDeviceGetMemoryInfo(handle).used - others) / GIB
 
 
 def overhead_gib(device) -> float | None:

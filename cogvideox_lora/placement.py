@@ -28,7 +28,7 @@ class Placement:
                  work: Workload | None = None, asked: Plan | None = None):
         """budget, work and asked (the plan the command line asked for): what recheck() weighs the plan with."""
         self.plan, self.device = plan, torch.device(device)
-        self.peaks = peaks or Peaks(device_memory.Sampler(self.device).start())
+        self.peaks = peaks or Peaks()
         self.budget, self.work, self.asked = budget, work, asked
         self.swap: BlockSwap | None = None
         self.offload: ActivationOffload | None = None
