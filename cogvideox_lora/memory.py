@@ -262,6 +262,10 @@ def plan_for(request: "Request", config: dict, latent, validation_latent, batch_
                     optimizer_state_bytes=2 if request.use_8bit_adam else 8, float8_blocks=request.fp8_base_weights,
                     validation_latent=validation_latent, tiled_vae=request.tiled_vae, overhead_gib=overhead_gib)
     plan, needed = fit(work, request.plan, budget_gib, auto=request.auto)
+    if budget_gib is not None and budget_gib <= overhead_gib:
+        raise DoesNotFit(f"{budget_gib:.2f} GiB of GPU memory leaves nothing for PyTorch's tensors beside the CUDA "
+                         f"context, kernels and allocator slack ({overhead_gib:.2f} GiB): allow more with "
+                         f"--max_gpu_memory (the card's size, as nvidia-smi counts it), or free GPU memory.")
     return work, plan, needed
 
 

@@ -34,6 +34,9 @@ def test_the_estimate_is_the_cards_peak_with_the_overhead_beside_the_tensors(wor
     work, _, needed = memory.plan_for(request, work_2b.config, work_2b.latent, None, 1, 128, True, 2, None)
     assert work.overhead_gib == pytest.approx(memory.CONTEXT_AND_KERNELS_GIB + memory.ALLOCATOR_SLACK_GIB)
     assert needed.total_gib == pytest.approx(needed.allocator_gib + work.overhead_gib)
+    # A card the context, kernels and slack alone fill is refused, whatever the plan, with what to do.
+    with pytest.raises(memory.DoesNotFit, match="leaves nothing for PyTorch's tensors.*--max_gpu_memory"):
+        memory.plan_for(request, work_2b.config, work_2b.latent, None, 1, 128, True, 2, work.overhead_gib)
 
 
 def test_auto_fits_the_card_with_the_overhead_subtracted(work_2b):
