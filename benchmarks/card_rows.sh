@@ -23,9 +23,10 @@ GPU=${GPU:-0}
 mkdir -p "$OUT" "$WORKDIR"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 [[ -d bench_data ]] && cp -rn bench_data/. "$WORKDIR"/
-if [[ ! -f /tmp/site/.installed ]]; then
+# Its own mark: a machine that ran h200_run.sh first has /tmp/site without nvidia-ml-py.
+if [[ ! -f /tmp/site/.card-installed ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.installed || exit 1
+    && touch /tmp/site/.card-installed || exit 1
 fi
 export PYTHONPATH=$PWD:/tmp/site NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 # imageio without imageio-ffmpeg cannot write mp4; without imageio, diffusers writes them with OpenCV.
@@ -39,7 +40,8 @@ for spec in $ROWS; do
   if ((left < 90)); then echo "=== $row: skipped, ${left}s left"; continue; fi
   # The row's model folder and clips first, without a ballast: building them takes the GPU, and the process that
   # builds them holds its CUDA context until it ends.
-  timeout $((left - 60)) python3 benchmarks/bench_train.py --workdir "$WORKDIR" --rows "$row" --build_only || continue
+  timeout $((left - 60)) python3 benchmarks/bench_train.py --workdir "$WORKDIR" --rows "$row" --build_only \
+    || { echo "=== $row: its model folder could not be built"; continue; }
   left=$((BUDGET - SECONDS))
   echo "=== $row ($STEPS steps) under a ballast leaving $leave GiB free: at most ${left}s (built at ${SECONDS}s)"
   rm -f "$WORKDIR/ballast.ready" "$WORKDIR/row.json"
@@ -60,4 +62,4 @@ for spec in $ROWS; do
   echo "=== $row: exit $status at ${SECONDS}s"
 done
 echo "=== rows"
-[[ -f "$OUT/rows.jsonl" ]] && python3 benchmarks/card_report.py summary "$OUT/rows.jsonl"
+[[ ! -f "$OUT/rows.jsonl" ]] || python3 benchmarks/card_report.py summary "$OUT/rows.jsonl"
