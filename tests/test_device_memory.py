@@ -133,3 +133,23 @@ def test_the_summary_carries_the_cards_and_the_hosts_figures(tmp_path, tiny_mode
     assert info["host_pinned_gib"] > 0  # the swapped block's weights and the activations' buffers
     assert info["peak_host_rss_gib"] > 0 and info["estimated_host_gib"] > 0
     assert info["peak_host_memory_gib"] == pytest.approx(info["peak_host_rss_gib"] + info["host_pinned_gib"])
+
+
+def test_the_placement_holds_the_allocator_tighter_when_the_first_step_finds_more_overhead(fake_gpu, monkeypatch):
+    from cogvideox_lora import placement
+
+    nvml = fake_gpu(listed=True)
+    work = memory.Workload({"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "time_embed_dim": 8,
+                            "text_embed_dim": 8, "patch_size": 2, "patch_size_t": None, "in_channels": 4,
+                            "out_channels": 4, "max_text_seq_length": 4}, (3, 6, 8), 1, 4, False, 2, 8,
+                           overhead_gib=memory.CONTEXT_AND_KERNELS_GIB + memory.ALLOCATOR_SLACK_GIB)
+    plan = memory.Plan("full")
+    budget = memory.Budget(memory.estimate(work, plan).total_gib + 0.3, memory.CONTEXT_AND_KERNELS_GIB, capped=True)
+    held = []
+    monkeypatch.setattr(placement, "hold_to", lambda gib, device: held.append(gib))
+    place = placement.Placement(plan, "cuda:0", budget=budget, work=work, asked=memory.Plan())
+    nvml.mine = int((2 + memory.CONTEXT_AND_KERNELS_GIB + 0.1) * GIB)  # 2 GiB reserved, 0.1 GiB more overhead
+    checked = place.recheck()
+    assert not checked.stop and "still fits" in checked.message
+    assert held == [pytest.approx(budget.limit_gib - memory.CONTEXT_AND_KERNELS_GIB - 0.1)]
+    assert place.budget.overhead_gib == pytest.approx(memory.CONTEXT_AND_KERNELS_GIB + 0.1)
