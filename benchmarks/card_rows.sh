@@ -15,23 +15,11 @@
 # the model folders and latent cache of the first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}
 BUDGET=${BUDGET:-570}
-WORKDIR=${WORKDIR:-/tmp/bench_work}
 STEPS=${STEPS:-4}
 GPU=${GPU:-0}
-mkdir -p "$OUT" "$WORKDIR"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-[[ -d bench_data ]] && cp -rn bench_data/. "$WORKDIR"/
-# Its own mark: a machine that ran h200_run.sh first has /tmp/site without nvidia-ml-py.
-if [[ ! -f /tmp/site/.card-installed ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.card-installed || exit 1
-fi
-export PYTHONPATH=$PWD:/tmp/site NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-# imageio without imageio-ffmpeg cannot write mp4; without imageio, diffusers writes them with OpenCV.
-python3 -c 'import imageio_ffmpeg' 2>/dev/null || python3 -m pip uninstall -y -q imageio 2>/dev/null
-nvidia-smi -L
+source benchmarks/device_setup.sh
+export PYTHONPATH=$PWD:$PYTHONPATH
 python3 -c 'import torch, pynvml; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), "nvml ok")'
 
 for spec in $ROWS; do
