@@ -87,29 +87,58 @@ def check_inputs(args) -> Inputs:
     push = hub.push_problems(run.output.push)
     if push:
         sys.exit("error: " + "\n  ".join(push))
-    data = hub.resolve_dataset(run.data)
-    run = replace(run, data=data)
-    transformer_config, vae_config, text_encoder_config, family = models.read_configs(run.model)
-    frames = replace(run.frames, temporal_compression=vae_config["temporal_compression_ratio"])
-    clips, bad_clips = check_dataset(data.root, data.caption_column, data.video_column, data.dataset_file,
-                                     data.id_token, data.image_column, frames, skip_bad=data.skip_bad,
-                                     buckets=run.buckets)
+    model, model_problem = find_model(run)
+    # The dataset is checked even where the model is not found, so that one message says all there is to fix.
+    try:
+        data = hub.resolve_dataset(run.data)
+        frames = replace(run.frames, temporal_compression=model.vae["temporal_compression_ratio"]) if model \
+            else run.frames
+        clips, bad_clips = check_dataset(data.root, data.caption_column, data.video_column, data.dataset_file,
+                                         data.id_token, data.image_column, frames, skip_bad=data.skip_bad,
+                                         buckets=run.buckets)
+    except DatasetError as e:
+        sys.exit(f"error: {e}" + (f"\nand the model: {model_problem}" if model_problem else ""))
+    if model_problem:
+        raise models.ModelError(model_problem)
+    run = replace(run, data=data, model=model.source)
     per_clip = clip_settings(clips, frames, run.buckets)
     sizes = sorted({(s.max_num_frames, s.height, s.width) for s in per_clip}, key=lambda s: s[0] * s[1] * s[2])
-    problems = family.problems(run.model.path, run.validation.prompts, run.validation.images,
-                               run.ignore_learned_positional_embeddings, sizes, frames.temporal_compression)
+    problems = model.family.problems(run.model.path, run.validation.prompts, run.validation.images,
+                                     run.ignore_learned_positional_embeddings, sizes, frames.temporal_compression)
     if problems:
         sys.exit("error: " + "\n  ".join(problems))
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
+    tokenizer = count_prompt_tokens(run, model, clips)
+    resume_from = checkpoints.checkpoint_to_resume(run.output.output_dir, run.output.resume_from_checkpoint)
+    return Inputs(run, frames, model.transformer, model.vae, model.text_encoder, model.family, clips, per_clip,
+                  sizes, tokenizer, resume_from, tracker_config(args))
+
+
+def find_model(run: settings.Settings) -> tuple[models.Configs | None, str | None]:
+    """The model's configs, or why they cannot be read. A dry run needs its configs alone."""
+    try:
+        model = models.check_model(run.model, loading=not run.dry_run)
+    except models.ModelError as e:
+        return None, str(e)
+    if model.source.files and model.source.files != model.source.path:
+        logger.info("Model %s: read from %s", model.source.path, model.source.files)
+    return model, None
+
+
+def count_prompt_tokens(run: settings.Settings, model: models.Configs, clips: list):
+    """Warns of prompts the text encoder cuts; returns the tokenizer (None where a dry run has none to read)."""
+    if run.dry_run and not model.has_tokenizer:
+        logger.warning("Prompt lengths not counted: %s has no tokenizer/ here, and --dry_run reads only the "
+                       "configs.", run.model.path)
+        return None
     tokenizer = models.load_tokenizer(run.model)
-    too_long = long_prompts(clips, tokenizer, transformer_config["max_text_seq_length"])
+    limit = model.transformer["max_text_seq_length"]
+    too_long = long_prompts(clips, tokenizer, limit)
     if too_long:
         logger.warning("%d prompt(s) have more tokens than the text encoder takes (%d); the rest is cut:\n  %s",
-                       len(too_long), transformer_config["max_text_seq_length"], "\n  ".join(too_long))
-    resume_from = checkpoints.checkpoint_to_resume(run.output.output_dir, run.output.resume_from_checkpoint)
-    return Inputs(run, frames, transformer_config, vae_config, text_encoder_config, family, clips, per_clip, sizes,
-                  tokenizer, resume_from, tracker_config(args))
+                       len(too_long), limit, "\n  ".join(too_long))
+    return tokenizer
 
 
 def start_accelerator(run: settings.Settings) -> Accelerator:

@@ -500,3 +500,63 @@ def test_processes_writing_the_cache_at_once_never_corrupt_it(tmp_path, caplog):
     assert all(w.exitcode == 0 for w in writers)
     assert seen and not caplog.records
     assert [p.name for p in tmp_path.iterdir()] == ["entry.safetensors"]  # no temporary file left
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model: found where the user has it, or one line saying what was looked for, with the dataset's problems
+
+
+def test_model_and_dataset_problems_are_reported_together(tmp_path, tiny_model_dir, no_models):
+    (tmp_path / "data").mkdir()
+    message = exit_message(train_argv(tiny_model_dir / "transformer", tmp_path / "data", tmp_path / "out",
+                                      tmp_path / "cache"))
+    assert f"{tmp_path / 'data' / 'prompts.txt'}: not found" in message
+    assert message.endswith(f"and the model: --pretrained_model_name_or_path {tiny_model_dir / 'transformer'} is the "
+                            f"transformer/ part of the model in {tiny_model_dir}: give the model's folder, "
+                            f"--pretrained_model_name_or_path {tiny_model_dir}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_uncached_hub_model_offline_is_one_line(tmp_path, tiny_dataset_dir, no_models):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    result = run_script(train_argv("THUDM/CogVideoX-2b", tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
+                                   "--cache_dir", tmp_path / "dot-cache"), HF_HUB_CACHE=str(hub))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --pretrained_model_name_or_path THUDM/CogVideoX-2b: no such folder here, and not in the hub cache "
+        f"({tmp_path / 'dot-cache'} and {hub}) while HF_HUB_OFFLINE is set. Download it where there is a network: hf "
+        f"download THUDM/CogVideoX-2b --cache-dir '{tmp_path / 'dot-cache'}'; or give the folder that holds it.")
+
+
+def test_dry_run_reads_only_the_configs(tmp_path, tiny_model_dir, tiny_dataset_dir, caplog):
+    configs = tmp_path / "configs"
+    shutil.copytree(tiny_model_dir, configs, ignore=shutil.ignore_patterns("tokenizer", "*.safetensors"))
+    caplog.set_level(logging.INFO)
+    run_main(train_argv(configs, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache", "--dry_run"))
+    assert f"Prompt lengths not counted: {configs} has no tokenizer/ here, and --dry_run reads only the configs." \
+           in caplog.messages
+    assert any(m.startswith("Memory: ") for m in caplog.messages)
+    message = exit_message(train_argv(configs, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache"))
+    assert f"{configs} lacks transformer/, vae/, text_encoder/, tokenizer/" in message
+
+
+SCRIPT_FLAGS = ["--height", 48, "--width", 64, "--max_num_frames", 9, "--rank", 4, "--lora_alpha", 4,
+                "--mixed_precision", "no", "--report_to", "none", "--dry_run", "--latent_cache_dir", "cache"]
+
+
+@pytest.mark.parametrize("script", ["finetune_single_rank.sh", "finetune_multi_rank.sh"])
+def test_wrapper_scripts_take_paths_from_where_they_are_run(tmp_path, tiny_model_dir, tiny_dataset_dir, script):
+    """MODEL_PATH=model DATA_ROOT=data OUTPUT_DIR=out, relative to the caller's folder: the run reads those
+    and protects the earlier run in ./out (a dry run: the refusal shows which folder it looked at)."""
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    shutil.copytree(tiny_dataset_dir, tmp_path / "data")
+    (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
+    env = {**subprocess_env(), "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+           "MODEL_PATH": "model", "DATA_ROOT": "data", "OUTPUT_DIR": "out", "ACCELERATE_USE_CPU": "1",
+           "GPUS_PER_MACHINE": "1", "LAUNCH_ARGS": "--num_processes 1 --mixed_precision no"}
+    result = subprocess.run(["bash", str(REPO / script), *map(str, SCRIPT_FLAGS)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "error: out holds an earlier run (checkpoint-2), which this one would overwrite." in result.stderr
+
