@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from cogvideox_lora import attention, checkpoints, distributed, hub, memory, models, settings, transformer
+from cogvideox_lora import attention, checkpoints, distributed, hub, memory, models, run_record, settings, transformer
 from cogvideox_lora.args import parse_args, tracker_config
 from cogvideox_lora.data import DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches, long_prompts
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
@@ -79,6 +79,7 @@ class Inputs(NamedTuple):
     tokenizer: object
     resume_from: Path | None
     tracker_config: dict
+    record: run_record.RunRecord  # written into each checkpoint, checked on resume
 
 
 def check_inputs(args) -> Inputs:
@@ -111,8 +112,23 @@ def check_inputs(args) -> Inputs:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
     tokenizer = count_prompt_tokens(run, model, clips)
     resume_from = checkpoints.checkpoint_to_resume(run.output.output_dir, run.output.resume_from_checkpoint)
+    record = record_of(run, model, clips)
+    if resume_from is not None:
+        problems = run_record.resume_problems(resume_from, record)
+        if problems:
+            raise checkpoints.CheckpointError("\n  ".join(problems))
     return Inputs(run, frames, model.transformer, model.vae, model.text_encoder, model.family, clips, per_clip,
-                  sizes, tokenizer, resume_from, tracker_config(args))
+                  sizes, tokenizer, resume_from, tracker_config(args), record)
+
+
+def record_of(run: settings.Settings, model: models.Configs, clips: list) -> run_record.RunRecord:
+    # accelerate launch gives every process WORLD_SIZE; start_accelerator checks that it is the process count.
+    training, frames = run.training, run.frames
+    return run_record.RunRecord(
+        run_record.describe_model(model.family.name, model.transformer),
+        run_record.describe_size(frames.max_num_frames, frames.height, frames.width, run.buckets),
+        run.lora.rank, run.lora.alpha, int(os.environ.get("WORLD_SIZE", "1")), training.batch_size,
+        training.gradient_accumulation_steps, run_record.clip_digests(clips, run.data.root))
 
 
 def find_model(run: settings.Settings) -> tuple[models.Configs | None, str | None]:
@@ -373,7 +389,8 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
         log_step(accelerator, model, progress, step, step_loss, grad_norm, step_times[-1])
         done = step + 1
         if (done % training.checkpointing_steps == 0 or stopping) and done < model.max_train_steps:
-            checkpoints.save_checkpoint(accelerator, output_dir, done, training.checkpoints_total_limit)
+            checkpoints.save_checkpoint(accelerator, output_dir, done, training.checkpoints_total_limit,
+                                        inputs.record)
         if stopping and done < model.max_train_steps:
             accelerator.end_training()
             sys.exit(f"Stopped by a signal after step {done}; checkpoint-{done} is saved. Continue with the same "
@@ -407,7 +424,8 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
     """The last checkpoint, the LoRA for inference, a last validation, a summary of the run and its model card."""
     run, output_dir, steps = inputs.run, inputs.run.output.output_dir, model.max_train_steps
     if model.first_step < steps:
-        checkpoints.save_checkpoint(accelerator, output_dir, steps, run.training.checkpoints_total_limit)
+        checkpoints.save_checkpoint(accelerator, output_dir, steps, run.training.checkpoints_total_limit,
+                                    inputs.record)
     if accelerator.is_main_process:
         lora_path = save_lora(accelerator.unwrap_model(model.transformer), output_dir, model.lora_config)
         logger.info("LoRA saved to %s", lora_path)

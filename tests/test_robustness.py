@@ -560,3 +560,77 @@ def test_wrapper_scripts_take_paths_from_where_they_are_run(tmp_path, tiny_model
     assert result.returncode != 0
     assert "error: out holds an earlier run (checkpoint-2), which this one would overwrite." in result.stderr
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming: what the checkpoint was trained with is checked before any model loads
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory, tiny_5b_model_dir, tiny_dataset_dir):
+    """A 5B-style T2V run of 2 steps with its checkpoints, its root, and an argv maker that resumes it (dry)."""
+    root = tmp_path_factory.mktemp("resumable")
+    run_main(train_argv(tiny_5b_model_dir, tiny_dataset_dir, root / "out", root / "cache", "--max_train_steps", 2,
+                        "--checkpointing_steps", 1))
+
+    def argv(model=tiny_5b_model_dir, data=tiny_dataset_dir, *extra):
+        return train_argv(model, data, root / "out", root / "cache", "--max_train_steps", 2,
+                          "--resume_from_checkpoint", "latest", "--dry_run", *extra)
+
+    return root, argv
+
+
+@pytest.mark.parametrize("size, name", [("tiny-i2v", "CogVideoX I2V"), ("tiny-1.5", "CogVideoX1.5 T2V")])
+def test_resume_into_another_model_type_is_refused(resumable, tmp_path, size, name, no_models):
+    root, argv = resumable
+    from cogvideox_lora.synthetic import SPECS, build_model_folder
+
+    # With the same attention shapes, so that the LoRA and the optimizer state would load without an error.
+    model = build_model_folder(tmp_path / size, size=size)
+    config = SPECS[size]["transformer"]
+    shape = f"{config['num_layers']} blocks of {config['num_attention_heads'] * config['attention_head_dim']}"
+    message = exit_message(argv(model))
+    assert message == (f"error: checkpoint-2 was trained on model CogVideoX T2V, {shape}, and this run is "
+                       f"{name}, {shape}: resume with the checkpoint's, or start a new run in another "
+                       f"--output_dir.")
+
+
+def test_resume_with_another_rank_size_or_batch_is_refused(resumable, tiny_5b_model_dir, tiny_dataset_dir,
+                                                           no_models):
+    root, argv = resumable
+    checkpoint = root / "out" / "checkpoint-2"
+    message = exit_message(argv(tiny_5b_model_dir, tiny_dataset_dir, "--rank", 8, "--max_num_frames", 5,
+                                "--train_batch_size", 2))
+    assert f"{checkpoint} holds a LoRA of --rank 4 --lora_alpha 4, and this run has --rank 8 --lora_alpha 4" in message
+    assert "was trained on frame size (--max_num_frames x --height x --width) 9x48x64, and this run is 5x48x64" \
+           in message
+    assert "was trained with a global batch of 1 (1 process(es) x --train_batch_size 1 x " \
+           "--gradient_accumulation_steps 1), and this run has 2 (1 process(es) x --train_batch_size 2 x" in message
+
+
+def test_resume_after_clips_were_added_says_so(resumable, tmp_path, tiny_5b_model_dir, tiny_dataset_dir, caplog):
+    root, argv = resumable
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_dir, data)
+    shutil.copy(data / "videos" / "clip_000.mp4", data / "videos" / "extra.mp4")
+    with open(data / "videos.txt", "a") as f:
+        f.write("videos/extra.mp4\n")
+    with open(data / "prompts.txt", "a") as f:
+        f.write("one more clip\n")
+    caplog.set_level(logging.WARNING)
+    # The record names clips relative to the dataset's folder: a copy of it elsewhere is the same dataset.
+    run_main(argv(tiny_5b_model_dir, data))
+    assert [m for m in caplog.messages if "dataset changed" in m] == [
+        "The dataset changed since checkpoint-2 (4 clips then, 5 now): 1 added (videos/extra.mp4). The resumed run "
+        "trains on the clips of now, so its epochs differ from those the stopped run would have had."]
+
+
+def test_resume_from_a_file_of_a_checkpoint_names_its_folder(resumable, tiny_5b_model_dir, tiny_dataset_dir, capsys):
+    root, _ = resumable
+    checkpoint = root / "out" / "checkpoint-2"
+    with pytest.raises(SystemExit):
+        parse_args(train_argv(tiny_5b_model_dir, tiny_dataset_dir, root / "out", root / "cache",
+                              "--resume_from_checkpoint", checkpoint / "pytorch_lora_weights.safetensors"))
+    assert (f"--resume_from_checkpoint {checkpoint / 'pytorch_lora_weights.safetensors'} is a file of the checkpoint "
+            f"{checkpoint}: a checkpoint is its whole folder, --resume_from_checkpoint {checkpoint}") \
+        in capsys.readouterr().err
