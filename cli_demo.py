@@ -17,7 +17,7 @@ from pathlib import Path
 
 from diffusers.utils import load_image
 
-from cogvideox_lora import attention, inference
+from cogvideox_lora import attention, inference, models
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="What the video shows.")
     p.add_argument("--model_path", default="THUDM/CogVideoX-2b",
                    help="Hub id or local folder of a diffusers CogVideoX model (an I2V one for --generate_type i2v).")
+    p.add_argument("--cache_dir", default=None,
+                   help="The trainer's --cache_dir: a hub model is looked for there first, then in the Hugging Face "
+                        "cache (HF_HUB_CACHE), and downloaded into it if in neither.")
     p.add_argument("--lora_path", default=None,
                    help="The trainer's --output_dir, a LoRA .safetensors file or a Hub repo holding one.")
     p.add_argument("--lora_scale", type=float, default=1.0,
@@ -86,11 +89,12 @@ def main(argv=None) -> Path:
         if args.lora_path:
             inference.check_lora_path(args.lora_path)
         pipe = inference.load_pipeline(args.model_path, args.generate_type, inference.DTYPES[args.dtype],
-                                       args.ignore_learned_positional_embeddings, args.attention_backend)
+                                       args.ignore_learned_positional_embeddings, args.attention_backend,
+                                       args.cache_dir)
         if args.lora_path:
             strength = inference.load_lora(pipe, args.lora_path, args.lora_scale)
             print(f"LoRA {args.lora_path}: applied at {strength:g} (its alpha/rank x --lora_scale {args.lora_scale:g})")
-    except (FileNotFoundError, inference.LoraMismatchError, attention.AttentionError) as e:
+    except (FileNotFoundError, inference.LoraMismatchError, attention.AttentionError, models.ModelError) as e:
         sys.exit(f"error: {e}")
     device = inference.place(pipe, args.cpu_offload, args.vae_tiling, args.vae_slicing)
     print(f"Generating on {device}")

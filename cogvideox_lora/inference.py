@@ -12,8 +12,9 @@ import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
 from diffusers.utils import export_to_video
 
-from . import attention
+from . import attention, models
 from .models import drop_learned_positional_embeddings
+from .settings import ModelSource
 
 ADAPTER = "lora"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -29,11 +30,15 @@ class LoraMismatchError(ValueError):
 
 
 def load_pipeline(model_path: str, generate_type: str = "t2v", dtype: torch.dtype = torch.bfloat16,
-                  ignore_learned_positional_embeddings: bool = False, attention_backend: str = "auto"):
+                  ignore_learned_positional_embeddings: bool = False, attention_backend: str = "auto",
+                  cache_dir: str | None = None):
     """ignore_learned_positional_embeddings: run CogVideoX-5B-I2V without its learned positional table, as the
     trainer does with the flag of that name (for a LoRA trained so, or for sizes other than 49x480x720).
-    attention_backend: the trainer's --attention_backend; generate() runs under its SDPA preference."""
-    pipe = PIPELINES[generate_type].from_pretrained(model_path, dtype=dtype)
+    attention_backend: the trainer's --attention_backend; generate() runs under its SDPA preference.
+    cache_dir: the trainer's --cache_dir: a hub model is looked for there, then in huggingface_hub's cache, as
+    the trainer does (models.locate). Raises models.ModelError where it is not found."""
+    source = models.locate(ModelSource(model_path, cache_dir=cache_dir), loading=True, flag="--model_path")
+    pipe = PIPELINES[generate_type].from_pretrained(source.location, dtype=dtype, cache_dir=source.cache_dir)
     if ignore_learned_positional_embeddings and pipe.transformer.config.use_learned_positional_embeddings:
         drop_learned_positional_embeddings(pipe.transformer)
     attention.use(pipe.transformer, attention.choose(attention_backend, pipe.transformer.config.attention_head_dim,

@@ -253,3 +253,26 @@ def test_the_pipeline_attends_as_the_trainer_chose(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="flash-attn-4"):
         cli_demo.main(cli(tiny_model_dir, tmp_path / "out.mp4", "--attention_backend", "flash4"))
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_cli_demo_finds_the_model_where_the_trainer_does(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A hub model in huggingface_hub's cache, or in the trainer's --cache_dir, loads offline from there; one in
+    neither is one error line naming both caches and the download command."""
+    from huggingface_hub import constants
+
+    from helpers import hub_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    standard = hub_model(tmp_path / "hub", "owner/tiny", tiny_model_dir)
+    mine = hub_model(tmp_path / "dot-cache", "owner/mine", tiny_model_dir)
+    for repo_id, cache_dir, snapshot in (("owner/tiny", tmp_path / "dot-cache", standard),
+                                         ("owner/mine", tmp_path / "dot-cache", mine)):
+        pipe = inference.load_pipeline(repo_id, dtype=torch.float32, cache_dir=str(cache_dir))
+        assert pipe.name_or_path == str(snapshot)
+    with pytest.raises(SystemExit) as exit_:
+        cli_demo.main(cli("owner/elsewhere", tmp_path / "out.mp4", "--cache_dir", tmp_path / "dot-cache"))
+    assert str(exit_.value.code) == (
+        f"error: --model_path owner/elsewhere: no such folder here, and not in the hub cache ({tmp_path / 'dot-cache'} "
+        f"and {tmp_path / 'hub'}) while HF_HUB_OFFLINE is set. Download it where there is a network: hf download "
+        f"owner/elsewhere --cache-dir '{tmp_path / 'dot-cache'}'; or give the folder that holds it.")
+    assert not (tmp_path / "out.mp4").exists()
