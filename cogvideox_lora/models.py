@@ -230,9 +230,13 @@ def read_configs(source: ModelSource, flag: str = TRAINER_FLAG) -> tuple[dict, d
                                                   **source.hub_kwargs()).to_dict()
         pipeline_class = CogVideoXPipeline.load_config(source.location, **source.hub_kwargs())["_class_name"]
     except Exception as e:  # diffusers, transformers and huggingface_hub each fail their own way (network, files)
-        raise ModelError(f"{flag} {source.path}: its configs cannot be read "
-                         f"({type(e).__name__}: {_first_line(e)}). Download the model where there is a network: "
-                         f"{download_command(source)}") from e
+        reason = f"{type(e).__name__}: {_first_line(e)}"
+        if source.files:
+            raise ModelError(f"{flag} {source.path}: its configs in {source.files} cannot be read ({reason}).") from e
+        raise ModelError(f"{flag} {source.path}: not in the hub cache ({source.cache_dir or constants.HF_HUB_CACHE}), "
+                         f"and its configs cannot be downloaded ({reason}). Without a network, download it where "
+                         f"there is one: {download_command(source)}; else check the id, or log in (hf auth login) "
+                         f"for a gated or private repo.") from e
     family = Family.from_configs(transformer, vae, pipeline_class, source.path)
     return transformer, vae, text_encoder, family
 

@@ -95,3 +95,23 @@ def test_local_folders_say_what_is_wrong_in_one_line(tmp_path, tiny_model_dir):
     # Its configs are all a dry run reads.
     configs = models.check_model(ModelSource(str(model)), loading=False)
     assert configs.family.name == "CogVideoX T2V" and not configs.has_tokenizer
+
+
+def test_configs_that_cannot_be_downloaded_or_read_are_one_line(tmp_path, tiny_model_dir):
+    """Where the hub cannot be reached (here: offline, as without a network), or a config is damaged."""
+    with pytest.raises(models.ModelError) as error:
+        models.read_configs(ModelSource(REPO_ID, cache_dir=str(tmp_path / "dot-cache")))
+    message = str(error.value)
+    assert message.startswith(f"--pretrained_model_name_or_path {REPO_ID}: not in the hub cache "
+                              f"({tmp_path / 'dot-cache'}), and its configs cannot be downloaded (")
+    assert f"download it where there is one: hf download {REPO_ID} --cache-dir '{tmp_path / 'dot-cache'}'" in message
+    assert "\n" not in message
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "vae" / "config.json").write_text("{not json")
+    with pytest.raises(models.ModelError) as error:
+        models.check_model(ModelSource(str(model)), loading=True)
+    assert str(error.value).startswith(f"--pretrained_model_name_or_path {model}: its configs in {model} cannot be "
+                                       f"read (")
+    assert "\n" not in str(error.value)
