@@ -126,7 +126,7 @@ def locate(source: ModelSource, loading: bool, flag: str = TRAINER_FLAG) -> Mode
         problems = _folder_problems(local, given, flag) or _missing_files(source, local, loading, given)
         if problems:
             raise ModelError(problems)
-        return replace(source, path=str(local), files=str(local))
+        return replace(source, files=str(local))
     cached = [(cache, Path(snapshot)) for cache in dict.fromkeys([source.cache_dir, None])
               if (snapshot := _snapshot(source, cache))]
     for cache, snapshot in cached:

@@ -70,10 +70,19 @@ def write(record: RunRecord, checkpoint) -> None:
     Path(checkpoint, RECORD_NAME).write_text(json.dumps(asdict(record), indent=1))
 
 
+class Unreadable(Exception):
+    """A checkpoint's record or LoRA file that is damaged."""
+
+
 def read(checkpoint) -> RunRecord | None:
     """The checkpoint's record; None for one written before records were."""
     path = Path(checkpoint, RECORD_NAME)
-    return RunRecord(**json.loads(path.read_text())) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return RunRecord(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:  # not UTF-8, not JSON, or other fields
+        raise Unreadable(f"{path} cannot be read ({type(e).__name__}: {e})") from e
 
 
 def lora_shape(checkpoint) -> tuple[int, float] | None:
@@ -81,8 +90,11 @@ def lora_shape(checkpoint) -> tuple[int, float] | None:
     path = Path(checkpoint, LORA_WEIGHTS_NAME)
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise Unreadable(f"{path} cannot be read ({type(e).__name__}: {e})") from e
     if "transformer.r" not in metadata:
         return None
     return metadata["transformer.r"], metadata["transformer.lora_alpha"]
@@ -91,6 +103,14 @@ def lora_shape(checkpoint) -> tuple[int, float] | None:
 def resume_problems(checkpoint, current: RunRecord) -> list[str]:
     """Why `current` cannot continue the checkpoint, each with both values; logs what may differ (the process
     count where the batches are the same, the clips)."""
+    try:
+        return _compare(checkpoint, current)
+    except Unreadable as e:
+        return [f"{e}: the checkpoint is damaged. Resume from an earlier checkpoint-N of this run, or start again in "
+                f"a new --output_dir."]
+
+
+def _compare(checkpoint, current: RunRecord) -> list[str]:
     problems, name = [], Path(checkpoint).name
     shape = lora_shape(checkpoint)
     if shape is not None and shape != (current.rank, current.lora_alpha):

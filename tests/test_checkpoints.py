@@ -83,3 +83,18 @@ def test_a_checkpoint_without_a_record_is_still_checked_for_its_rank(tmp_path, c
     problems = run_record.resume_problems(folder, RECORD)
     assert len(problems) == 1 and "--rank 8 --lora_alpha 8, and this run has --rank 4" in problems[0]
     assert "records no model, size or batch" in caplog.messages[0]
+
+
+def test_a_damaged_record_or_lora_file_is_named(tmp_path):
+    folder = checkpoint(tmp_path, rank=4)
+    (folder / run_record.RECORD_NAME).write_bytes(b"PK\x03\x04\x80 a pickle, not JSON")
+    problems = run_record.resume_problems(folder, RECORD)
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{folder / run_record.RECORD_NAME} cannot be read (UnicodeDecodeError: ")
+    assert problems[0].endswith(": the checkpoint is damaged. Resume from an earlier checkpoint-N of this run, or "
+                                "start again in a new --output_dir.")
+    run_record.write(RECORD, folder)
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"\xff" * 16)
+    problems = run_record.resume_problems(folder, RECORD)
+    assert len(problems) == 1 and problems[0].startswith(f"{folder / 'pytorch_lora_weights.safetensors'} cannot be "
+                                                         f"read (")
