@@ -26,11 +26,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from cogvideox_lora import attention, checkpoints, distributed, hub, memory, models, run_record, settings, transformer
+from cogvideox_lora import (attention, checkpoints, distributed, hub, memory, models, run_record, settings,
+                            transformer, writable)
 from cogvideox_lora.args import parse_args, tracker_config
-from cogvideox_lora.data import DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches, long_prompts
+from cogvideox_lora.data import (DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches, long_prompts,
+                                 unfillable_batch)
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
-from cogvideox_lora.lora import save_lora, trainable_parameters
+from cogvideox_lora.lora import TrainedOn, save_lora, trainable_parameters
 from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
 from cogvideox_lora.model_card import write_model_card
 from cogvideox_lora.optim import make_optimizer, make_schedule
@@ -85,9 +87,9 @@ class Inputs(NamedTuple):
 def check_inputs(args) -> Inputs:
     """Everything that needs no model, checked before any loads: the push, the dataset, the model's configs."""
     run = settings.from_args(args)
-    push = hub.push_problems(run.output.push)
-    if push:
-        sys.exit("error: " + "\n  ".join(push))
+    unusable = hub.push_problems(run.output.push) + writable.run_problems(run.output, run.latent_cache_dir)
+    if unusable:
+        sys.exit("error: " + "\n  ".join(unusable))
     model, model_problem = find_model(run)
     # The dataset is checked even where the model is not found, so that one message says all there is to fix.
     try:
@@ -106,8 +108,15 @@ def check_inputs(args) -> Inputs:
     sizes = sorted({(s.max_num_frames, s.height, s.width) for s in per_clip}, key=lambda s: s[0] * s[1] * s[2])
     problems = model.family.problems(run.model.path, run.validation.prompts, run.validation.images,
                                      run.ignore_learned_positional_embeddings, sizes, frames.temporal_compression)
+    unfilled = unfillable_batch(per_clip, run.training.batch_size, settings.processes())
+    if unfilled:
+        problems.append(unfilled)
     if problems:
         sys.exit("error: " + "\n  ".join(problems))
+    if not run.validation.prompts:
+        logger.info("Validation is off (%s): no validation videos are made.",
+                    "--num_validation_videos 0" if args.num_validation_videos == 0 else "no --validation_prompt"
+                    if args.validation_prompt is None else f"--validation_prompt {args.validation_prompt!r}")
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
     tokenizer = count_prompt_tokens(run, model, clips)
@@ -122,12 +131,11 @@ def check_inputs(args) -> Inputs:
 
 
 def record_of(run: settings.Settings, model: models.Configs, clips: list) -> run_record.RunRecord:
-    # accelerate launch gives every process WORLD_SIZE; start_accelerator checks that it is the process count.
     training, frames = run.training, run.frames
     return run_record.RunRecord(
         run_record.describe_model(model.family.name, model.transformer),
         run_record.describe_size(frames.max_num_frames, frames.height, frames.width, run.buckets),
-        run.lora.rank, run.lora.alpha, int(os.environ.get("WORLD_SIZE", "1")), training.batch_size,
+        run.lora.rank, run.lora.alpha, settings.processes(), training.batch_size,
         training.gradient_accumulation_steps, run_record.clip_digests(clips, run.data.root))
 
 
@@ -298,11 +306,7 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
     scheduler = models.load_scheduler(run.model)
 
     global_batch = training.batch_size * accelerator.num_processes
-    batches_per_epoch = len(epoch_batches(shapes_of(encoded), global_batch, training.seed, 0))
-    if batches_per_epoch == 0:
-        sys.exit(f"error: {len(inputs.clips)} clip(s) cannot fill one batch of {global_batch} "
-                 f"(--train_batch_size x processes) from clips of one size ({len(inputs.sizes)} size(s)): lower "
-                 f"--train_batch_size, add clips, or use fewer buckets.")
+    batches_per_epoch = len(epoch_batches(shapes_of(encoded), global_batch, training.seed, 0))  # > 0: check_inputs
     max_train_steps = training.max_train_steps or math.ceil(
         training.num_train_epochs * batches_per_epoch / training.gradient_accumulation_steps)
     optimizer = make_optimizer(trainable_parameters(model), run.optimizer)
@@ -310,7 +314,7 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
     distributed.configure_deepspeed(accelerator, training.batch_size, training.gradient_accumulation_steps,
                                     training.max_grad_norm)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    checkpoints.register_lora_hooks(accelerator, model, lora_config)
+    checkpoints.register_lora_hooks(accelerator, model, lora_config, trained_on(inputs), run.output.comfyui_lora)
     first_step = 0
     if inputs.resume_from is not None:
         logger.info("Resuming from %s", inputs.resume_from)
@@ -332,6 +336,13 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
     alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device, torch.float32)
     return Model(model, lora_config, optimizer, lr_scheduler, alphas_cumprod, first_step, max_train_steps,
                  batches_per_epoch, validator, load_seconds, plan.weight_dtype)
+
+
+def trained_on(inputs: Inputs) -> TrainedOn:
+    """What the LoRA is trained on, recorded in every LoRA file it is saved to (cli_demo.py reads it)."""
+    run, family = inputs.run, inputs.family
+    return TrainedOn(family.name, family.generate_type, family.version, run.model.path, run.frames.height,
+                     run.frames.width, run.frames.max_num_frames, run.ignore_learned_positional_embeddings)
 
 
 def shapes_of(encoded: Encoded) -> list[tuple]:
@@ -427,7 +438,8 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
         checkpoints.save_checkpoint(accelerator, output_dir, steps, run.training.checkpoints_total_limit,
                                     inputs.record)
     if accelerator.is_main_process:
-        lora_path = save_lora(accelerator.unwrap_model(model.transformer), output_dir, model.lora_config)
+        lora_path = save_lora(accelerator.unwrap_model(model.transformer), output_dir, model.lora_config,
+                              trained_on(inputs), run.output.comfyui_lora)
         logger.info("LoRA saved to %s", lora_path)
     # A row per process: what it encoded and its GPU's peak memory in training. Gathered before the last
     # validation, whose wait is the last one: a collective followed by processes ending at different
@@ -440,7 +452,7 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
         summary = run_summary(inputs, accelerator, plan, model, timing, per_process.T.tolist())
         summary.update(lora=str(lora_path), validation_videos=[str(p) for p in video_paths])
         Path(output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
-        write_model_card(run, inputs.family, steps, video_paths)
+        write_model_card(run, inputs.family, steps, video_paths, accelerator.num_processes)
         if run.output.push.enabled:
             hub.push(run.output)
         for path in video_paths:

@@ -18,23 +18,8 @@
 #      [(49, 480, 720), (81, 768, 1360)]]"
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}
-BUDGET=${BUDGET:-560}
-WORKDIR=${WORKDIR:-/tmp/bench_work}
-mkdir -p "$OUT" "$WORKDIR"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-# Clips made on a machine with imageio-ffmpeg (bench_train.py's write_data, carried as bench_data/).
-[[ -d bench_data ]] && cp -rn bench_data/. "$WORKDIR"/
-
-if [[ ! -f /tmp/site/.installed ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl .whl-fa4/*.whl && cp -a /tmp/fa4/. /tmp/site/ && touch /tmp/site/.installed || exit 1
-fi
-export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
-# imageio without imageio-ffmpeg cannot write mp4; without imageio, diffusers writes them with OpenCV.
-python3 -c 'import imageio_ffmpeg' 2>/dev/null || python3 -m pip uninstall -y -q imageio 2>/dev/null
-nvidia-smi -L
+source benchmarks/device_setup.sh
+export PYTHONPATH=$PWD:$PYTHONPATH
 python3 -c 'import torch, flash_attn.cute; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version())'
 
 # row NAME STEPS: one bench_train.py row, given at most what is left of the budget.

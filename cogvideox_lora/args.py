@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
+from . import frame_counts, text, writable
 from .attention import BACKENDS
+from .images import image_problem
 from .recompute import POLICIES
 from .settings import resume_path, split
 
@@ -18,10 +20,18 @@ def default_latent_cache_dir() -> str:
     return os.path.join(base, "cogvideox-lora", "latents")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default beside its help, except where the default is None: the flag's help says what then
+    happens (a file that is used if present, the accelerate config's precision...), which "None" would hide."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a LoRA on a CogVideoX transformer from a folder of short clips.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_model_flags(p)
     _add_data_flags(p)
@@ -37,8 +47,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", required=True,
                        help="Hub id (e.g. THUDM/CogVideoX-2b) or local folder of a diffusers CogVideoX model.")
-    model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
-    model.add_argument("--variant", default=None, help="Weights variant to load, e.g. fp16.")
+    model.add_argument("--revision", default=None,
+                       help="Hub revision (branch, tag or commit) of the model (default: main).")
+    model.add_argument("--variant", default=None,
+                       help="Weights variant to load, e.g. fp16 (default: the plain weights files).")
     model.add_argument("--cache_dir", default=None,
                        help="The hub cache for models and --dataset_name datasets (default: huggingface_hub's). "
                             "Unlike the diffusers example, whose model loading ignores it, it is honoured for all.")
@@ -54,8 +66,11 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                       help="Dataset folder holding the prompts file, the videos file and the clips; with "
                            "--dataset_name, the folder its clip paths are relative to (default: the dataset's own).")
     data.add_argument("--dataset_file", default=None,
-                      help="A CSV or JSON-lines file (relative to --instance_data_root) with one row per clip; "
-                           "--caption_column and --video_column then name its columns (default caption, video).")
+                      help="A table (relative to --instance_data_root) with one row per clip, instead of the prompts "
+                           "and videos files (default: none): CSV separated by commas, semicolons, tabs or bars (a "
+                           "caption holding the separator in double quotes, as spreadsheets save it), a JSON array of "
+                           "objects (.json) or JSON Lines (.jsonl); --caption_column and --video_column name its "
+                           "columns (default caption, video).")
     data.add_argument("--caption_column", default=None,
                       help="File of prompts, one a line, relative to the root (default prompts.txt); "
                            "with --dataset_file, the column holding the prompt.")
@@ -69,7 +84,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                            "first frame is its image.")
     data.add_argument("--id_token", default=None,
                       help="Identifier token put in front of every prompt, followed by a space (the diffusers "
-                           "example glues it to the prompt without one).")
+                           "example glues it to the prompt without one). Default: none.")
     data.add_argument("--height", type=int, default=480, help="Frame height clips are resized and cropped to.")
     data.add_argument("--width", type=int, default=720, help="Frame width clips are resized and cropped to.")
     data.add_argument("--fps", type=int, default=8,
@@ -89,7 +104,8 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                       help="Frame heights of the size buckets (with --width_buckets: every pair is a bucket; "
                            "either defaults to --height/--width). Each clip goes to the bucket nearest its aspect "
                            "ratio and is resized and cropped to it without distortion; a batch is of one bucket.")
-    data.add_argument("--width_buckets", type=int, nargs="+", default=None, help="Frame widths of the size buckets.")
+    data.add_argument("--width_buckets", type=int, nargs="+", default=None,
+                      help="Frame widths of the size buckets (default: --width).")
     data.add_argument("--frame_buckets", type=int, nargs="+", default=None,
                       help="Clip lengths (4k+1) of the buckets: each clip takes the longest it can fill at --fps. "
                            "Default: --max_num_frames alone.")
@@ -121,17 +137,22 @@ def _add_vae_flags(p: argparse.ArgumentParser) -> None:
 def _add_validation_flags(p: argparse.ArgumentParser) -> None:
     val = p.add_argument_group("validation")
     val.add_argument("--validation_prompt", default=None,
-                     help="Prompts for validation videos, split by --validation_prompt_separator.")
+                     help="Prompts for validation videos, split by --validation_prompt_separator. Default: none, "
+                          "no validation videos; \"\" turns validation off where a script gives prompts.")
     val.add_argument("--validation_images", default=None,
                      help="Image-to-video models: the image each validation video starts from, one per validation "
-                          "prompt, split by --validation_prompt_separator.")
+                          "prompt, split by --validation_prompt_separator (needed with --validation_prompt; "
+                          "default: none).")
     val.add_argument("--validation_prompt_separator", default=":::",
                      help="Separator between validation prompts, and between validation images.")
-    val.add_argument("--num_validation_videos", type=int, default=1, help="Videos generated per validation prompt.")
+    val.add_argument("--num_validation_videos", type=int, default=1,
+                     help="Videos generated per validation prompt; 0 turns validation off.")
     val.add_argument("--validation_epochs", type=int, default=None,
-                     help="Validate every this many epochs (and always at the end).")
+                     help="Validate every this many epochs (and always at the end). Default: at the end only, "
+                          "unless --validation_steps.")
     val.add_argument("--validation_steps", type=int, default=None,
-                     help="Validate every this many optimizer steps (and always at the end).")
+                     help="Validate every this many optimizer steps (and always at the end). Default: at the end "
+                          "only, unless --validation_epochs.")
     val.add_argument("--validation_num_inference_steps", type=int, default=50,
                      help="Denoising steps of each validation video.")
     val.add_argument("--guidance_scale", type=float, default=6.0, help="Classifier-free guidance of validation videos.")
@@ -141,17 +162,22 @@ def _add_validation_flags(p: argparse.ArgumentParser) -> None:
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     train = p.add_argument_group("training")
     train.add_argument("--output_dir", default="cogvideox-lora", help="Where checkpoints, LoRA, videos and logs go.")
+    train.add_argument("--no_comfyui_lora", action="store_true",
+                       help="Write the LoRA (and each checkpoint's) in diffusers format only, without the copy in "
+                            "core ComfyUI's format, pytorch_lora_weights_comfyui.safetensors, beside it.")
     train.add_argument("--seed", type=int, default=0,
                        help="Seed of the adapter's initial weights, data order, noise and validation videos.")
     train.add_argument("--rank", type=int, default=128, help="Dimension of the LoRA update matrices.")
     train.add_argument("--lora_alpha", type=float, default=128,
                        help="LoRA scale numerator: updates are scaled by lora_alpha / rank. Use rank or rank // 2.")
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                       help="Precision of the frozen model and of autocast; default: the accelerate config's.")
+                       help="Precision of the frozen model and of autocast; default: the accelerate config's "
+                            "(`accelerate config`, or --mixed_precision of `accelerate launch`), 'no' without one.")
     train.add_argument("--train_batch_size", type=int, default=1, help="Clips per device per step.")
     train.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the dataset.")
     train.add_argument("--max_train_steps", type=int, default=None,
-                       help="Total optimizer steps; overrides --num_train_epochs.")
+                       help="Total optimizer steps; overrides --num_train_epochs (default: as many as "
+                            "--num_train_epochs makes).")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="Batches whose gradients are summed before each optimizer step.")
     train.add_argument("--gradient_checkpointing", action="store_true",
@@ -217,10 +243,11 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     ckpt.add_argument("--checkpointing_steps", type=int, default=500,
                       help="Save a resumable checkpoint every this many optimizer steps.")
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None,
-                      help="Keep at most this many checkpoints; older ones of this run are removed.")
+                      help="Keep at most this many checkpoints; older ones of this run are removed (default: "
+                           "keep all).")
     ckpt.add_argument("--resume_from_checkpoint", default=None,
                       help="'latest' (the newest complete checkpoint in --output_dir, if any), a checkpoint folder, "
-                           "or the name of one in --output_dir (checkpoint-N).")
+                           "or the name of one in --output_dir (checkpoint-N). Default: a new run.")
     ckpt.add_argument("--report_to", default="tensorboard",
                       help="Tracker for metrics and validation videos: tensorboard, wandb, comet_ml (or another of "
                            "accelerate's), all (those three) or none. One whose package is missing is an error "
@@ -233,11 +260,12 @@ def _add_example_flags(p: argparse.ArgumentParser) -> None:
     example = p.add_argument_group("diffusers example compatibility")
     example.add_argument("--dataset_name", default=None,
                          help="A dataset repository on the Hugging Face Hub (OWNER/NAME), fetched into the hub "
-                              "cache and read like a local folder: prompts.txt/videos.txt/videos/, or a CSV or "
-                              "JSON-lines table. With --instance_data_root, its table's clip paths are read there.")
+                              "cache and read like a local folder: prompts.txt/videos.txt/videos/, or a table. With "
+                              "--instance_data_root, its table's clip paths are read there. Default: none (a local "
+                              "--instance_data_root).")
     example.add_argument("--dataset_config_name", default=None,
                          help="The config (subset) of --dataset_name: one of the `configs` of its README.md, or a "
-                              "folder of that name.")
+                              "folder of that name (default: the dataset's top folder).")
     example.add_argument("--dataset_revision", default=None,
                          help="Branch, tag or commit of --dataset_name to pin (default: main).")
     example.add_argument("--scale_lr", action="store_true",
@@ -274,33 +302,62 @@ def _flag_values(args, *names) -> list[tuple[str, int]]:
     return pairs
 
 
-def check_args(args) -> list[str]:
-    """Settings that would fail later, said now, before any model is loaded."""
+def size_problem(name: str, value: int) -> str | None:
+    """Why --name value cannot be a frame height or width (the trainer's and cli_demo.py's), or None."""
+    if value > 0 and value % 16 == 0:
+        return None
+    lower = value // 16 * 16
+    nearest = " or ".join(str(v) for v in (lower, lower + 16) if v >= 16) or "16"
+    return f"--{name} {value} is not a multiple of 16 (VAE x8, patch x2): use {nearest}."
+
+
+def _validation_problems(args) -> list[str]:
+    """Validation prompts and images that do not pair up or cannot be read, unless validation is off
+    (--validation_prompt "" or none, or --num_validation_videos 0: the ways to turn off the wrapper scripts'
+    validation); and a --max_num_frames that validation videos cannot have exactly."""
+    if args.num_validation_videos == 0:
+        return []
     problems = []
-    for name, value in _flag_values(args, "height", "width", "height_buckets", "width_buckets"):
-        if value <= 0 or value % 16:
-            lower = value // 16 * 16
-            nearest = " or ".join(str(v) for v in (lower, lower + 16) if v >= 16) or "16"
-            problems.append(f"--{name} {value} is not a multiple of 16 (VAE x8, patch x2): use {nearest}.")
-    for name, value in _flag_values(args, "max_num_frames", "frame_buckets"):
-        if value < 1 or (value - 1) % 4:
-            lower = max(1, (value - 1) // 4 * 4 + 1)
-            problems.append(f"--{name} {value} is not 4k+1: use {lower} or {lower + 4}.")
     prompts = split(args.validation_prompt, args.validation_prompt_separator)
     images = [Path(p).expanduser() for p in split(args.validation_images, args.validation_prompt_separator)]
-    if args.validation_prompt is not None and not prompts:
+    if prompts and not frame_counts.training_problem("", args.max_num_frames):
+        problem = frame_counts.generation_problem("--max_num_frames", args.max_num_frames)
+        if problem:
+            problems.append(f"{problem} (Validation videos are generated at --max_num_frames.)")
+    if args.validation_prompt and not prompts:
         problems.append(f"--validation_prompt {args.validation_prompt!r} holds no prompt once split by "
                         f"{args.validation_prompt_separator!r}.")
+    problems += [f"--validation_prompt: prompt {i} holds {', '.join(found)}, which a terminal does not show: "
+                 f"delete it." for i, found in enumerate(map(text.invisible, prompts), start=1) if found]
     if images and len(images) != len(prompts):
         problems.append(f"--validation_images gives {len(images)} image(s) for {len(prompts)} --validation_prompt "
                         f"prompt(s): give one image per prompt, split by {args.validation_prompt_separator!r}.")
-    problems += [f"--validation_images: {p} is not a file." for p in images if not p.is_file()]
+    return problems + [f"--validation_images: {p}: {problem}: give an image file Pillow opens (PNG, JPEG, WebP)."
+                       for p, problem in ((p, image_problem(p)) for p in images) if problem]
+
+
+def check_args(args) -> list[str]:
+    """Settings that would fail later, said now, before any model is loaded."""
+    problems = []
+    problems += filter(None, (size_problem(name, value) for name, value in
+                              _flag_values(args, "height", "width", "height_buckets", "width_buckets")))
+    problems += filter(None, (frame_counts.training_problem(f"--{name}", value)
+                              for name, value in _flag_values(args, "max_num_frames", "frame_buckets")))
+    problems += _validation_problems(args)
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                 "rank", "fps", "num_validation_videos", "max_train_steps", "checkpoints_total_limit",
-                 "validation_steps", "validation_epochs", "nccl_timeout"):
+                 "rank", "fps", "max_train_steps", "checkpoints_total_limit", "validation_steps", "validation_epochs",
+                 "nccl_timeout"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be at least 1, not {value}.")
+    if args.num_validation_videos < 0:
+        problems.append(f"--num_validation_videos must be 0 (no validation) or more, not {args.num_validation_videos}.")
+    if args.lora_alpha <= 0:
+        problems.append(f"--lora_alpha must be more than 0, not {args.lora_alpha:g}: the adapter's update is scaled "
+                        f"by lora_alpha / rank, so it would train nothing. Use --rank ({args.rank}) or half of it.")
+    if args.learning_rate <= 0:
+        problems.append(f"--learning_rate must be more than 0, not {args.learning_rate:g} (1e-4 is usual for "
+                        f"AdamW, 1.0 for Prodigy).")
     for name in ("random_flip", "noised_image_dropout"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             problems.append(f"--{name} {getattr(args, name)} is a probability: give a value from 0 to 1.")
@@ -321,11 +378,9 @@ def check_args(args) -> list[str]:
         problems.append("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag).")
     if args.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
         problems.append("--optimizer prodigy needs prodigyopt: pip install prodigyopt.")
-    # The nearest part of the path that exists must be a folder for the run to create the rest.
-    existing = next(p for p in (Path(args.output_dir).absolute(), *Path(args.output_dir).absolute().parents)
-                    if p.exists())
-    if not existing.is_dir():
-        problems.append(f"--output_dir {args.output_dir}: {existing} is a file, not a folder: name a folder.")
+    in_file = writable.lies_in_file("--output_dir", Path(args.output_dir))
+    if in_file:
+        problems.append(in_file)
     resume = resume_path(args.resume_from_checkpoint, args.output_dir)
     if resume and resume != "latest":
         if Path(resume).is_file():

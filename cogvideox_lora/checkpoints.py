@@ -1,7 +1,7 @@
 """Resumable checkpoints: written whole or not at all, pruned oldest first, holding only the LoRA.
 
 A checkpoint is accelerate's state (optimizer, lr scheduler, RNG) plus the LoRA in diffusers format,
-so any checkpoint folder also loads in a stock pipeline. It is written as `.checkpoint-N.partial` and
+so any checkpoint folder also loads in a stock pipeline (and, by default, in core ComfyUI's format beside it). It is written as `.checkpoint-N.partial` and
 renamed to `checkpoint-N` once complete: a kill at any moment leaves no folder that `latest` picks.
 Under DeepSpeed the engine writes its own model and optimizer state (pytorch_model/) beside these.
 """
@@ -17,6 +17,7 @@ from accelerate.utils import DistributedType
 from diffusers import CogVideoXPipeline
 
 from . import run_record
+from .comfyui import COMFYUI_LORA_NAME
 from .lora import LORA_WEIGHTS_NAME, load_lora_state_dict, save_lora
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -71,7 +72,8 @@ def checkpoint_to_resume(output_dir, resume_from: str | None) -> Path | None:
     """
     output_dir = Path(output_dir)
     found = complete_checkpoints(output_dir)
-    earlier = sorted(p.name for p in output_dir.glob("*") if "checkpoint-" in p.name or p.name == LORA_WEIGHTS_NAME)
+    earlier = sorted(p.name for p in output_dir.glob("*")
+                     if "checkpoint-" in p.name or p.name in (LORA_WEIGHTS_NAME, COMFYUI_LORA_NAME))
     if resume_from == "latest":
         checkpoint = found[-1] if found else None
         # With nothing to resume, what a run killed in its first checkpoint left is all it may replace.
@@ -115,12 +117,14 @@ def load_checkpoint(accelerator, checkpoint: Path) -> int:
     return step_of(checkpoint)
 
 
-def register_lora_hooks(accelerator, transformer, lora_config) -> None:
-    """Makes accelerate save and load the adapter alone, not the multi-GB frozen transformer."""
+def register_lora_hooks(accelerator, transformer, lora_config, trained_on=None, comfyui_copy: bool = True) -> None:
+    """Makes accelerate save and load the adapter alone, not the multi-GB frozen transformer. trained_on: the
+    lora.TrainedOn each checkpoint's LoRA records, so that cli_demo.py can use it as it uses the final one; each
+    checkpoint also holds the LoRA in core ComfyUI's format unless comfyui_copy is off."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            save_lora(accelerator.unwrap_model(models[0]), output_dir, lora_config)
+            save_lora(accelerator.unwrap_model(models[0]), output_dir, lora_config, trained_on, comfyui_copy)
         weights.clear()  # accelerate would otherwise write the whole transformer too
 
     def load_hook(models, input_dir):

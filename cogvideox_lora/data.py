@@ -1,9 +1,8 @@
 """The dataset folder: reading its index files, checking every clip, and turning a clip into frames."""
 
-import csv
+import collections
 import itertools
 import bisect
-import json
 import logging
 import math
 import random
@@ -15,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import tables, text
+from .images import open_image
 from .video import open_video, reencode_command
 
 logger = logging.getLogger(__name__)
@@ -97,20 +98,9 @@ class DatasetError(Exception):
         super().__init__(f"{len(problems)} problem(s) in the dataset:\n  " + "\n  ".join(problems))
 
 
-def _read_text(path: Path) -> str:
-    """The UTF-8 text of a file (a BOM is dropped); raises ValueError naming the line that is not UTF-8."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason}): save the file as UTF-8.") from None
-
-
 def _lines(path: Path) -> list[tuple[int, str]]:
     """Non-blank lines with their 1-based numbers; CRLF and a UTF-8 BOM are tolerated."""
-    text = _read_text(path)
-    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return [(n, line.strip()) for n, line in enumerate(text.lines(text.read_text(path)), start=1) if line.strip()]
 
 
 def _read_text_pair(root: Path, caption_file: str, video_file: str, image_file: str | None):
@@ -161,30 +151,16 @@ def _read_table(root: Path, dataset_file: str, caption_column: str, video_column
     path = root / dataset_file
     if not path.is_file():
         return [], [f"{path}: not found (--dataset_file is relative to --instance_data_root)."]
+    required = (caption_column, video_column) + ((image_column,) if image_column else ())
     try:
-        text = _read_text(path)
+        records, problems = tables.read_records(path, text.read_text(path), required)
     except ValueError as e:
         return [], [str(e)]
-    records = []
-    problems = []
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{n}: not valid JSON ({e.msg}): each line must be one JSON object.")
-    else:
-        reader = csv.DictReader(text.splitlines())
-        # line_num counts the lines read so far, blank ones included: the line of the row just read.
-        records = [(reader.line_num, row) for row in reader]
     rows = []
     for n, record in records:
-        required = (caption_column, video_column) + ((image_column,) if image_column else ())
         missing = [c for c in required if c not in record]
         if missing:
-            problems.append(f"{path}:{n}: no column {', '.join(missing)}; it has {', '.join(record)}. "
+            problems.append(f"{path}:{n}: no key {', '.join(missing)}; it has {', '.join(record)}. "
                             f"Name the columns with --caption_column, --video_column and --image_column.")
             continue
         where = f"{path}:{n}"
@@ -192,6 +168,16 @@ def _read_table(root: Path, dataset_file: str, caption_column: str, video_column
         rows.append((str(record[caption_column] or "").strip(), str(record[video_column] or "").strip(), image,
                      where, where))
     return rows, problems
+
+
+def _hidden_characters(what: str, value: str, where: str) -> list[str]:
+    """The problem of a prompt or path that holds characters an editor does not show (a line separator pasted
+    into a caption, a BOM where two files were joined, a zero-width space), if it does."""
+    found = text.invisible(value)
+    if not found:
+        return []
+    return [f"{where}: the {what} holds {', '.join(found)}, which an editor does not show: delete "
+            f"{'them' if len(found) > 1 else 'it'}, or put a space in {'their' if len(found) > 1 else 'its'} place."]
 
 
 def read_index(root, caption_column: str, video_column: str, dataset_file: str | None = None,
@@ -216,9 +202,15 @@ def read_index(root, caption_column: str, video_column: str, dataset_file: str |
         if not video:
             problems.append(f"{video_where}: empty clip path.")
             continue
+        problems += _hidden_characters("prompt", prompt, prompt_where)
+        hidden_in_paths = _hidden_characters("clip path", video, video_where) + \
+            _hidden_characters("image path", image or "", video_where)
+        problems += hidden_in_paths
         if id_token:
             prompt = f"{id_token} {prompt}"
-        clips.append(Clip(prompt, root / video, video_where, root / image if image else None, prompt_where))
+        if not hidden_in_paths:  # the path as written does not exist; the problem says why
+            clips.append(Clip(prompt, text.as_on_disk(root / video), video_where,
+                              text.as_on_disk(root / image) if image else None, prompt_where))
     if not clips and not problems:
         problems.append(f"{root}: the dataset lists no clips.")
     return clips, problems
@@ -246,14 +238,6 @@ def frames_at_times(starts, end: float, settings: FrameSettings) -> list[int]:
     return indices[: (len(indices) - 1) // t * t + 1] if indices else []
 
 
-def open_image(path: Path) -> torch.Tensor:
-    """[3, H, W] uint8 of an image file."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
-
-
 def _image_problem(clip: Clip) -> str | None:
     if not clip.image.is_file():
         return f"{clip.where}: its conditioning image {clip.image} does not exist: fix the path in the images list."
@@ -264,23 +248,47 @@ def _image_problem(clip: Clip) -> str | None:
     return None
 
 
-def _probe(path: Path, settings: FrameSettings) -> tuple[int, int, float, int, int]:
-    """(frames it gives at settings, frames it has, its frame rate, display height, display width), decoding every
-    frame that training reads; raises if one cannot be decoded."""
+def _probe(path: Path, settings: FrameSettings) -> tuple[int, int, int]:
+    """(frames it gives at settings, display height, display width), decoding every frame that training reads;
+    raises if one cannot be decoded."""
     if is_single_image(path):
         height, width = open_image(path).shape[-2:]
-        return 1, 1, 0.0, height, width
+        return 1, height, width
     video = open_video(path)
     indices = frames_at_times(video.starts, video.end, settings)
     for _ in video.frames(indices):
         pass
-    return len(indices), len(video.starts), video.frame_rate, video.height, round(video.width * video.pixel_aspect)
+    return len(indices), video.height, round(video.width * video.pixel_aspect)
 
 
 def _unreadable(clip: Clip, error: Exception) -> str:
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return (f"{clip.where}: {clip.video} cannot be decoded ({reason}): re-encode it "
             f"({reencode_command(clip.video)}) or remove it.")
+
+
+def _too_short(clip: Clip, settings: FrameSettings, got: int, needed: int, flag: str) -> str:
+    """The problem of a clip that gives fewer frames than needed, with what would make it give enough: a lower
+    flag, fewer skipped frames, or a higher --fps where the clip's own rate has frames between those taken
+    (a lower --fps takes fewer)."""
+    video = open_video(clip.video)
+
+    def given(**changes) -> int:
+        return len(frames_at_times(video.starts, video.end, replace(settings, max_num_frames=needed, **changes)))
+
+    t, skips = settings.temporal_compression, (settings.skip_frames_start, settings.skip_frames_end)
+    usable = (got - 1) // t * t + 1 if got else 0
+    ways = [f"lower {flag} to {usable}"] if usable else []
+    if any(skips) and given(skip_frames_start=0, skip_frames_end=0) >= needed:
+        ways.append("skip fewer frames (--skip_frames_start, --skip_frames_end)")
+    faster = next((fps for fps in range(settings.fps + 1, math.floor(video.frame_rate) + 1)
+                   if given(fps=fps) >= needed), None)
+    if faster:
+        ways.append(f"raise --fps to {faster} (up to the clip's own {video.frame_rate:g})")
+    ways += ["use a longer clip", "pass --skip_bad_videos to leave it out"]
+    return (f"{clip.where}: {clip.video} gives {got} frames at --fps {settings.fps} (it has {len(video.starts)}, "
+            f"{video.end - video.starts[0]:.2f} s at {video.frame_rate:g} fps, skipping {skips[0]}+{skips[1]}) but "
+            f"{flag} is {needed}: {', '.join(ways[:-1])} or {ways[-1]}.")
 
 
 def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = False,
@@ -304,18 +312,12 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
             problem = f"{clip.where}: {clip.video} does not exist: fix the path (relative to the dataset folder)."
         else:
             try:
-                got, n, clip_fps, height, width = _probe(clip.video, settings)
+                got, height, width = _probe(clip.video, settings)
             except Exception as e:  # decord and Pillow raise their own error types for every kind of bad file
                 problem = _unreadable(clip, e)
             else:
                 if got < needed and not is_single_image(clip.video):
-                    t = settings.temporal_compression
-                    usable = (got - 1) // t * t + 1 if got else 0
-                    problem = (f"{clip.where}: {clip.video} gives {got} frames at --fps {settings.fps} (it has {n} "
-                               f"at {clip_fps:g} fps, skipping {settings.skip_frames_start}+"
-                               f"{settings.skip_frames_end}) but {flag} is {needed}: "
-                               + (f"lower {flag} to {usable} or " if usable else "")
-                               + "lower --fps or the skips, or pass --skip_bad_videos.")
+                    problem = _too_short(clip, settings, got, needed, flag)
         if problem is None and clip.image is not None:
             problem = _image_problem(clip)
         if problem:
@@ -435,6 +437,19 @@ class ClipFrames(torch.utils.data.Dataset):
             return i, read_frames(clip.video, settings, crop_seed)
         except Exception as e:  # decord and Pillow raise their own error types for every kind of bad file
             return i, _unreadable(clip, e)
+
+
+def unfillable_batch(per_clip: list[FrameSettings], batch_size: int, processes: int) -> str | None:
+    """The problem of clips too few to fill one global batch, whose clips must all be of one size; None if
+    they fill at least one (as epoch_batches then gives one)."""
+    counts = collections.Counter((s.max_num_frames, s.height, s.width) for s in per_clip)
+    needed = batch_size * processes
+    if max(counts.values(), default=0) >= needed:
+        return None
+    sizes = ", ".join(f"{n} of {f}x{h}x{w}" for (f, h, w), n in counts.most_common())
+    return (f"{len(per_clip)} clip(s) cannot fill one batch of {needed} (--train_batch_size {batch_size} x "
+            f"{processes} process(es)), whose clips are all of one size (frames x height x width): {sizes}. Lower "
+            f"--train_batch_size or add clips" + (", or use fewer buckets." if len(counts) > 1 else "."))
 
 
 def epoch_batches(shapes: list[tuple], global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -1,5 +1,9 @@
-"""LoRA adapters on the transformer's attention projections, and saving them in diffusers format."""
+"""LoRA adapters on the transformer's attention projections, and saving them in diffusers format (and in core
+ComfyUI's beside it)."""
 
+import dataclasses
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -8,8 +12,42 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from . import comfyui
+
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# The safetensors metadata entry holding TrainedOn as JSON, beside diffusers' own lora_adapter_metadata.
+TRAINED_ON_KEY = "cogvideox_lora_trained_on"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedOn:
+    """What a LoRA was trained on, kept in its file so that generation can refuse a model it does not fit.
+
+    family: models.Family.name (e.g. "CogVideoX1.5 I2V"); generate_type: t2v or i2v; version: 1.0 or 1.5;
+    height, width, frames: --height, --width, --max_num_frames.
+    """
+
+    family: str
+    generate_type: str
+    version: str
+    base_model: str
+    height: int
+    width: int
+    frames: int
+    ignore_learned_positional_embeddings: bool = False
+
+    @classmethod
+    def read(cls, path) -> "TrainedOn | None":
+        """The record in a LoRA file; None for a file without one (another trainer's, or an older one)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(TRAINED_ON_KEY)
+        if not raw:
+            return None
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(raw).items() if k in names})
 
 
 def add_lora(transformer, rank: int, alpha: float) -> LoraConfig:
@@ -60,15 +98,36 @@ def load_lora_state_dict(transformer, state_dict: dict[str, torch.Tensor]) -> No
         raise ValueError(f"LoRA weights do not fit this transformer; unexpected keys such as {unexpected[:3]}")
 
 
-def save_lora(transformer, directory, config: LoraConfig) -> Path:
-    """Writes pytorch_lora_weights.safetensors that CogVideoXPipeline.load_lora_weights takes as is.
+def save_lora(transformer, directory, config: LoraConfig, trained_on: TrainedOn | None = None,
+              comfyui_copy: bool = True) -> Path:
+    """Writes pytorch_lora_weights.safetensors that CogVideoXPipeline.load_lora_weights takes as is, and
+    (comfyui_copy) the same LoRA in core ComfyUI's format beside it, pytorch_lora_weights_comfyui.safetensors.
 
     The adapter's rank and alpha go into the file's metadata, so loaders apply alpha/rank, the strength
-    it was trained at, without a hand-set scale.
+    it was trained at, without a hand-set scale; trained_on goes there too, beside them. ComfyUI reads a
+    per-layer alpha instead, which its copy has.
     """
+    state_dict = lora_state_dict(transformer)
     CogVideoXPipeline.save_lora_weights(
         directory,
-        transformer_lora_layers=lora_state_dict(transformer),
+        transformer_lora_layers=state_dict,
         transformer_lora_adapter_metadata=config.to_dict(),
     )
-    return Path(directory) / LORA_WEIGHTS_NAME
+    path = Path(directory) / LORA_WEIGHTS_NAME
+    if trained_on is not None:
+        _add_metadata(path, TRAINED_ON_KEY, json.dumps(dataclasses.asdict(trained_on)))
+    if comfyui_copy:
+        comfyui.save_beside(state_dict, config.to_dict(), directory)
+    return path
+
+
+def _add_metadata(path: Path, key: str, value: str) -> None:
+    """Adds an entry to a safetensors file's metadata; diffusers' save_lora_weights writes only its own."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={**metadata, key: value})
+    os.replace(partial, path)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .comfyui import COMFYUI_LORA_NAME
 from .hub import CARD_FILE
 from .lora import LORA_WEIGHTS_NAME
 from .settings import Settings
@@ -15,8 +16,9 @@ logger = logging.getLogger(__name__)
 MARKER_TAG = "cogvideox-lora-trainer"
 
 
-def card_text(run: Settings, family, steps: int, videos: list[Path]) -> str:
-    """The card: YAML front matter the Hub reads (base model, tags, widget), how it was trained, how to load it."""
+def card_text(run: Settings, family, steps: int, videos: list[Path], processes: int = 1) -> str:
+    """The card: YAML front matter the Hub reads (base model, tags, widget), how it was trained, how to load it.
+    processes: how many the run had, whose batches add up to the global batch."""
     i2v = family.image_to_video
     prompts = run.validation.prompts
     output_dir = Path(run.output.output_dir)
@@ -38,12 +40,13 @@ def card_text(run: Settings, family, steps: int, videos: list[Path]) -> str:
     code = "\n".join([
         "import torch",
         f"from diffusers import {pipeline}" + ("\nfrom diffusers.utils import load_image" if i2v else ""),
-        f'pipe = {pipeline}.from_pretrained({run.model.path!r}, '
-        f'dtype=torch.bfloat16).to("cuda")',
+        *_pipeline_code(pipeline, run.model.path,
+                        run.ignore_learned_positional_embeddings and family.learned_positions),
         f'pipe.load_lora_weights({repo!r}, adapter_name="lora")',
         f'video = pipe({image_arg}prompt={prompt!r}, num_frames={run.frames.max_num_frames}, height={run.frames.height}, '
         f'width={run.frames.width}).frames[0]',
     ])
+    global_batch = run.training.batch_size * processes * run.training.gradient_accumulation_steps
     return f"""---
 {data.to_yaml()}
 ---
@@ -61,7 +64,8 @@ A LoRA for {base} ({family.name}, {'image' if i2v else 'text'}-to-video), traine
 | rank, lora_alpha | {run.lora.rank}, {run.lora.alpha:g} (updates scaled by {run.lora.alpha / run.lora.rank:g}) |
 | resolution | {run.frames.width}x{run.frames.height} |
 | frames | {run.frames.max_num_frames} at {run.frames.fps} fps |
-| batch | {run.training.batch_size} per process x {run.training.gradient_accumulation_steps} accumulated |
+| batch | {global_batch} a step: {run.training.batch_size} per process x {processes} process(es) x \
+{run.training.gradient_accumulation_steps} accumulated |
 | learning rate | {run.optimizer.learning_rate:g} ({run.optimizer.name}, {run.optimizer.scheduler}) |
 | mixed precision | {run.mixed_precision or 'from the accelerate config'} |
 
@@ -74,15 +78,51 @@ The file `{LORA_WEIGHTS_NAME}` carries its rank and alpha, so it loads at the st
 ```
 
 `pipe.set_adapters(["lora"], [0.8])` weakens it, `pipe.fuse_lora()` merges it into the weights for speed.
+
+{where_each_file_goes(run.output.comfyui_lora)}
 """
 
 
-def write_model_card(run: Settings, family, steps: int, videos: list[Path]) -> Path | None:
+def where_each_file_goes(comfyui_written: bool) -> str:
+    """The card's table of which file each tool loads, at strength 1.0 the trained strength in every one."""
+    where = "into `ComfyUI/models/loras/`, then a **Load LoRA** node (`LoraLoaderModelOnly`) on the CogVideoX model"
+    comfyui = (f"`{COMFYUI_LORA_NAME}` | {where}, `strength_model` 1.0" if comfyui_written else
+               f"`{COMFYUI_LORA_NAME}`, not written here (`--no_comfyui_lora`) | make it with `python -m "
+               f"cogvideox_lora.comfyui to-comfyui {LORA_WEIGHTS_NAME} {COMFYUI_LORA_NAME}`, then {where}")
+    wrapper = "into `ComfyUI/models/CogVideo/loras/`, then the **CogVideo LoraSelect** node, strength 1.0"
+    diffusers = "the code above, or `python cli_demo.py --lora_path ...`"
+    return f"""## Which file goes where
+
+| to generate with | file | how |
+| --- | --- | --- |
+| core ComfyUI (its built-in CogVideoX) | {comfyui} |
+| kijai's ComfyUI-CogVideoXWrapper | `{LORA_WEIGHTS_NAME}` | {wrapper} |
+| diffusers, the trainer's `cli_demo.py` | `{LORA_WEIGHTS_NAME}` or this folder | {diffusers} |
+
+Both hold the same LoRA, at strength 1.0 the strength it was trained at. Core ComfyUI names the layers its own way \
+and reads each layer's scale from the `.alpha` tensors of its file: it loads nothing of the diffusers file. diffusers \
+and the wrapper read rank and alpha from the diffusers file's metadata."""
+
+
+def _pipeline_code(pipeline: str, base: str, without_learned_positions: bool) -> list[str]:
+    """The lines that load the base model as the LoRA was trained on it: a LoRA trained with
+    --ignore_learned_positional_embeddings needs the transformer without them, as diffusers refuses other sizes
+    than the table's."""
+    if not without_learned_positions:
+        return [f'pipe = {pipeline}.from_pretrained({base!r}, dtype=torch.bfloat16).to("cuda")']
+    return ["from diffusers import CogVideoXTransformer3DModel",
+            "# Trained with --ignore_learned_positional_embeddings: the transformer without its learned table.",
+            f"transformer = CogVideoXTransformer3DModel.from_pretrained({base!r}, subfolder=\"transformer\", "
+            f"use_learned_positional_embeddings=False, torch_dtype=torch.bfloat16)",
+            f'pipe = {pipeline}.from_pretrained({base!r}, transformer=transformer, dtype=torch.bfloat16).to("cuda")']
+
+
+def write_model_card(run: Settings, family, steps: int, videos: list[Path], processes: int = 1) -> Path | None:
     """Writes OUTPUT_DIR/README.md, unless a README.md there is not one of this trainer's."""
     path = Path(run.output.output_dir) / CARD_FILE
     if path.exists() and MARKER_TAG not in (ModelCard.load(path).data.tags or []):
         logger.warning("%s is not a model card of this trainer: left as it is, no card written.", path)
         return None
-    ModelCard(card_text(run, family, steps, videos)).save(path)
+    ModelCard(card_text(run, family, steps, videos, processes)).save(path)
     logger.info("Model card written to %s", path)
     return path

@@ -74,6 +74,14 @@ class Family:
         return f"CogVideoX{'1.5' if self.patch_size_t else ''} {'I2V' if self.image_to_video else 'T2V'}"
 
     @property
+    def version(self) -> str:
+        return "1.5" if self.patch_size_t else "1.0"
+
+    @property
+    def generate_type(self) -> str:
+        return "i2v" if self.image_to_video else "t2v"
+
+    @property
     def pipeline_class(self):
         return CogVideoXImageToVideoPipeline if self.image_to_video else CogVideoXPipeline
 

@@ -126,6 +126,7 @@ class OutputSettings:
     tracker_name: str
     resume_from_checkpoint: str | None
     push: HubPush
+    comfyui_lora: bool = True  # a copy of each saved LoRA in core ComfyUI's format
 
     def repo_id(self) -> str:
         return self.push.model_id or Path(self.output_dir).absolute().name
@@ -183,11 +184,15 @@ def _buckets(args) -> Buckets | None:
                    args.height * args.width if args.auto_buckets else None)
 
 
+def processes() -> int:
+    """The processes of the run, as `accelerate launch` (or torchrun) tells each before accelerate starts."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _optimizer(args) -> OptimizerSettings:
     learning_rate = args.learning_rate
     if args.scale_lr:
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * processes
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * processes()
     return OptimizerSettings(args.optimizer, learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
                              args.adam_weight_decay, args.use_8bit_adam, args.prodigy_beta3, args.prodigy_decouple,
                              args.prodigy_use_bias_correction, args.prodigy_safeguard_warmup, args.lr_scheduler,
@@ -197,6 +202,8 @@ def _optimizer(args) -> OptimizerSettings:
 def from_args(args) -> Settings:
     """Every setting of the run, from the parsed command line (which it leaves as it is)."""
     separator = args.validation_prompt_separator
+    # --num_validation_videos 0 turns validation off, as --validation_prompt "" does (the wrapper scripts' way).
+    validates = args.num_validation_videos > 0
     return Settings(
         model=ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir),
         data=_data(args),
@@ -210,8 +217,8 @@ def from_args(args) -> Settings:
         lora=LoraSettings(args.rank, args.lora_alpha),
         optimizer=_optimizer(args),
         validation=ValidationSettings(
-            tuple(split(args.validation_prompt, separator)),
-            tuple(Path(p).expanduser() for p in split(args.validation_images, separator)),
+            tuple(split(args.validation_prompt, separator)) if validates else (),
+            tuple(Path(p).expanduser() for p in split(args.validation_images, separator)) if validates else (),
             args.num_validation_videos, args.validation_num_inference_steps, args.guidance_scale,
             args.use_dynamic_cfg, args.max_num_frames, args.height, args.width, args.fps, args.seed, args.output_dir),
         memory=Request(
@@ -219,8 +226,10 @@ def from_args(args) -> Settings:
                  args.blocks_to_swap),
             args.offload == "auto", args.max_gpu_memory, args.compile_blocks, args.base_weights_dtype == "fp8",
             args.use_8bit_adam, args.enable_tiling, args.enable_slicing),
-        output=OutputSettings(args.output_dir, args.logging_dir, args.report_to, args.tracker_name, resume_path(args.resume_from_checkpoint, args.output_dir),
-                              HubPush(args.push_to_hub, args.hub_model_id, args.hub_token, args.push_checkpoints)),
+        output=OutputSettings(args.output_dir, args.logging_dir, args.report_to, args.tracker_name,
+                              resume_path(args.resume_from_checkpoint, args.output_dir),
+                              HubPush(args.push_to_hub, args.hub_model_id, args.hub_token, args.push_checkpoints),
+                              not args.no_comfyui_lora),
         mixed_precision=args.mixed_precision,
         attention_backend=args.attention_backend,
         ignore_learned_positional_embeddings=args.ignore_learned_positional_embeddings,

@@ -17,7 +17,8 @@ import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
 from diffusers.utils import export_to_video
 
-from .data import open_image, resize_and_crop
+from .data import resize_and_crop
+from .images import open_image
 from .distributed import wait_for_everyone_without_deadline
 from .placement import Placement
 from .settings import ValidationSettings

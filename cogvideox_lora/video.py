@@ -10,6 +10,7 @@ import functools
 import itertools
 import logging
 import re
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -25,7 +26,10 @@ ANIMATED_SUFFIXES = {".gif", ".webp"}
 
 
 def reencode_command(path: Path) -> str:
-    return f"ffmpeg -i {path} -c:v libx264 -pix_fmt yuv420p -r 24 {path.with_name(path.stem + '_fixed.mp4')}"
+    """The ffmpeg command that re-encodes a clip beside it, quoted for a POSIX shell (names with spaces, brackets
+    or quotes paste as they are)."""
+    return shlex.join(["ffmpeg", "-i", str(path), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-r", "24",
+                       str(path.with_name(path.stem + "_fixed.mp4"))])
 
 
 class ClipUnreadable(Exception):
@@ -95,7 +99,7 @@ def open_video(path: Path) -> Video:
     def decode():
         while True:
             try:
-                yield reader.next().asnumpy()
+                yield _rgb(reader.next().asnumpy())
             except StopIteration:
                 return
 
@@ -112,6 +116,18 @@ def open_video(path: Path) -> Video:
         pixel_aspect = 1 / pixel_aspect
     return Video(starts, float(last_end), height, width, pixel_aspect, frame_rate,
                  lambda: itertools.chain([first], frames))
+
+
+def _rgb(frame: np.ndarray) -> np.ndarray:
+    """[H, W, 3] of a frame decord returns. At some widths (48, 72...) it returns [H, W, 4]: not RGBA but the RGB
+    rows with their padding to FFmpeg's line alignment, whose first 3W bytes are the picture."""
+    if frame.ndim == 3 and frame.shape[2] == 3:
+        return frame
+    height, width = frame.shape[:2]
+    rows = frame.reshape(height, -1)
+    if rows.shape[1] < 3 * width:
+        raise ClipUnreadable(f"its frames decode as {frame.shape}, not as RGB")
+    return np.ascontiguousarray(rows[:, :3 * width]).reshape(height, width, 3)
 
 
 def _rotation_and_pixel_aspect(path: Path) -> tuple[bool, float]:

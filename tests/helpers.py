@@ -249,3 +249,12 @@ def lora_step(transformer, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.
     loss = out.float().square().mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
+
+
+def random_lora_b(transformer, seed=0) -> None:
+    """A fresh adapter's B is zero, a no-op: random B gives a LoRA that changes the video."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)

@@ -2,6 +2,8 @@
 LoRAs saved by diffusers itself."""
 
 
+import shutil
+
 import decord
 import numpy as np
 import pytest
@@ -12,10 +14,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from helpers import load_lora_and_collect_warnings, run_main
+from helpers import load_lora_and_collect_warnings, random_lora_b, run_main, train_argv
 import cli_demo
-from cogvideox_lora import inference
-from cogvideox_lora.lora import TARGET_MODULES, add_lora, save_lora
+from cogvideox_lora import frame_counts, inference
+from cogvideox_lora.args import parse_args
+from cogvideox_lora.lora import TARGET_MODULES, TrainedOn, add_lora, save_lora
+from cogvideox_lora.model_card import card_text
+from cogvideox_lora.models import read_configs
+from cogvideox_lora.synthetic import build_model_folder
 
 PROMPT = "a red square drifting across a grey background"
 SIZE = dict(num_frames=9, height=48, width=64, num_inference_steps=2, seed=0)
@@ -43,13 +49,8 @@ def read_video(path) -> np.ndarray:
     return reader.get_batch(list(range(len(reader)))).asnumpy()
 
 
-def random_lora_b(transformer, seed=0) -> None:
-    """A fresh adapter's B is zero, a no-op: random B gives a LoRA that changes the video."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+def refuse_to_load(*args, **kwargs):
+    raise AssertionError("a model was loaded")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,12 +187,26 @@ def tiny_i2v_model_dir(tmp_path_factory, tiny_model_dir):
     return path
 
 
-def test_image_to_video_with_a_lora(tmp_path, tiny_i2v_model_dir, trained_lora):
+def test_a_t2v_lora_on_an_i2v_model_is_refused_naming_both_unless_allowed(tmp_path, tiny_i2v_model_dir, trained_lora,
+                                                                         monkeypatch, capsys):
     image = tmp_path / "first.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(image)
-    path = cli_demo.main(cli(tiny_i2v_model_dir, tmp_path / "i2v.mp4", "--generate_type", "i2v",
-                             "--image_or_video_path", image, "--lora_path", trained_lora))
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 96, 3), dtype=np.uint8)).save(image)
+    argv = cli(tiny_i2v_model_dir, tmp_path / "i2v.mp4", "--image_or_video_path", image, "--lora_path", trained_lora)
+    with monkeypatch.context() as m:
+        m.setattr(inference, "load_pipeline", refuse_to_load)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_demo.main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "trained on a CogVideoX T2V model" in message
+    assert f"{tiny_i2v_model_dir} is a CogVideoX I2V model" in message and "--allow_lora_mismatch" in message
+
+    # Asked for, it is applied with a warning; the model's type chose i2v, and the 96x48 image was cropped to
+    # 64x48 as training crops it.
+    path = cli_demo.main(argv + ["--allow_lora_mismatch"])
     assert read_video(path).shape == (9, 48, 64, 3)
+    out = capsys.readouterr().out
+    assert "warning: the LoRA" in out and "generating i2v" in out
+    assert "is 96x48, the video 64x48: the image is resized and centre-cropped" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,13 +250,28 @@ def test_a_lora_for_another_model_size_says_so_with_both_shapes(tmp_path, tiny_m
 
 @pytest.mark.parametrize("argv, problem", [
     (["--generate_type", "i2v"], "needs --image_or_video_path"),
-    (["--generate_type", "i2v", "--image_or_video_path", "no-such.png"], "no-such.png is not a file"),
+    (["--generate_type", "i2v", "--image_or_video_path", "no-such.png"], "no-such.png: it does not exist"),
     (["--compare"], "--compare needs --lora_path"),
+    (["--height", "50"], "--height 50 is not a multiple of 16 (VAE x8, patch x2): use 48 or 64."),
+    (["--output_path", "video"], "--output_path video: name a video file ending in .mp4, .mov, .mkv, e.g. video.mp4"),
+    (["--output_path", "out.txt"], "--output_path out.txt: name a video file ending in"),
+    (["--output_path", "videos/"], "--output_path videos/ is a folder: name the video file, e.g. videos/output.mp4"),
 ])
 def test_command_line_mistakes_are_reported_before_anything_loads(argv, problem, capsys):
     with pytest.raises(SystemExit):
         cli_demo.parse_args(["--prompt", PROMPT, *argv])
     assert problem in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_folder_or_an_unreadable_image_is_refused(tmp_path, capsys):
+    broken = tmp_path / "first.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(SystemExit):
+        cli_demo.parse_args(["--prompt", PROMPT, "--output_path", str(tmp_path), "--image_or_video_path",
+                             str(broken)])
+    err = capsys.readouterr().err
+    assert f"--output_path {tmp_path} is a folder" in err
+    assert f"--image_or_video_path {broken}: it cannot be read as an image" in err
 
 
 def test_the_pipeline_attends_as_the_trainer_chose(tiny_model_dir, tmp_path):
@@ -253,6 +283,174 @@ def test_the_pipeline_attends_as_the_trainer_chose(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="flash-attn-4"):
         cli_demo.main(cli(tiny_model_dir, tmp_path / "out.mp4", "--attention_backend", "flash4"))
     assert not (tmp_path / "out.mp4").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issues 24 and 26: what the LoRA was trained on, the frame counts the model makes, inputs checked before loading
+
+
+@pytest.fixture
+def no_pipeline(monkeypatch):
+    monkeypatch.setattr(inference, "load_pipeline", refuse_to_load)
+
+
+def refused(argv, capsys=None) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_demo.main([str(a) for a in argv])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: "), message
+    return message
+
+
+def test_the_lora_records_what_it_was_trained_on_and_its_checkpoints_too(trained_lora, tiny_model_dir):
+    expected = TrainedOn("CogVideoX T2V", "t2v", "1.0", str(tiny_model_dir), 48, 64, 9, False)
+    assert TrainedOn.read(trained_lora / "pytorch_lora_weights.safetensors") == expected
+    assert TrainedOn.read(trained_lora / "checkpoint-6" / "pytorch_lora_weights.safetensors") == expected
+    # diffusers' own metadata is still there beside it.
+    _, metadata = CogVideoXPipeline.lora_state_dict(trained_lora, return_lora_metadata=True)
+    assert metadata["transformer.r"] == 4
+
+
+def test_a_lora_of_another_version_is_refused_naming_both(tmp_path, tiny_model_dir, no_pipeline):
+    transformer = CogVideoXTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
+    config = add_lora(transformer, rank=4, alpha=4)
+    lora_file = save_lora(transformer, tmp_path, config,
+                          TrainedOn("CogVideoX1.5 T2V", "t2v", "1.5", "THUDM/CogVideoX1.5-5B", 48, 64, 9))
+    message = refused(cli(tiny_model_dir, tmp_path / "out.mp4", "--lora_path", lora_file))
+    assert f"trained on a CogVideoX1.5 T2V model (THUDM/CogVideoX1.5-5B), but {tiny_model_dir} is a CogVideoX T2V " \
+           f"model" in message
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_a_run_stopped_before_its_end_names_the_checkpoint_that_holds_a_lora(tmp_path, tiny_model_dir, trained_lora,
+                                                                            capsys):
+    stopped = tmp_path / "stopped"
+    shutil.copytree(trained_lora, stopped)
+    (stopped / "pytorch_lora_weights.safetensors").unlink()
+    message = refused(cli(tiny_model_dir, tmp_path / "out.mp4", "--lora_path", stopped))
+    assert "holds no final LoRA" in message and f"--lora_path {stopped / 'checkpoint-6'}" in message
+    path = cli_demo.main(cli(tiny_model_dir, tmp_path / "out.mp4", "--lora_path", stopped / "checkpoint-6"))
+    assert read_video(path).shape == (9, 48, 64, 3)
+
+
+def test_files_that_are_not_loras_and_hub_loras_offline_are_error_lines(tmp_path, tiny_model_dir, no_pipeline,
+                                                                        monkeypatch):
+    model_weights = tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    message = refused(cli(tiny_model_dir, tmp_path / "out.mp4", "--lora_path", model_weights))
+    assert f"{model_weights} is not a LoRA" in message
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not tensors")
+    assert f"{text} is not a LoRA file" in refused(cli(tiny_model_dir, tmp_path / "out.mp4", "--lora_path", text))
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = refused(cli(tiny_model_dir, tmp_path / "out.mp4", "--lora_path", "someone/their-lora"))
+    assert "could not be fetched from the Hugging Face Hub" in message and "hf download someone/their-lora" in message
+    # A relative path whose first folder is here is a local path that does not exist: never sent to the Hub.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for missing in ("runs/lora", "./lora"):
+        message = refused(cli(tiny_model_dir, tmp_path / "out.mp4", "--lora_path", missing))
+        assert f"LoRA not found: {missing} is neither a file nor a folder (relative to {tmp_path})" in message
+    # A model that is not there, offline: one line, with the LoRA's problem beside it.
+    message = refused(cli("THUDM/CogVideoX-2b", tmp_path / "out.mp4", "--lora_path", "runs/lora"))
+    assert "--model_path THUDM/CogVideoX-2b: no such folder here, and not in the hub cache" in message
+    assert "LoRA not found: runs/lora" in message and "Traceback" not in message
+
+
+def test_the_generate_type_comes_from_the_model(tmp_path, tiny_model_dir, no_pipeline):
+    image = tmp_path / "first.png"
+    Image.new("RGB", (64, 48)).save(image)
+    message = refused(cli(tiny_model_dir, tmp_path / "out.mp4", "--generate_type", "i2v", "--image_or_video_path",
+                          image))
+    assert f"--generate_type i2v does not fit {tiny_model_dir}: it is a CogVideoX T2V model" in message
+
+
+@pytest.fixture(scope="module")
+def tiny_1_5_model_dir(tmp_path_factory):
+    return build_model_folder(tmp_path_factory.mktemp("models") / "tiny-1.5", size="tiny-1.5", seed=0)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-1.5"])
+def test_the_frame_count_rule_is_what_the_pipelines_make(model, tiny_model_dir, tiny_1_5_model_dir):
+    pipe = tiny_pipeline(tiny_model_dir if model == "tiny" else tiny_1_5_model_dir)
+    for asked in (5, 9, 10, 13, 17):
+        # At 16x16, the smallest size, to be quick: the count depends on the frames alone.
+        made = inference.generate(pipe, PROMPT, **{**SIZE, "num_frames": asked, "num_inference_steps": 1,
+                                                   "height": 16, "width": 16}).shape[0]
+        assert made == frame_counts.generated_frames(asked)
+        assert (frame_counts.generation_problem("--num_frames", asked) is None) == (made == asked)
+
+
+@pytest.mark.parametrize("frames, message", [
+    (10, "--num_frames 10: CogVideoX generates 8k+1 frames (10 would come out 9), an odd number of latent frames: "
+         "use 9 or 17."),
+    (13, "--num_frames 13: CogVideoX generates 8k+1 frames (13 would come out 16)"),
+])
+def test_frame_counts_the_model_cannot_make_are_refused_before_loading(frames, message, tmp_path, tiny_model_dir,
+                                                                       tiny_1_5_model_dir, no_pipeline):
+    for model in (tiny_model_dir, tiny_1_5_model_dir):
+        argv = cli(model, tmp_path / "out.mp4")
+        argv[argv.index("--num_frames") + 1] = str(frames)
+        assert message in refused(argv)
+
+
+def test_validation_at_a_frame_count_the_model_cannot_make_is_refused(tmp_path, tiny_model_dir, tiny_dataset_dir,
+                                                                      no_models, capsys):
+    with pytest.raises(SystemExit):
+        run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
+                            "--max_num_frames", 13, "--validation_prompt", "a red square"))
+    assert "--max_num_frames 13: CogVideoX generates 8k+1 frames (13 would come out 16)" in capsys.readouterr().err
+    # Without validation videos 13 frames train (4 latent frames).
+    assert parse_args(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
+                                 "--max_num_frames", 13)).max_num_frames == 13
+
+
+def test_the_model_card_states_the_global_batch(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    args = parse_args(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
+                                 "--train_batch_size", 2, "--gradient_accumulation_steps", 3))
+    family = read_configs(args)[3]
+    assert "| batch | 12 a step: 2 per process x 2 process(es) x 3 accumulated |" in \
+        card_text(args, family, 10, [], processes=2)
+
+
+@pytest.fixture(scope="module")
+def lora_without_learned_positions(tmp_path_factory, tiny_dataset_dir):
+    """An I2V LoRA trained at 32x64 with --ignore_learned_positional_embeddings: the tiny I2V model's table is
+    made for 48x64."""
+    root = tmp_path_factory.mktemp("ignore_positions")
+    model = build_model_folder(root / "tiny-i2v", size="tiny-i2v", seed=0)
+    run_main(train_argv(model, tiny_dataset_dir, root / "out", root / "cache", "--height", 32,
+                        "--ignore_learned_positional_embeddings", "--max_train_steps", 2, "--mixed_precision", "no"))
+    return model, root / "out"
+
+
+def test_cli_demo_generates_as_a_lora_without_learned_positions_was_trained(tmp_path, lora_without_learned_positions,
+                                                                           capsys):
+    model, out = lora_without_learned_positions
+    image = tmp_path / "first.png"
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(image)
+    path = cli_demo.main(["--prompt", PROMPT, "--model_path", str(model), "--lora_path", str(out),
+                          "--image_or_video_path", str(image), "--num_inference_steps", "1", "--dtype", "float32",
+                          "--output_path", str(tmp_path / "out.mp4")])
+    assert read_video(path).shape == (9, 32, 64, 3)  # the LoRA's size and length
+    printed = capsys.readouterr().out
+    assert "trained with --ignore_learned_positional_embeddings" in printed and "Generating at 64x32" in printed
+
+
+def test_the_model_card_code_runs_for_a_lora_without_learned_positions(tmp_path, lora_without_learned_positions,
+                                                                       monkeypatch):
+    model, out = lora_without_learned_positions
+    card = (out / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    assert "use_learned_positional_embeddings=False" in code
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 32), (200, 30, 30)).save("first_frame.png")
+    # On the CPU in fp32 and with 2 steps, to be quick; the rest as the card has it.
+    code = code.replace('.to("cuda")', "").replace("torch.bfloat16", "torch.float32")
+    code = code.replace(").frames[0]", ", num_inference_steps=2).frames[0]")
+    scope = {}
+    exec(code, scope)
+    assert len(scope["video"]) == 9 and scope["video"][0].size == (64, 32)
 
 
 def test_cli_demo_finds_the_model_where_the_trainer_does(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from helpers import load_clips  # also puts the repository on sys.path
-from cogvideox_lora import settings
+from cogvideox_lora import settings as run_settings
 from cogvideox_lora.args import parse_args
 from cogvideox_lora.data import (Clip, DatasetError, FrameSettings, check_clips, epoch_batches, frames_at_times,
-                                 read_frames, resize_and_crop)
+                                 read_frames, resize_and_crop, unfillable_batch)
 from cogvideox_lora.synthetic import frame_index_from_pixels, write_clips
 
 
@@ -128,11 +128,11 @@ def test_jsonl_dataset_file_with_named_columns(tmp_path):
 
 def test_dataset_file_columns_default_to_caption_and_video(tmp_path):
     common = ["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path)]
-    data = settings.from_args(parse_args(common + ["--dataset_file", "meta.csv"])).data
+    data = run_settings.from_args(parse_args(common + ["--dataset_file", "meta.csv"])).data
     assert (data.caption_column, data.video_column) == ("caption", "video")
-    data = settings.from_args(parse_args(common)).data
+    data = run_settings.from_args(parse_args(common)).data
     assert (data.caption_column, data.video_column) == ("prompts.txt", "videos.txt")
-    data = settings.from_args(parse_args(common + ["--dataset_file", "meta.jsonl", "--caption_column", "text"])).data
+    data = run_settings.from_args(parse_args(common + ["--dataset_file", "meta.jsonl", "--caption_column", "text"])).data
     assert (data.caption_column, data.video_column) == ("text", "video")
 
 
@@ -348,5 +348,148 @@ def test_clip_is_hashable_and_frame_settings_from_args(tmp_path):
     args = parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path), "--height",
                        "64", "--width", "96", "--fps", "12", "--max_num_frames", "13", "--skip_frames_start", "2",
                        "--skip_frames_end", "3", "--video_reshape_mode", "none"])
-    assert settings.from_args(args).frames == FrameSettings(64, 96, 12, 13, 2, 3, "none", 4)
+    assert run_settings.from_args(args).frames == FrameSettings(64, 96, 12, 13, 2, 3, "none", 4)
     assert len({Clip("a", Path("x"), "w:1"), Clip("a", Path("x"), "w:1")}) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metadata tables as spreadsheets and tools write them (issue 24)
+
+CLIPS = [("videos/a.mp4", "a bear, walking; then running"), ("videos/b.mp4", "mickey dances")]
+
+
+@pytest.mark.parametrize("name, text, lines", [
+    # A European spreadsheet's export: semicolons between fields, commas inside captions left unquoted.
+    ("meta.csv", "video;caption\nvideos/a.mp4;\"a bear, walking; then running\"\n\nvideos/b.mp4;mickey dances\n",
+     [2, 4]),
+    ("meta.csv", "video\tcaption\r\nvideos/a.mp4\ta bear, walking; then running\r\nvideos/b.mp4\tmickey dances\r\n",
+     [2, 3]),
+    ("meta.csv", 'video,caption\nvideos/a.mp4,"a bear, walking; then running"\nvideos/b.mp4,mickey dances\n', [2, 3]),
+    ("meta.json", json.dumps([{"video": v, "caption": c} for v, c in CLIPS], indent=2), [2, 6]),
+    ("meta.json", "[" + ", ".join(json.dumps({"video": v, "caption": c}) for v, c in CLIPS) + "]", [1, 1]),
+    ("meta.jsonl", "\n".join(json.dumps({"video": v, "caption": c}) for v, c in CLIPS) + "\n", [1, 2]),
+])
+def test_tables_of_every_common_shape_read_whole_captions(tmp_path, name, text, lines):
+    write(tmp_path / name, text)
+    clips = load_clips(tmp_path, "caption", "video", dataset_file=name)
+    assert [(str(c.video.relative_to(tmp_path)), c.prompt) for c in clips] == CLIPS
+    assert [c.where for c in clips] == [f"{tmp_path / name}:{n}" for n in lines]
+
+
+@pytest.mark.parametrize("text, line, said", [
+    # Unquoted commas: the caption would be cut at the first one. Refused, never cut.
+    ("video,caption\nvideos/a.mp4,mickey dances\nvideos/b.mp4,a bear, walking\n", 3, "3 fields where the header has 2"),
+    # A line break inside an unquoted caption: the second half would be a row of its own.
+    ("video,caption,tag\nvideos/a.mp4,a bear\nwalking,x\n", 2, "2 fields where the header has 3"),
+])
+def test_csv_rows_that_cannot_be_read_for_sure_are_refused_with_line_and_fix(tmp_path, text, line, said):
+    write(tmp_path / "meta.csv", text)
+    with pytest.raises(DatasetError) as error:
+        load_clips(tmp_path, "caption", "video", dataset_file="meta.csv")
+    problem = next(p for p in error.value.problems if p.startswith(f"{tmp_path / 'meta.csv'}:{line}: "))
+    assert said in problem and "double quotes" in problem
+
+
+def test_json_files_that_are_not_tables_are_refused_with_line(tmp_path):
+    write(tmp_path / "list.json", '[\n  {"video": "videos/a.mp4", "caption": "a bear"},\n  "videos/b.mp4"\n]')
+    write(tmp_path / "broken.json", '[\n  {"video": "videos/a.mp4", "caption": "a bear"}\n  {"video": "b"}\n]')
+    with pytest.raises(DatasetError) as error:
+        load_clips(tmp_path, "caption", "video", dataset_file="list.json")
+    assert error.value.problems == [f"{tmp_path / 'list.json'}:3: a JSON str, not an object: each record must be an "
+                                    f'object such as {{"caption": "...", "video": "videos/1.mp4"}}.']
+    with pytest.raises(DatasetError) as error:
+        load_clips(tmp_path, "caption", "video", dataset_file="broken.json")
+    assert error.value.problems[0].startswith(f"{tmp_path / 'broken.json'}:3: not valid JSON")
+
+
+def test_a_header_without_the_columns_is_one_problem_naming_what_it_has(tmp_path):
+    write(tmp_path / "meta.csv", "file;text\n" + "videos/a.mp4;a bear\n" * 5)
+    with pytest.raises(DatasetError) as error:
+        load_clips(tmp_path, "caption", "video", dataset_file="meta.csv")
+    assert error.value.problems == [
+        f"{tmp_path / 'meta.csv'}:1: no column caption, video in the header (file, text, read as separated by "
+        f"semicolons). Name the columns with --caption_column, --video_column and --image_column."]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Characters an editor does not show, and file names in another Unicode form (issue 24)
+
+
+def test_invisible_characters_are_named_with_file_and_line(tmp_path):
+    # U+2028 pasted into the second prompt; two lists joined, the second's BOM now starting line 3.
+    write(tmp_path / "prompts.txt", "a red car\na bear\u2028walking in the forest\nmickey dances\n")
+    write(tmp_path / "videos.txt", "videos/a.mp4\nvideos/b.mp4\n\ufeffvideos/c.mp4\n")
+    with pytest.raises(DatasetError) as error:
+        load_clips(tmp_path, "prompts.txt", "videos.txt")
+    # The files still pair up line by line: U+2028 ends no line, as in an editor.
+    assert error.value.problems == [
+        f"{tmp_path / 'prompts.txt'}:2: the prompt holds U+2028 LINE SEPARATOR at column 7, which an editor does not "
+        f"show: delete it, or put a space in its place.",
+        f"{tmp_path / 'videos.txt'}:3: the clip path holds U+FEFF ZERO WIDTH NO-BREAK SPACE at column 1, which an "
+        f"editor does not show: delete it, or put a space in its place."]
+
+
+def test_a_line_separator_in_a_json_lines_caption_is_named(tmp_path):
+    write(tmp_path / "meta.jsonl", json.dumps({"video": "videos/a.mp4", "caption": "a\u2029b\x0bc"},
+                                              ensure_ascii=False) + "\n")
+    with pytest.raises(DatasetError) as error:
+        load_clips(tmp_path, "caption", "video", dataset_file="meta.jsonl")
+    assert "U+2029 PARAGRAPH SEPARATOR at column 2, U+000B a control character at column 4" in str(error.value)
+    assert str(error.value).count(f"{tmp_path / 'meta.jsonl'}:1: the prompt holds") == 1
+
+
+@pytest.mark.parametrize("on_disk, listed", [("NFD", "NFC"), ("NFC", "NFD")])
+def test_a_file_name_in_another_unicode_form_is_the_file_the_user_sees(tmp_path, on_disk, listed):
+    import unicodedata
+
+    folder, name = "Vidéos", "café crème.mp4"
+    path = tmp_path / unicodedata.normalize(on_disk, folder) / unicodedata.normalize(on_disk, name)
+    write(path, "a clip")
+    write(tmp_path / "prompts.txt", "a cup of coffee\n")
+    write(tmp_path / "videos.txt", unicodedata.normalize(listed, f"{folder}/{name}") + "\n")
+    assert not (tmp_path / unicodedata.normalize(listed, f"{folder}/{name}")).exists()  # the file system tells apart
+    assert [c.video for c in load_clips(tmp_path, "prompts.txt", "videos.txt")] == [path]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A clip too short: what helps (issue 24)
+
+
+def test_a_short_clip_is_told_what_gives_enough_frames(rate_clips):
+    clip = Clip("p", rate_clips[24], "videos.txt:1")  # 40 frames at 24 fps: 1.67 s
+    with pytest.raises(DatasetError) as error:
+        check_clips([clip], settings(fps=8, max_num_frames=17))
+    problem = error.value.problems[0]
+    assert problem.startswith("videos.txt:1: ") and "gives 13 frames at --fps 8" in problem
+    assert "lower --max_num_frames to 13" in problem and "raise --fps to 10" in problem
+    assert "lower --fps" not in problem and "skip fewer" not in problem  # no skips to lower
+    # What the hint says works, and one fps less would not.
+    assert check_clips([clip], settings(fps=10, max_num_frames=17))[1] == []
+    with pytest.raises(DatasetError):
+        check_clips([clip], settings(fps=9, max_num_frames=17))
+
+    with pytest.raises(DatasetError) as error:
+        check_clips([clip], settings(fps=8, max_num_frames=9, skip_start=20))
+    assert "skip fewer frames" in error.value.problems[0] and "raise --fps to 10" in error.value.problems[0]
+    assert check_clips([clip], settings(fps=10, max_num_frames=9, skip_start=20))[1] == []
+
+
+def test_a_higher_fps_is_not_suggested_beyond_the_clips_own_rate(tiny_dataset_dir):
+    clip = load_clips(tiny_dataset_dir, "prompts.txt", "videos.txt")[0]  # 25 frames at 8 fps
+    with pytest.raises(DatasetError) as error:
+        check_clips([clip], settings(fps=8, max_num_frames=49))
+    problem = error.value.problems[0]
+    assert "lower --max_num_frames to 25" in problem and "use a longer clip" in problem
+    assert "--fps to" not in problem
+
+
+def test_clips_too_few_for_a_batch_are_counted_per_size():
+    small, large = settings(height=48, width=64, max_num_frames=9), settings(height=64, width=48, max_num_frames=9)
+    assert unfillable_batch([small] * 3 + [large], 3, 1) is None
+    problem = unfillable_batch([small] * 2 + [large] * 2, 2, 2)
+    assert problem == ("4 clip(s) cannot fill one batch of 4 (--train_batch_size 2 x 2 process(es)), whose clips are "
+                       "all of one size (frames x height x width): 2 of 9x48x64, 2 of 9x64x48. Lower "
+                       "--train_batch_size or add clips, or use fewer buckets.")
+    # The same verdict as the batches themselves.
+    shapes = [(s.max_num_frames, s.height, s.width) for s in [small] * 2 + [large] * 2]
+    assert epoch_batches(shapes, 4, seed=0, epoch=0) == [] and epoch_batches(shapes, 2, seed=0, epoch=0) != []

@@ -163,7 +163,8 @@ def pushed(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
 def test_push_uploads_the_lora_card_and_videos_not_the_checkpoints(pushed):
     output_dir, fake, records, argv = pushed
     assert (output_dir / "checkpoint-1").is_dir()
-    assert fake.uploaded() == ["README.md", "pytorch_lora_weights.safetensors", "train_summary.json",
+    assert fake.uploaded() == ["README.md", "pytorch_lora_weights.safetensors",
+                               "pytorch_lora_weights_comfyui.safetensors", "train_summary.json",
                                "validation/step-000002_p0_v0_a-red-square.mp4"]
     assert [(name, kw.get("repo_id"), kw["token"]) for name, kw in fake.calls] == [
         ("whoami", None, SECRET), ("create_repo", "me/my-lora", SECRET), ("upload_folder", "me/my-lora", SECRET)]
@@ -187,7 +188,7 @@ def test_push_uploads_the_lora_card_and_videos_not_the_checkpoints(pushed):
     ("no token", "--push_to_hub: not logged in to the Hugging Face Hub: run `hf auth login`, or set HF_TOKEN."),
     ("bad token", "--push_to_hub: the Hub does not accept the token (HfHubHTTPError)")])
 def test_a_push_that_cannot_succeed_is_refused_before_training(tmp_path, tiny_model_dir, tiny_dataset_dir,
-                                                               monkeypatch, capsys, situation, message):
+                                                               monkeypatch, situation, message):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     if situation != "offline":
         FakeHub(monkeypatch)
@@ -199,7 +200,8 @@ def test_a_push_that_cannot_succeed_is_refused_before_training(tmp_path, tiny_mo
                                                         response=httpx.Response(401, request=request))
 
         monkeypatch.setattr(huggingface_hub.HfApi, "whoami", refuse)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache", "--push_to_hub"))
-    assert message in capsys.readouterr().err
+    # The check moved from the parser to the input check: the message is the exit's, which Python prints last.
+    assert message in str(refused.value.code)
     assert not (tmp_path / "out").exists()

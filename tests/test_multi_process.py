@@ -61,6 +61,8 @@ def test_two_processes_share_the_encoding_and_train_as_one(runs):
     root, _ = runs
     info = summary(root / "two")
     assert info["processes"] == 2 and info["samples_per_step"] == 2
+    card = (root / "two" / "README.md").read_text()
+    assert "| batch | 2 a step: 1 per process x 2 process(es) x 1 accumulated |" in card
     # Each process encoded half of the clips, and both trained on all four.
     assert info["encoded_clips"] == 4 and info["encoded_clips_per_process"] == [2, 2]
     assert max_abs_diff(lora(root / "two"), lora(root / "one" / "checkpoint-4")) <= SAME

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +195,66 @@ def test_resuming_never_overwrites_another_run(tmp_path, tiny_model_dir, tiny_da
     (killed / ".checkpoint-2.partial").mkdir(parents=True)
     run_main(train_argv(tiny_model_dir, tiny_dataset_dir, killed, tmp_path / "cache", "--resume_from_checkpoint",
                         "latest", "--dry_run"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 24: what the first hour meets, refused before any model loads
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder the run cannot write in: read-only for a user; root writes anywhere but in sysfs."""
+    if os.geteuid() == 0:
+        yield Path("/sys")
+        return
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    yield folder
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--latent_cache_dir", "--logging_dir"])
+def test_every_folder_the_run_writes_is_tried_before_any_model(tmp_path, tiny_model_dir, tiny_dataset_dir, no_models,
+                                                                unwritable, flag):
+    folders = {"--output_dir": tmp_path / "out", "--latent_cache_dir": tmp_path / "cache", "--logging_dir": "logs"}
+    folders[flag] = unwritable / "new" / "run"
+    argv = train_argv(tiny_model_dir, tiny_dataset_dir, folders["--output_dir"], folders["--latent_cache_dir"],
+                      "--logging_dir", folders["--logging_dir"], "--max_train_steps", 1, report_to="tensorboard")
+    message = exit_message(argv)
+    assert message.startswith(f"error: {flag} {unwritable / 'new' / 'run'}: the run cannot create new in it: "
+                              f"{unwritable} is not writable")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_trying_the_folders_leaves_nothing_behind(tmp_path, tiny_model_dir, tiny_dataset_dir, no_models):
+    (tmp_path / "out").mkdir()
+    before = tree_state(tmp_path)
+    run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out" / "run", tmp_path / "cache", "--dry_run",
+                        report_to="tensorboard"))
+    assert tree_state(tmp_path) == before and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("batch_size, world_size", [(5, "1"), (2, "3")])
+def test_a_batch_that_cannot_fill_is_refused_before_any_model(tmp_path, tiny_model_dir, tiny_dataset_dir, no_models,
+                                                              monkeypatch, batch_size, world_size):
+    monkeypatch.setenv("WORLD_SIZE", world_size)  # as accelerate launch --num_processes 3 sets it in each process
+    message = exit_message(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
+                                      "--train_batch_size", batch_size, "--max_train_steps", 1))
+    assert (f"4 clip(s) cannot fill one batch of {batch_size * int(world_size)} (--train_batch_size {batch_size} x "
+            f"{world_size} process(es)), whose clips are all of one size (frames x height x width): 4 of 9x48x64. "
+            f"Lower --train_batch_size or add clips.") in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("off, said", [(["--validation_prompt", ""], "--validation_prompt ''"),
+                                       (["--num_validation_videos", 0], "--num_validation_videos 0"),
+                                       ([], "no --validation_prompt")])
+def test_validation_turned_off_is_said(tmp_path, tiny_model_dir, tiny_dataset_dir, no_models, caplog, off, said):
+    caplog.set_level(logging.INFO)
+    run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
+                        *(["--validation_prompt", "a bear"] + off if off else []), "--dry_run"))
+    assert f"Validation is off ({said}): no validation videos are made." in caplog.messages
 
 
 def test_tracker_config_leaves_out_credentials():

@@ -16,6 +16,7 @@ from helpers import (check, load_lora_and_collect_warnings, lora, max_abs_diff, 
 from cogvideox_lora import models
 from cogvideox_lora import settings
 from cogvideox_lora.args import build_parser, parse_args
+from cogvideox_lora.comfyui import COMFYUI_LORA_NAME
 from cogvideox_lora.optim import make_optimizer
 from cogvideox_lora.synthetic import write_clips
 
@@ -56,7 +57,7 @@ def test_full_run_writes_everything(full_run):
     assert sorted(p.name for p in output_dir.glob("*checkpoint*")) == ["checkpoint-2", "checkpoint-4"]
     for name in ("checkpoint-2", "checkpoint-4"):
         files = {p.name for p in (output_dir / name).iterdir()}
-        assert {LORA_FILE, "optimizer.bin"} <= files
+        assert {LORA_FILE, COMFYUI_LORA_NAME, "optimizer.bin"} <= files
         # Only the adapter is saved, never the frozen transformer.
         assert not any(f.startswith(("model", "diffusion_pytorch_model")) for f in files)
     assert max_abs_diff(lora(output_dir / "checkpoint-4"), weights) == 0
@@ -66,6 +67,7 @@ def test_full_run_writes_everything(full_run):
     assert info["encoded_clips"] == 4
     assert info["encoded_prompts"] == 4 + 2 + 1  # clips' prompts, validation prompts, the empty negative prompt
     assert info["lora"] == str(output_dir / LORA_FILE)
+    assert (output_dir / COMFYUI_LORA_NAME).is_file()  # core ComfyUI's copy, beside it by default
     videos = sorted((output_dir / "validation").glob("*.mp4"))
     assert [str(v) for v in videos] == sorted(info["validation_videos"])
     assert len(videos) == 2

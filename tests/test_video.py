@@ -235,3 +235,20 @@ def test_index_problems_name_their_line(tmp_path):
     _, problems = read_index(tmp_path, "prompts.txt", "videos.txt")
     assert problems == [f"{tmp_path / 'prompts.txt'}:3: not UTF-8 text (invalid continuation byte): save the file "
                         f"as UTF-8."]
+
+
+def test_the_reencode_command_pastes_into_a_shell_whatever_the_name(tmp_path):
+    """Issue 24: a name with spaces, brackets and quotes, as downloads and phones name clips."""
+    from cogvideox_lora.synthetic import write_clips
+    from cogvideox_lora.video import reencode_command
+
+    write_clips(tmp_path, num_clips=1, num_frames=3)
+    clip = tmp_path / "my clips [2024]" / "Bob's \"best\" take (1) $HOME.mp4"
+    clip.parent.mkdir()
+    shutil.copy(tmp_path / "videos" / "clip_000.mp4", clip)
+    command = reencode_command(clip)
+    assert command.startswith("ffmpeg ")
+    subprocess.run(["bash", "-c", f"ffmpeg() {{ {FFMPEG} -loglevel error \"$@\"; }}; {command}"], check=True,
+                   timeout=60)
+    fixed = clip.with_name(clip.stem + "_fixed.mp4")
+    assert read_frames(fixed, FrameSettings(48, 64, 8, 1, 0, 0, "center")).shape == (1, 3, 48, 64)

@@ -1,0 +1,71 @@
+"""The command line: flags refused before anything runs, validation turned off, and a truthful --help."""
+
+import shlex
+
+import pytest
+
+from helpers import REPO  # also puts the repository on sys.path
+from cogvideox_lora import settings
+from cogvideox_lora.args import build_parser, parse_args
+
+COMMON = ["--pretrained_model_name_or_path", "m", "--instance_data_root", "data"]
+
+
+def refusal(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(COMMON + [str(a) for a in argv])
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--lora_alpha", 0, "--lora_alpha must be more than 0, not 0"),
+    ("--lora_alpha", -8, "--lora_alpha must be more than 0, not -8"),
+    ("--learning_rate", 0, "--learning_rate must be more than 0, not 0"),
+    ("--learning_rate", "-0.0001", "--learning_rate must be more than 0, not -0.0001"),
+    ("--num_validation_videos", -1, "--num_validation_videos must be 0 (no validation) or more, not -1"),
+])
+def test_values_that_would_train_nothing_are_refused(capsys, flag, value, said):
+    assert said in refusal(capsys, flag, value)
+
+
+def test_a_validation_prompt_with_a_character_that_does_not_show_is_refused(capsys):
+    said = refusal(capsys, "--validation_prompt", "a bear:::a car\u200bon a road")
+    assert "--validation_prompt: prompt 2 holds U+200B ZERO WIDTH SPACE at column 6" in said
+
+
+def validation(*argv) -> settings.ValidationSettings:
+    return settings.from_args(parse_args(COMMON + list(argv))).validation
+
+
+def test_validation_is_turned_off_by_an_empty_prompt_or_no_videos(capsys):
+    assert validation("--validation_prompt", "a bear:::a car").prompts == ("a bear", "a car")
+    assert validation("--validation_prompt", "a bear", "--validation_prompt", "").prompts == ()
+    assert validation("--validation_prompt", "a bear", "--num_validation_videos", "0").prompts == ()
+    assert validation("--validation_prompt", "a bear", "--validation_images", "x.png",
+                      "--num_validation_videos", "0").images == ()
+    # A separator alone is still a mistake, not a way to turn validation off.
+    assert "holds no prompt once split" in refusal(capsys, "--validation_prompt", " ::: ")
+
+
+def test_the_wrapper_scripts_validation_is_turned_off_by_a_flag_after_it():
+    """finetune_single_rank.sh passes its flags, then the user's ("$@"), which win."""
+    script = (REPO / "finetune_single_rank.sh").read_text()
+    command = script[script.index("train_cogvideox_lora.py"):script.index('"$@"')].replace("\\\n", " ")
+    flags = shlex.split(command)[1:]
+    assert validation(*flags).prompts  # the script validates...
+    assert validation(*flags, "--validation_prompt", "").prompts == ()  # ...unless told not to
+    assert validation(*flags, "--num_validation_videos", "0").prompts == ()
+
+
+def test_help_shows_real_defaults_never_none():
+    parser = build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    assert "(default: 49)" in text and "(default: 1)" in text  # real defaults still shown
+    # A flag without a default value says in its help what happens without it.
+    silent = [a.option_strings[0] for a in parser._actions
+              if a.option_strings and a.default is None and not a.required and "default" not in a.help.lower()]
+    assert silent == []
+    mixed_precision = next(a for a in parser._actions if "--mixed_precision" in a.option_strings)
+    assert "accelerate config" in mixed_precision.help
