@@ -52,7 +52,16 @@ def describe_model(family_name: str, transformer_config: dict) -> str:
 
 
 def describe_size(frames: int, height: int, width: int, buckets) -> str:
-    return f"{frames}x{height}x{width}" + (f" with buckets {buckets}" if buckets is not None else "")
+    """--max_num_frames x --height x --width, and the data.Buckets where there are."""
+    if buckets is None:
+        return f"{frames}x{height}x{width}"
+    sizes = f"about {buckets.auto_area} pixels" if buckets.auto_area else \
+        f"heights {_listed(buckets.heights)}, widths {_listed(buckets.widths)}"
+    return f"{frames}x{height}x{width} with buckets of frames {_listed(buckets.frames)}, {sizes}"
+
+
+def _listed(values) -> str:
+    return ",".join(map(str, values))
 
 
 def clip_digests(clips, root) -> dict:

@@ -98,3 +98,13 @@ def test_a_damaged_record_or_lora_file_is_named(tmp_path):
     problems = run_record.resume_problems(folder, RECORD)
     assert len(problems) == 1 and problems[0].startswith(f"{folder / 'pytorch_lora_weights.safetensors'} cannot be "
                                                          f"read (")
+
+
+def test_buckets_are_part_of_the_size():
+    from cogvideox_lora.data import Buckets
+
+    plain = run_record.describe_size(9, 48, 64, None)
+    listed = run_record.describe_size(9, 48, 64, Buckets((48, 64), (64,), (5, 9)))
+    auto = run_record.describe_size(9, 48, 64, Buckets((48,), (64,), (9,), 48 * 64))
+    assert len({plain, listed, auto}) == 3
+    assert listed == "9x48x64 with buckets of frames 5,9, heights 48,64, widths 64"
