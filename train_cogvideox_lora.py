@@ -26,8 +26,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from cogvideox_lora import (attention, checkpoints, distributed, hub, memory, models, run_record, settings,
-                            transformer, writable)
+from cogvideox_lora import (attention, checkpoints, device_memory, distributed, host_memory, hub, memory, models,
+                            run_record, settings, transformer, writable)
 from cogvideox_lora.args import parse_args, tracker_config
 from cogvideox_lora.data import (DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches, long_prompts,
                                  unfillable_batch)
@@ -45,6 +45,7 @@ logger = logging.getLogger("train_cogvideox_lora")
 def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
+    device_memory.note_others()  # before this process's CUDA context: what the GPUs hold that is not this run's
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with attention.preferred_sdpa(args.attention_backend), checkpoints.StopSignal() as stop:
         try:
@@ -196,7 +197,8 @@ class MemoryPlan(NamedTuple):
     compile_blocks: bool
     placement: Placement
     needed: memory.MemoryEstimate
-    budget_gib: float | None  # what this process may use, None without a GPU
+    budget_gib: float | None  # what this process may take of the card (device-level), None without a GPU or cap
+    host: host_memory.HostEstimate
 
 
 def plan_memory(inputs: Inputs, accelerator) -> MemoryPlan:
@@ -209,29 +211,55 @@ def plan_memory(inputs: Inputs, accelerator) -> MemoryPlan:
     kernel = attention.choose(run.attention_backend, config["attention_head_dim"], weight_dtype)
     logger.info("Attention: %s", kernel.description)
     compile_blocks = torch.cuda.is_available() if run.memory.compile_blocks is None else run.memory.compile_blocks
-    available = torch.cuda.get_device_properties(device).total_memory / memory.GIB if torch.cuda.is_available() \
-        else None
-    budget = run.memory.max_gpu_memory or available
+    card = device_memory.budget(run.memory.max_gpu_memory, device)
+    budget = None if card is None else card.limit_gib
     validation = run.validation
     work, plan, needed = memory.plan_for(
         run.memory, config, latent_size(inputs, *inputs.sizes[-1]),
         latent_size(inputs, validation.num_frames, validation.height, validation.width) if validation.prompts
-        else None, run.training.batch_size, run.lora.rank, compile_blocks, weight_dtype.itemsize, budget)
+        else None, run.training.batch_size, run.lora.rank, compile_blocks, weight_dtype.itemsize, budget,
+        (memory.CONTEXT_AND_KERNELS_GIB if card is None else card.overhead_gib) + memory.ALLOCATOR_SLACK_GIB)
     if plan.blocks_to_swap > config["num_layers"]:
         sys.exit(f"error: --blocks_to_swap {plan.blocks_to_swap}: the model has {config['num_layers']} blocks.")
-    logger.info("Memory: %s (%s); offloading: %s. Estimated peak GPU memory: %s", plan, plan.flags(),
-                memory.cost(work, plan), needed)
+    logger.info("Memory: %s (%s); offloading: %s. Estimated peak GPU memory: %s%s", plan, plan.flags(),
+                memory.cost(work, plan), needed, "" if budget is None else f", of the {budget:.1f} GiB this run may take")
     if budget is not None and needed.total_gib > budget:
         logger.warning("The estimate exceeds the %.1f GiB this run may use: consider --offload auto, "
                        "--base_weights_dtype fp8, --use_8bit_adam or a lower --rank.", budget)
+    host = check_host_memory(inputs, work, plan, needed, budget, weight_dtype)
     if not run.dry_run:
         if accelerator.is_main_process:
             os.makedirs(run.output.output_dir, exist_ok=True)
-        hold_to(run.memory.max_gpu_memory, device)
+        hold_to(card.allocator_gib if card is not None and card.capped else None, device)
         if run.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-    return MemoryPlan(weight_dtype, kernel, compile_blocks, Placement(plan, device), needed, budget)
+    # The card's figure of each part's peak (NVML keeps none): sampled from here on.
+    peaks = memory.Peaks(None if run.dry_run else device_memory.Sampler(device).start())
+    return MemoryPlan(weight_dtype, kernel, compile_blocks, Placement(plan, device, peaks, card, work, run.memory.plan),
+                      needed, budget, host)
+
+
+def check_host_memory(inputs: Inputs, work, plan, needed, budget, weight_dtype) -> host_memory.HostEstimate:
+    """The host memory the plan needs, logged; a plan that does not fit what the machine has available stops here,
+    before anything loads."""
+    text_encoder = memory.text_encoder_bytes(inputs.text_encoder_config, weight_dtype.itemsize) / memory.GIB
+    on_cpu = text_encoder_on_cpu(inputs, budget, weight_dtype)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    host = host_memory.estimate(work, plan, needed, text_encoder if on_cpu else 0.0, processes)
+    available = host_memory.available_gib()
+    logger.info("Host memory: the run needs %s%s.", host,
+                "" if available is None else f", of {available:.1f} GiB available")
+    refused = host_memory.refusal(work, plan, needed, text_encoder if on_cpu else 0.0, available, processes)
+    if refused:
+        sys.exit(f"error: {refused}")
+    return host
+
+
+def text_encoder_on_cpu(inputs: Inputs, budget: float | None, weight_dtype) -> bool:
+    """T5-XXL (8.9 GiB in bf16) encodes on the CPU where it would not fit the GPU memory this run may take."""
+    return budget is not None and memory.text_encoder_bytes(
+        inputs.text_encoder_config, weight_dtype.itemsize) / memory.GIB >= 0.9 * budget
 
 
 def latent_size(inputs: Inputs, frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -263,9 +291,7 @@ def encode_once(inputs: Inputs, accelerator, plan: MemoryPlan) -> Encoded:
             with_flipped=run.training.random_flip > 0, with_images=inputs.family.image_to_video,
             num_workers=run.data.num_workers,
             load_vae=lambda: models.load_vae(run.model, dtype, device, run.memory.tiled_vae, run.memory.sliced_vae))
-        # T5-XXL (8.9 GiB in bf16) encodes on the CPU where it would not fit the GPU memory this run may use.
-        text_device = device if plan.budget_gib is None or memory.text_encoder_bytes(
-            inputs.text_encoder_config, dtype.itemsize) / memory.GIB < 0.9 * plan.budget_gib else "cpu"
+        text_device = "cpu" if text_encoder_on_cpu(inputs, plan.budget_gib, dtype) else device
         prompts = list(dict.fromkeys([c.prompt for c in inputs.clips] + list(run.validation.prompts) + [""]))
         embeds, encoded_prompts = encode_prompts(
             accelerator, cache, prompts, inputs.transformer_config["max_text_seq_length"],
@@ -374,13 +400,21 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.transformer.parameters(),
                                                                 training.max_grad_norm),
                                     dtype=torch.float32, device=device)
+        # The first step has loaded the kernels: the plan against the card's overhead as measured now.
+        checked = model.validator.placement.recheck() if step == model.first_step else memory.Recheck()
+        if checked.message and not checked.stop:
+            logger.info(checked.message)
         # One reduction and one host sync a step: every process learns the mean loss, the gradient norm (the
-        # same in all) and whether any was signalled, so all stop at the same step.
+        # same in all) and whether any was signalled or ran short of memory, so all stop at the same step.
         totals = accelerator.reduce(torch.stack([loss_sum, grad_norm,
-                                                 torch.tensor(float(stop.requested), device=device)]),
+                                                 torch.tensor(float(stop.requested), device=device),
+                                                 torch.tensor(float(checked.stop), device=device)]),
                                     reduction="sum").tolist()
         step_loss, grad_norm = totals[0] / (accelerator.num_processes * ga), totals[1] / accelerator.num_processes
         stopping = totals[2] > 0
+        if totals[3] > 0:
+            accelerator.end_training()
+            sys.exit(f"error: {checked.message or 'another process would run out of GPU memory: its log says why.'}")
         # fp16's grad scaler skips the steps whose gradients overflow (that is how it finds its scale); without
         # it a non-finite gradient would put NaN into the adapter, and into the next checkpoint.
         if not math.isfinite(step_loss) or (accelerator.scaler is None and not math.isfinite(grad_norm)):
@@ -450,6 +484,13 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
     video_paths = model.validator.run(accelerator, model.transformer, steps)
     if accelerator.is_main_process:
         summary = run_summary(inputs, accelerator, plan, model, timing, per_process.T.tolist())
+        summary.update(measured_memory(plan))
+        gib = lambda key: "unknown" if summary[key] is None else f"{summary[key]:.2f} GiB"  # noqa: E731
+        logger.info("Peak memory on the card (NVML): training %s, validation %s; PyTorch's allocated: training %s, "
+                    "validation %s; host: %s (resident %s, pinned %s)", gib("peak_device_memory_gib"),
+                    gib("peak_device_memory_validation_gib"), gib("peak_memory_allocated_gib"),
+                    gib("peak_memory_validation_gib"), gib("peak_host_memory_gib"), gib("peak_host_rss_gib"),
+                    gib("host_pinned_gib"))
         summary.update(lora=str(lora_path), validation_videos=[str(p) for p in video_paths])
         Path(output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
         write_model_card(run, inputs.family, steps, video_paths, accelerator.num_processes)
@@ -485,6 +526,22 @@ def run_summary(inputs: Inputs, accelerator, plan: MemoryPlan, model: Model, tim
         "memory_plan": plan.placement.plan.flags(), "estimated_peak_gib": plan.needed.total_gib,
         "estimated_training_gib": plan.needed.training_gib, "estimated_validation_gib": plan.needed.validation_gib,
         "attention": plan.kernel.description,
+    }
+
+
+def measured_memory(plan: MemoryPlan) -> dict:
+    """train_summary.json's device-level and host figures of this process: the card's peaks as NVML counts them
+    (None without a GPU or NVML), the context and kernels beside the allocator, and the host's peak resident and
+    pinned memory (pinned pages may be counted in the resident ones too: their sum is an upper bound)."""
+    placement = plan.placement
+    rss, pinned = host_memory.peak_rss_gib(), placement.pinned_gib()
+    return {
+        "peak_device_memory_gib": placement.peaks.device_gib["training"],
+        "peak_device_memory_validation_gib": placement.peaks.device_validation(),
+        "device_overhead_gib": device_memory.overhead_gib(placement.device),
+        "gpu_memory_limit_gib": plan.budget_gib,
+        "estimated_allocator_gib": plan.needed.allocator_gib, "estimated_host_gib": plan.host.peak_gib,
+        "peak_host_rss_gib": rss, "host_pinned_gib": pinned, "peak_host_memory_gib": rss + pinned,
     }
 
 

@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py --tiny --workdir /tmp/bench       # CPU: the same flow, tiny models
     python benchmarks/bench_train.py --workdir /tmp/bench --rows 1.5-5b-ckpt -- --use_8bit_adam
     python benchmarks/bench_train.py --workdir /tmp/bench --rows 2b,2b-x2   # 1 and 2 GPUs: scaling
+    python benchmarks/bench_train.py --workdir /tmp/bench --rows 2b-auto-8gb --build_only  # folders, no run
     ACCELERATE_USE_CPU=1 python benchmarks/bench_train.py --tiny --workdir /tmp/bench --rows 2b,2b-x2
 
 Builds the model folders (real configs, T5-XXL-size text encoder, random weights; nothing is
@@ -49,6 +50,12 @@ def _offloaded(card_gib: int, *flags: str) -> list[str]:
     return [*CKPT, "--offload", "activations", *flags, "--max_gpu_memory", str(card_gib), *VALIDATE]
 
 
+def _auto(card_gib: int, *flags: str) -> list[str]:
+    """The plan --offload auto makes for a card of card_gib (issue 27's targets): run them under
+    benchmarks/card_rows.sh, whose ballast leaves the trainer what such a card has free."""
+    return ["--offload", "auto", *flags, "--max_gpu_memory", str(card_gib), *VALIDATE]
+
+
 ROWS = {  # name: (model size, extra trainer flags)
     "2b": ("2b", []),
     "2b-keep": ("2b", KEEP),
@@ -65,6 +72,15 @@ ROWS = {  # name: (model size, extra trainer flags)
     "5b-fp8-offload-12gb": ("5b", _offloaded(12, *FP8)),
     "1.5-5b-fp8-offload-16gb": ("1.5-5b", _offloaded(16, *FP8)),
     "1.5-5b-i2v-fp8-offload-16gb": ("1.5-5b-i2v", _offloaded(16, *FP8)),
+    "2b-auto-8gb": ("2b", _auto(8)),
+    "5b-fp8-auto-12gb": ("5b", _auto(12, *FP8)),
+    "5b-i2v-fp8-auto-12gb": ("5b-i2v", _auto(12, *FP8)),
+    "5b-auto-16gb": ("5b", _auto(16)),
+    "1.5-5b-fp8-auto-16gb": ("1.5-5b", _auto(16, *FP8)),
+    "1.5-5b-i2v-fp8-auto-16gb": ("1.5-5b-i2v", _auto(16, *FP8)),
+    "5b-auto-24gb": ("5b", _auto(24)),
+    "1.5-5b-auto-24gb": ("1.5-5b", _auto(24)),
+    "5b-fp8-auto-8gb": ("5b", _auto(8, *FP8)),
 }
 ATTENTION = ("cudnn", "flash4")
 TINY_SIZES = {"2b": "tiny", "5b": "tiny-5b", "5b-i2v": "tiny-i2v", "1.5-5b": "tiny-1.5", "1.5-5b-i2v": "tiny-1.5-i2v"}
@@ -228,6 +244,9 @@ def main():
     parser.add_argument("--clips", default=None, help="an existing dataset folder instead of generated clips")
     parser.add_argument("--tiny", action="store_true", help="tiny models and clips, for a CPU")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--build_only", action="store_true",
+                        help="make the rows' model folders and clips, and run nothing (card_rows.sh: before the "
+                             "ballast, so that building them takes none of the card the rows are given)")
     parser.add_argument("extra", nargs="*", help="further trainer flags, after --")
     args = parser.parse_args()
 
@@ -250,24 +269,31 @@ def main():
             synthetic.build_model_folder(model_dir, size=TINY_SIZES[size] if args.tiny else size,
                                          dtype=torch.float32 if args.tiny else torch.bfloat16,
                                          device="cuda" if torch.cuda.is_available() else "cpu", text_encoder_from=donor)
+        if args.build_only:
+            continue
         result = run_row(name, model_dir, data_dir, workdir, shape, fps, args.steps, args.resume_steps, args.extra)
         results.append({**result, "scaling": scaling(result, results, workdir)})
 
+    if args.build_only:
+        return
     environment = describe_environment()
     if args.out:
         Path(args.out).write_text(json.dumps({"environment": environment, "rows": results}, indent=2))
     print("\n" + ", ".join(f"{k} {v}" for k, v in environment.items()))
     print("\n| row | GPUs | median step (s) | samples/s | scaling (x) | peak alloc per GPU (GiB) "
-          "| peak reserved, max (GiB) | validation peak (GiB) | estimate (GiB) | to first step (s) | cache "
-          "| model load (s) | TFLOP/s per GPU |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| peak reserved, max (GiB) | validation peak (GiB) | on the card: training / validation (GiB) "
+          "| estimate, on the card (GiB) | host peak (GiB) | to first step (s) | cache | model load (s) "
+          "| TFLOP/s per GPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         cache = "warm" if r["encoded_clips"] == 0 else "cold"
         per_gpu = ", ".join(fmt(m, ".2f") for m in r["peak_memory_allocated_gib_per_process"] or [None])
         print(f"| {r['row']} | {r['processes']} | {fmt(r['median_step_time_s'])} "
               f"| {fmt(r['samples_per_second'], '.2f')} | {fmt(r['scaling'], '.2f')} | {per_gpu} "
               f"| {fmt(r['peak_memory_reserved_gib'], '.1f')} | {fmt(r.get('peak_memory_validation_gib'), '.2f')} "
-              f"| {fmt(r.get('estimated_peak_gib'), '.2f')} | {fmt(r['seconds_to_first_step'], '.1f')} | {cache} "
+              f"| {fmt(r.get('peak_device_memory_gib'), '.2f')} / {fmt(r.get('peak_device_memory_validation_gib'), '.2f')} "
+              f"| {fmt(r.get('estimated_peak_gib'), '.2f')} | {fmt(r.get('peak_host_memory_gib'), '.1f')} "
+              f"| {fmt(r['seconds_to_first_step'], '.1f')} | {cache} "
               f"| {fmt(r['model_load_seconds'], '.1f')} | {fmt(r['achieved_tflops'], '.0f')} |")
     for r in results:
         if "resumed" in r:

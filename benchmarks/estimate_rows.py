@@ -3,7 +3,10 @@
     python benchmarks/estimate_rows.py [ROW ...]      # default: every row of bench_train.ROWS
 
 Each row's flags go through the trainer's own parser, settings and memory.plan_for, as train_cogvideox_lora.py does
-before loading anything; the compiled blocks and bf16 of the GPU runs are assumed.
+before loading anything; the compiled blocks and bf16 of the GPU runs are assumed. The estimate is the device-level
+peak (as nvidia-smi counts it): PyTorch's allocated tensors (training or validation, whichever is more) and the
+CUDA context, kernels and allocator slack planned for beside them (memory.CONTEXT_AND_KERNELS_GIB,
+memory.ALLOCATOR_SLACK_GIB); a row's --max_gpu_memory is taken as the card's size, all of it free.
 """
 
 import inspect
@@ -38,11 +41,13 @@ def estimate(row: str) -> tuple[memory.Plan, memory.MemoryEstimate]:
 
 
 def main():
-    print("| row | plan | estimate (GiB) | training | validation |\n| --- | --- | --- | --- | --- |")
+    print("| row | plan | estimate on the card (GiB) | allocated: training | validation | context, kernels, slack |"
+          "\n| --- | --- | --- | --- | --- | --- |")
     for row in sys.argv[1:] or ROWS:
         plan, needed = estimate(row)
         print(f"| {row} | {plan.flags()} | {needed.total_gib:.2f} | {needed.training_gib:.2f} "
-              f"| {'—' if needed.validation_gib is None else format(needed.validation_gib, '.2f')} |")
+              f"| {'—' if needed.validation_gib is None else format(needed.validation_gib, '.2f')} "
+              f"| {needed.overhead_gib:.2f} |")
 
 
 if __name__ == "__main__":

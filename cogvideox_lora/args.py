@@ -220,8 +220,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                             "frozen weights in pinned CPU memory and copy them to the GPU before their forward pass "
                             "and their recompute, the next one while the current one runs.")
     train.add_argument("--max_gpu_memory", type=float, default=None,
-                       help="GiB of GPU memory this process may use (default: all of the GPU's): --offload auto fits "
-                            "under it, and the process is held to it (torch.cuda.set_per_process_memory_fraction).")
+                       help="The card's memory in GiB, as nvidia-smi counts it (an 8 GB card: 8); default: what the "
+                            "GPU has free when the run starts (less, if less is free). The plan, --offload auto's "
+                            "choice and the estimate count the CUDA context and kernels beside PyTorch's tensors, and "
+                            "PyTorch's allocator is held to the card but them "
+                            "(torch.cuda.set_per_process_memory_fraction).")
     train.add_argument("--compile_blocks", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile each transformer block: faster steps and less memory, after a "
                             "compilation of about half a minute in the first step. Default: on with a GPU.")

@@ -34,6 +34,17 @@ VAE_TILE = (240, 360)
 DECODED_VIDEO_COPIES = 3
 TILE_SCALES = (1.0, 0.5, 0.25)
 OVERHEAD_GIB = 0.4  # cuBLAS/cuDNN workspaces, the loss and the small tensors around the blocks
+# What the card holds beyond the allocator's reservations (device-level, as nvidia-smi counts it): the CUDA context and
+# the kernels cuDNN, cuBLAS, Triton and FlashAttention load, 757-762 MiB (device - memory_reserved) in every
+# uncapped row on an H100 (issue 27), rounded up. Before the first CUDA work part of it is not loaded yet: the
+# plan assumes the larger of this and what is measured then plus KERNELS_TO_LOAD_GIB, and measures again after
+# the first step (recheck). KERNELS_TO_LOAD_GIB and ALLOCATOR_SLACK_GIB are not measured yet: starting values for
+# benchmarks/card_rows.sh's rows (device peak, overhead after the first step) to correct.
+CONTEXT_AND_KERNELS_GIB = 0.76
+KERNELS_TO_LOAD_GIB = 0.25
+# Room between the tensors' peak and what the allocator reserves for them (rounding to its blocks, fragments
+# that expandable segments leave): the plan keeps it free under the cap.
+ALLOCATOR_SLACK_GIB = 0.25
 # Pinned host-to-GPU copies measured on the H200 machine (51.6 GiB/s, BENCHMARKS.md); a PCIe 4 x16 card gets
 # about half, which is what is assumed.
 HOST_LINK_GIB_PER_S = 25.0
@@ -94,6 +105,7 @@ class Workload:
     float8_blocks: bool = False  # the attention and feed-forward weights (12 w^2 a block) take one byte each
     validation_latent: tuple[int, int, int] | None = None
     tiled_vae: bool = True
+    overhead_gib: float = 0.0  # what the card holds beyond the tensors: context, kernels, the allocator's slack
 
 
 @dataclass
@@ -102,20 +114,30 @@ class MemoryEstimate:
     adapter_gib: float
     activations_gib: float
     validation_gib: float | None  # the whole peak while validation videos are made
+    overhead_gib: float = 0.0  # Workload.overhead_gib: on the card, beside the allocator's tensors
+    weights_to_host_gib: float = 0.0  # frozen weights that wait in host memory while validation videos decode
 
     @property
     def training_gib(self) -> float:
         return self.weights_gib + self.adapter_gib + self.activations_gib + OVERHEAD_GIB
 
     @property
-    def total_gib(self) -> float:
+    def allocator_gib(self) -> float:
+        """The peak of PyTorch's allocated tensors, training or validation (what torch.cuda counts)."""
         return max(self.training_gib, self.validation_gib or 0.0)
+
+    @property
+    def total_gib(self) -> float:
+        """The device-level peak (as nvidia-smi counts it), context and kernels included."""
+        return self.allocator_gib + self.overhead_gib
 
     def __str__(self) -> str:
         text = (f"about {self.total_gib:.1f} GiB: training {self.training_gib:.1f} (frozen weights "
                 f"{self.weights_gib:.1f}, LoRA with gradients and optimizer states {self.adapter_gib:.1f}, "
                 f"activations {self.activations_gib:.1f}, other {OVERHEAD_GIB:.1f})")
-        return text + (f", validation videos {self.validation_gib:.1f}" if self.validation_gib else "")
+        text += f", validation videos {self.validation_gib:.1f}" if self.validation_gib else ""
+        return text + (f", CUDA context, kernels and allocator slack {self.overhead_gib:.1f}" if self.overhead_gib
+                       else "")
 
 
 def _width(config: dict) -> int:
@@ -179,7 +201,7 @@ def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
     adapter = layers * 4 * 2 * width * work.rank  # A and B of q, k, v, out in every block
     adapter_gib = adapter * (4 + 4 + work.optimizer_state_bytes) / GIB
     training = weights / GIB + adapter_gib + activations / GIB + OVERHEAD_GIB
-    validation = None
+    validation, to_host = None, 0.0
     if work.validation_latent is not None:
         # The optimizer states wait on the host meanwhile and the gradients are freed: the adapter's weights stay.
         # Guidance's two samples go through the transformer one at a time (validation.py).
@@ -188,10 +210,12 @@ def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
                                     + dequantized) / GIB
         without_weights = with_weights - (weights - min(2, swapped) * one_block) / GIB  # the slots stay
         decoding = decode_plan(with_weights, without_weights, work.validation_latent, training,
-                               1.0 if work.tiled_vae else untiled_scale(work.validation_latent)).peak_gib
-        validation = max(denoising, decoding)
+                               1.0 if work.tiled_vae else untiled_scale(work.validation_latent))
+        validation = max(denoising, decoding.peak_gib)
+        to_host = with_weights - without_weights if decoding.weights_on_host else 0.0
     return MemoryEstimate(weights_gib=weights / GIB, adapter_gib=adapter_gib, activations_gib=activations / GIB,
-                          validation_gib=validation)
+                          validation_gib=validation, overhead_gib=work.overhead_gib,
+                          weights_to_host_gib=to_host)
 
 
 def vae_decode_gib(latent: tuple[int, int, int], tile_scale: float = 1.0) -> float:
@@ -229,13 +253,20 @@ def decode_plan(with_weights_gib: float, without_weights_gib: float, latent, lim
 
 
 def plan_for(request: "Request", config: dict, latent, validation_latent, batch_size: int, rank: int,
-             compiled: bool, weight_bytes: float, budget_gib: float | None) -> tuple[Workload, Plan, MemoryEstimate]:
+             compiled: bool, weight_bytes: float, budget_gib: float | None,
+             overhead_gib: float = CONTEXT_AND_KERNELS_GIB + ALLOCATOR_SLACK_GIB
+             ) -> tuple[Workload, Plan, MemoryEstimate]:
     """The workload of a run (what is trained at its largest latent size, and what is validated, or None) and the
-    plan it asks for (with auto: the first that fits budget_gib)."""
+    plan it asks for (with auto: the first whose device-level peak, overhead_gib beside the tensors, fits
+    budget_gib)."""
     work = Workload(config, latent, batch_size, rank, compiled, weight_bytes=weight_bytes,
                     optimizer_state_bytes=2 if request.use_8bit_adam else 8, float8_blocks=request.fp8_base_weights,
-                    validation_latent=validation_latent, tiled_vae=request.tiled_vae)
+                    validation_latent=validation_latent, tiled_vae=request.tiled_vae, overhead_gib=overhead_gib)
     plan, needed = fit(work, request.plan, budget_gib, auto=request.auto)
+    if budget_gib is not None and budget_gib <= overhead_gib:
+        raise DoesNotFit(f"{budget_gib:.2f} GiB of GPU memory leaves nothing for PyTorch's tensors beside the CUDA "
+                         f"context, kernels and allocator slack ({overhead_gib:.2f} GiB): allow more with "
+                         f"--max_gpu_memory (the card's size, as nvidia-smi counts it), or free GPU memory.")
     return work, plan, needed
 
 
@@ -247,18 +278,20 @@ def text_encoder_bytes(config: dict, weight_bytes: float) -> float:
     return (config["vocab_size"] * config["d_model"] + config["num_layers"] * layer) * weight_bytes
 
 
-def cost(work: Workload, plan: Plan) -> str:
-    """What the plan's offloading takes: pinned host memory and copies per step."""
+def pinned_bytes(work: Workload, plan: Plan) -> tuple[float, float]:
+    """The pinned host memory of the plan's offloading: the checkpointed activations' buffers and the swapped
+    blocks' frozen weights."""
     config, layers = work.config, work.config["num_layers"]
     one_tensor = work.batch_size * _tokens(config, work.latent) * _width(config) * 2
-    host, copied = 0.0, 0.0
-    if plan.offload_activations:
-        host += layers * one_tensor
-        copied += 2 * layers * one_tensor
-    if plan.blocks_to_swap:
-        swapped = block_bytes(config, work.weight_bytes, work.float8_blocks) * min(plan.blocks_to_swap, layers)
-        host += swapped
-        copied += 2 * swapped  # in for the forward pass and again for the recompute
+    activations = layers * one_tensor if plan.offload_activations else 0.0
+    return activations, block_bytes(config, work.weight_bytes, work.float8_blocks) * min(plan.blocks_to_swap, layers)
+
+
+def cost(work: Workload, plan: Plan) -> str:
+    """What the plan's offloading takes: pinned host memory and copies per step."""
+    activations, swapped = pinned_bytes(work, plan)
+    # Activations go out and back; swapped weights come in for the forward pass and again for the recompute.
+    host, copied = activations + swapped, 2 * (activations + swapped)
     if not copied:
         return "no offloading"
     return (f"{host / GIB:.1f} GiB of pinned CPU memory; {copied / GIB:.1f} GiB copied a step (about "
@@ -296,13 +329,74 @@ def fit(work: Workload, plan: Plan, budget_gib: float | None, auto: bool) -> tup
         f"--max_num_frames (and validation sizes), or allow more with --max_gpu_memory.")
 
 
+def assumed_overhead(measured_gib: float | None) -> float:
+    """The context and kernels to plan for, before the first step: CONTEXT_AND_KERNELS_GIB, or what is measured
+    (the context, before most kernels load) and KERNELS_TO_LOAD_GIB, whichever is more."""
+    return max(CONTEXT_AND_KERNELS_GIB, (measured_gib or 0.0) + KERNELS_TO_LOAD_GIB)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The card memory a run may take, device-level (--max_gpu_memory, or what was free at start, whichever is
+    less), and the context and kernels it planned for beside the allocator."""
+
+    limit_gib: float
+    overhead_gib: float
+    capped: bool  # --max_gpu_memory given: the allocator is held to allocator_gib
+
+    @property
+    def allocator_gib(self) -> float:
+        """What PyTorch's allocator may reserve: the limit but the context and kernels."""
+        return self.limit_gib - self.overhead_gib
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """What the overhead measured after the first step means for the run: budget, the one to hold the allocator
+    to from now on (None: as it is); message, a line to log; stop, whether the run must end with it as an error."""
+
+    budget: Budget | None = None
+    message: str | None = None
+    stop: bool = False
+
+
+def recheck(work: Workload, asked: Plan, plan: Plan, budget: Budget, measured_gib: float) -> Recheck:
+    """The plan against the context and kernels measured after the first step (measured_gib), where it was made with
+    budget.overhead_gib: as it was if that was enough (or if the plan never fitted: the start said so); the
+    allocator held tighter if it still fits; else a stop naming the plan that would fit, from `asked` on."""
+    if measured_gib <= budget.overhead_gib:
+        return Recheck()
+    planned = estimate(work, plan)
+    measured = replace(work, overhead_gib=work.overhead_gib - budget.overhead_gib + measured_gib)
+    needed = estimate(measured, plan)
+    tighter = replace(budget, overhead_gib=measured_gib)
+    said = (f"After the first step the CUDA context and kernels take {measured_gib:.2f} GiB, not the "
+            f"{budget.overhead_gib:.2f} planned for")
+    if planned.total_gib > budget.limit_gib:
+        return Recheck()
+    if needed.total_gib <= budget.limit_gib:
+        return Recheck(tighter if budget.capped else None,
+                       f"{said}: the plan still fits the {budget.limit_gib:.1f} GiB (about {needed.total_gib:.1f}).")
+    try:
+        fits, fitted = fit(measured, asked, budget.limit_gib, auto=True)
+        advice = (f"{fits.flags()} would fit (about {fitted.total_gib:.1f} GiB): rerun with those flags in place of "
+                  f"--offload auto or the plan's")
+    except DoesNotFit as e:
+        advice = str(e)
+    return Recheck(message=f"{said}: {plan} needs about {needed.total_gib:.1f} GiB of the {budget.limit_gib:.1f} "
+                           f"this run may take, and would run out of memory; {advice}.", stop=True)
+
+
 class Peaks:
     """Peak GPU memory (allocated, reserved) of each part of a run: "encoding" (what the cache lacked, before
     training), "training", "validation" and, within it, "decoding" (the VAE's). PyTorch keeps one peak, so it
-    is read and reset as a part begins and ends."""
+    is read and reset as a part begins and ends. With a sampler (device_memory.Sampler), the process's
+    device-level peak of each part too (None where unknown)."""
 
-    def __init__(self):
+    def __init__(self, sampler=None):
         self.gib = {part: (0.0, 0.0) for part in ("encoding", "training", "validation", "decoding")}
+        self.device_gib: dict[str, float | None] = dict.fromkeys(self.gib)
+        self.sampler = sampler
         self.current = "training"
 
     def _read(self, part: str) -> tuple[float, float]:
@@ -310,6 +404,9 @@ class Peaks:
             now = torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
             self.gib[part] = tuple(map(max, self.gib[part], now))
             torch.cuda.reset_peak_memory_stats()
+        device = None if self.sampler is None else self.sampler.take()
+        if device is not None:
+            self.device_gib[part] = max(self.device_gib[part] or 0.0, device)
         return self.gib[part]
 
     @contextlib.contextmanager
@@ -329,3 +426,8 @@ class Peaks:
     def validation(self) -> tuple[float, float]:
         """Validation's peaks, its decoding included."""
         return tuple(map(max, self.gib["validation"], self.gib["decoding"]))
+
+    def device_validation(self) -> float | None:
+        """Validation's device-level peak, its decoding included (None where unknown)."""
+        known = [g for g in (self.device_gib["validation"], self.device_gib["decoding"]) if g is not None]
+        return max(known) if known else None

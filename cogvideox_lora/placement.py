@@ -1,7 +1,8 @@
 """Where a run's tensors live: the one owner of the memory plan once it is made (memory.py makes it).
 
 It applies a memory.Plan to the transformer (block swap, activation offload, gradient checkpointing), holds the
-process to its GPU memory cap, measures each part's peak (memory.Peaks), and makes room for validation videos:
+process to its GPU memory cap (the card's, but the CUDA context and kernels: memory.Budget, checked again after the
+first step), measures each part's peak (memory.Peaks; the card's figure too, device_memory), and makes room for validation videos:
 the optimizer's state waits on the host, guidance's two samples go one at a time, and the VAE's decode stays under
 training's peak (memory.decode_plan) with the transformer's frozen weights on the host and smaller tiles where
 that is needed.
@@ -12,8 +13,8 @@ import logging
 
 import torch
 
-from . import recompute
-from .memory import GIB, VAE_TILE, Peaks, Plan, decode_plan, untiled_scale
+from . import device_memory, recompute
+from .memory import GIB, VAE_TILE, Budget, Peaks, Plan, Recheck, Workload, decode_plan, recheck, untiled_scale
 from .offload import ActivationOffload, BlockSwap, frozen_tensors, on_host
 
 logger = logging.getLogger(__name__)
@@ -23,10 +24,14 @@ class Placement:
     """A memory.Plan for one device. apply() sets it up on the transformer; validating() and generating() make room
     for validation videos."""
 
-    def __init__(self, plan: Plan, device, peaks: Peaks | None = None):
+    def __init__(self, plan: Plan, device, peaks: Peaks | None = None, budget: Budget | None = None,
+                 work: Workload | None = None, asked: Plan | None = None):
+        """budget, work and asked (the plan the command line asked for): what recheck() weighs the plan with."""
         self.plan, self.device = plan, torch.device(device)
         self.peaks = peaks or Peaks()
+        self.budget, self.work, self.asked = budget, work, asked
         self.swap: BlockSwap | None = None
+        self.offload: ActivationOffload | None = None
         self.decoding = None  # the last decode plan, to say when it changes
 
     def apply(self, transformer) -> None:
@@ -35,8 +40,26 @@ class Placement:
         if self.plan.blocks_to_swap:
             self.swap = BlockSwap(transformer.transformer_blocks, self.plan.blocks_to_swap, self.device)
         if self.plan.checkpointing:
-            recompute.enable(transformer, self.plan.checkpointing,
-                             ActivationOffload(self.device) if self.plan.offload_activations else None, self.swap)
+            self.offload = ActivationOffload(self.device) if self.plan.offload_activations else None
+            recompute.enable(transformer, self.plan.checkpointing, self.offload, self.swap)
+
+    def pinned_gib(self) -> float:
+        """The host memory the offloading holds now: the swapped blocks' weights and the activations' buffers."""
+        swapped = [] if self.swap is None else [t for tensors in self.swap.host.values() for t in tensors]
+        buffers = [] if self.offload is None else list(self.offload.buffers.values())
+        return sum(t.nbytes for t in swapped + buffers) / GIB
+
+    def recheck(self) -> Recheck:
+        """After the first step: the plan against the context and kernels measured now (memory.recheck), the
+        allocator held tighter where that is enough. Nothing without a GPU, NVML or budget."""
+        measured = device_memory.overhead_gib(self.device)
+        if measured is None or self.budget is None or self.work is None:
+            return Recheck()
+        checked = recheck(self.work, self.asked or self.plan, self.plan, self.budget, measured)
+        if checked.budget is not None:
+            self.budget = checked.budget
+            hold_to(checked.budget.allocator_gib, self.device)
+        return checked
 
     @contextlib.contextmanager
     def validating(self, optimizer=None):
@@ -86,11 +109,13 @@ class Placement:
         pipe.decode_latents = decode_latents
 
 
-def hold_to(max_gpu_memory: float | None, device) -> None:
-    """Holds this process's allocator to max_gpu_memory GiB of the GPU (nothing without a cap or a GPU)."""
-    if max_gpu_memory and torch.cuda.is_available():
+def hold_to(allocator_gib: float | None, device) -> None:
+    """Holds this process's allocator to allocator_gib GiB of the GPU: a memory.Budget's allocator_gib, the card
+    but the context and kernels, which sit beside the allocator (nothing without a cap or a GPU)."""
+    if allocator_gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(device).total_memory / GIB
-        torch.cuda.set_per_process_memory_fraction(min(1.0, max_gpu_memory / total), torch.cuda.current_device())
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, allocator_gib / total)),
+                                                   torch.cuda.current_device())
 
 
 def _gpu_held_gib() -> float | None:
