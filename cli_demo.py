@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="What the video shows.")
     p.add_argument("--model_path", default="THUDM/CogVideoX-2b",
                    help="Hub id or local folder of a diffusers CogVideoX model (an I2V one for --generate_type i2v).")
+    p.add_argument("--cache_dir", default=None,
+                   help="The trainer's --cache_dir: a hub model is looked for there first, then in the Hugging Face "
+                        "cache (HF_HUB_CACHE), and downloaded into it if in neither.")
     p.add_argument("--lora_path", default=None,
                    help="The trainer's --output_dir, a LoRA .safetensors file or a Hub repo holding one.")
     p.add_argument("--lora_scale", type=float, default=1.0,
@@ -120,7 +123,8 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     try:
         chosen = inference.plan(args.model_path, args.generate_type, args.lora_path, args.num_frames, args.height,
-                                args.width, args.ignore_learned_positional_embeddings, args.allow_lora_mismatch)
+                                args.width, args.ignore_learned_positional_embeddings, args.allow_lora_mismatch,
+                                args.cache_dir)
         if chosen.generate_type == "i2v" and not args.image_or_video_path:
             raise inference.InputError(f"{args.model_path} is an image-to-video model: give --image_or_video_path, "
                                        f"the image the video starts from.")
@@ -131,7 +135,8 @@ def main(argv=None) -> Path:
         for note in chosen.notes:
             print(note)
         pipe = inference.load_pipeline(args.model_path, chosen.generate_type, inference.DTYPES[args.dtype],
-                                       chosen.ignore_learned_positional_embeddings, args.attention_backend)
+                                       chosen.ignore_learned_positional_embeddings, args.attention_backend,
+                                       args.cache_dir)
         if chosen.lora_file:
             strength = inference.load_lora(pipe, chosen.lora_file, args.lora_scale)
             print(f"LoRA {chosen.lora_file}: applied at {strength:g} (its alpha/rank x --lora_scale "

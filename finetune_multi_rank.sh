@@ -6,7 +6,7 @@
 # (and --latent_cache_dir) path. MODEL_PATH, DATA_ROOT and OUTPUT_DIR work as in finetune_single_rank.sh;
 # ACCELERATE_CONFIG=accelerate_config_deepspeed_zero2.yaml trains with DeepSpeed ZeRO-2 instead of DDP.
 set -euo pipefail
-cd "$(dirname "$0")"
+here=$(cd "$(dirname "$0")" && pwd)
 
 positional=()
 while (($#)) && [[ $1 != -* ]]; do positional+=("$1"); shift; done
@@ -21,4 +21,4 @@ export OUTPUT_DIR=${OUTPUT_DIR:-cogvideox-lora-multi-gpu}
 export LAUNCH_ARGS="--machine_rank $MACHINE_RANK --num_machines $NUM_MACHINES \
 --num_processes $((NUM_MACHINES * GPUS_PER_MACHINE)) --main_process_ip $MAIN_PROCESS_IP \
 --main_process_port $MAIN_PROCESS_PORT ${LAUNCH_ARGS:-}"
-exec bash finetune_single_rank.sh "$@"
+exec bash "$here/finetune_single_rank.sh" "$@"

@@ -4,8 +4,10 @@
 # to this script is passed on and wins over the one below, e.g.
 #   MODEL_PATH=/models/CogVideoX-5b bash finetune_single_rank.sh --use_8bit_adam --gradient_checkpointing
 # finetune_multi_rank.sh runs this same command with ACCELERATE_CONFIG and LAUNCH_ARGS set.
+# Paths (MODEL_PATH, DATA_ROOT, OUTPUT_DIR, flags) are taken from where you run it, as any command's are: the
+# script stays in your directory and finds its own files beside it.
 set -euo pipefail
-cd "$(dirname "$0")"
+here=$(cd "$(dirname "$0")" && pwd)
 
 MODEL_PATH=${MODEL_PATH:-THUDM/CogVideoX-2b}
 DATA_ROOT=${DATA_ROOT:-~/disney/}
@@ -15,9 +17,13 @@ CACHE_DIR=${CACHE_DIR:-~/.cache}
 # Expandable segments let PyTorch grow memory blocks instead of fragmenting: fewer out-of-memory errors.
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
+# An ACCELERATE_CONFIG that is not a file here is one of the script's own.
+config=${ACCELERATE_CONFIG:-accelerate_config_machine_single.yaml}
+[[ -f $config ]] || config=$here/$config
+
 # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
-accelerate launch --config_file "${ACCELERATE_CONFIG:-accelerate_config_machine_single.yaml}" ${LAUNCH_ARGS:-} \
-  train_cogvideox_lora.py \
+accelerate launch --config_file "$config" ${LAUNCH_ARGS:-} \
+  "$here/train_cogvideox_lora.py" \
   --pretrained_model_name_or_path "$MODEL_PATH" \
   --cache_dir "$CACHE_DIR" \
   --enable_tiling \

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from tqdm.auto import tqdm
 
 from cogvideox_lora import (attention, checkpoints, device_memory, distributed, host_memory, hub, memory, models,
-                            settings, transformer, writable)
+                            run_record, settings, transformer, writable)
 from cogvideox_lora.args import parse_args, tracker_config
 from cogvideox_lora.data import (DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches, long_prompts,
                                  unfillable_batch)
@@ -82,6 +82,7 @@ class Inputs(NamedTuple):
     tokenizer: object
     resume_from: Path | None
     tracker_config: dict
+    record: run_record.RunRecord  # written into each checkpoint, checked on resume
 
 
 def check_inputs(args) -> Inputs:
@@ -90,17 +91,24 @@ def check_inputs(args) -> Inputs:
     unusable = hub.push_problems(run.output.push) + writable.run_problems(run.output, run.latent_cache_dir)
     if unusable:
         sys.exit("error: " + "\n  ".join(unusable))
-    data = hub.resolve_dataset(run.data)
-    run = replace(run, data=data)
-    transformer_config, vae_config, text_encoder_config, family = models.read_configs(run.model)
-    frames = replace(run.frames, temporal_compression=vae_config["temporal_compression_ratio"])
-    clips, bad_clips = check_dataset(data.root, data.caption_column, data.video_column, data.dataset_file,
-                                     data.id_token, data.image_column, frames, skip_bad=data.skip_bad,
-                                     buckets=run.buckets)
+    model, model_problem = find_model(run)
+    # The dataset is checked even where the model is not found, so that one message says all there is to fix.
+    try:
+        data = hub.resolve_dataset(run.data)
+        frames = replace(run.frames, temporal_compression=model.vae["temporal_compression_ratio"]) if model \
+            else run.frames
+        clips, bad_clips = check_dataset(data.root, data.caption_column, data.video_column, data.dataset_file,
+                                         data.id_token, data.image_column, frames, skip_bad=data.skip_bad,
+                                         buckets=run.buckets)
+    except DatasetError as e:
+        sys.exit(f"error: {e}" + (f"\nand the model: {model_problem}" if model_problem else ""))
+    if model_problem:
+        raise models.ModelError(model_problem)
+    run = replace(run, data=data, model=model.source)
     per_clip = clip_settings(clips, frames, run.buckets)
     sizes = sorted({(s.max_num_frames, s.height, s.width) for s in per_clip}, key=lambda s: s[0] * s[1] * s[2])
-    problems = family.problems(run.model.path, run.validation.prompts, run.validation.images,
-                               run.ignore_learned_positional_embeddings, sizes, frames.temporal_compression)
+    problems = model.family.problems(run.model.path, run.validation.prompts, run.validation.images,
+                                     run.ignore_learned_positional_embeddings, sizes, frames.temporal_compression)
     unfilled = unfillable_batch(per_clip, run.training.batch_size, settings.processes())
     if unfilled:
         problems.append(unfilled)
@@ -112,14 +120,50 @@ def check_inputs(args) -> Inputs:
                     if args.validation_prompt is None else f"--validation_prompt {args.validation_prompt!r}")
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
+    tokenizer = count_prompt_tokens(run, model, clips)
+    resume_from = checkpoints.checkpoint_to_resume(run.output.output_dir, run.output.resume_from_checkpoint)
+    record = record_of(run, model, clips)
+    if resume_from is not None:
+        problems = run_record.resume_problems(resume_from, record)
+        if problems:
+            raise checkpoints.CheckpointError("\n  ".join(problems))
+    return Inputs(run, frames, model.transformer, model.vae, model.text_encoder, model.family, clips, per_clip,
+                  sizes, tokenizer, resume_from, tracker_config(args), record)
+
+
+def record_of(run: settings.Settings, model: models.Configs, clips: list) -> run_record.RunRecord:
+    training, frames = run.training, run.frames
+    return run_record.RunRecord(
+        run_record.describe_model(model.family.name, model.transformer),
+        run_record.describe_size(frames.max_num_frames, frames.height, frames.width, run.buckets),
+        run.lora.rank, run.lora.alpha, settings.processes(), training.batch_size,
+        training.gradient_accumulation_steps, run_record.clip_digests(clips, run.data.root))
+
+
+def find_model(run: settings.Settings) -> tuple[models.Configs | None, str | None]:
+    """The model's configs, or why they cannot be read. A dry run needs its configs alone."""
+    try:
+        model = models.check_model(run.model, loading=not run.dry_run)
+    except models.ModelError as e:
+        return None, str(e)
+    if model.source.files and model.source.files != model.source.path:
+        logger.info("Model %s: read from %s", model.source.path, model.source.files)
+    return model, None
+
+
+def count_prompt_tokens(run: settings.Settings, model: models.Configs, clips: list):
+    """Warns of prompts the text encoder cuts; returns the tokenizer (None where a dry run has none to read)."""
+    if run.dry_run and not model.has_tokenizer:
+        logger.warning("Prompt lengths not counted: %s has no tokenizer/ here, and --dry_run reads only the "
+                       "configs.", run.model.path)
+        return None
     tokenizer = models.load_tokenizer(run.model)
-    too_long = long_prompts(clips, tokenizer, transformer_config["max_text_seq_length"])
+    limit = model.transformer["max_text_seq_length"]
+    too_long = long_prompts(clips, tokenizer, limit)
     if too_long:
         logger.warning("%d prompt(s) have more tokens than the text encoder takes (%d); the rest is cut:\n  %s",
-                       len(too_long), transformer_config["max_text_seq_length"], "\n  ".join(too_long))
-    resume_from = checkpoints.checkpoint_to_resume(run.output.output_dir, run.output.resume_from_checkpoint)
-    return Inputs(run, frames, transformer_config, vae_config, text_encoder_config, family, clips, per_clip, sizes,
-                  tokenizer, resume_from, tracker_config(args))
+                       len(too_long), limit, "\n  ".join(too_long))
+    return tokenizer
 
 
 def start_accelerator(run: settings.Settings) -> Accelerator:
@@ -390,7 +434,8 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
         log_step(accelerator, model, progress, step, step_loss, grad_norm, step_times[-1])
         done = step + 1
         if (done % training.checkpointing_steps == 0 or stopping) and done < model.max_train_steps:
-            checkpoints.save_checkpoint(accelerator, output_dir, done, training.checkpoints_total_limit)
+            checkpoints.save_checkpoint(accelerator, output_dir, done, training.checkpoints_total_limit,
+                                        inputs.record)
         if stopping and done < model.max_train_steps:
             accelerator.end_training()
             sys.exit(f"Stopped by a signal after step {done}; checkpoint-{done} is saved. Continue with the same "
@@ -424,7 +469,8 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
     """The last checkpoint, the LoRA for inference, a last validation, a summary of the run and its model card."""
     run, output_dir, steps = inputs.run, inputs.run.output.output_dir, model.max_train_steps
     if model.first_step < steps:
-        checkpoints.save_checkpoint(accelerator, output_dir, steps, run.training.checkpoints_total_limit)
+        checkpoints.save_checkpoint(accelerator, output_dir, steps, run.training.checkpoints_total_limit,
+                                    inputs.record)
     if accelerator.is_main_process:
         lora_path = save_lora(accelerator.unwrap_model(model.transformer), output_dir, model.lora_config,
                               trained_on(inputs), run.output.comfyui_lora)

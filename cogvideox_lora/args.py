@@ -386,12 +386,22 @@ def check_args(args) -> list[str]:
         problems.append(in_file)
     resume = resume_path(args.resume_from_checkpoint, args.output_dir)
     if resume and resume != "latest":
-        if not Path(resume).is_dir():
+        if Path(resume).is_file():
+            problems.append(_resume_file_problem(Path(resume)))
+        elif not Path(resume).is_dir():
             problems.append(f"--resume_from_checkpoint {resume} does not exist: give a checkpoint-N folder of an "
                             f"earlier run, or 'latest'.")
         elif not re.fullmatch(r"checkpoint-\d+", Path(resume).name):
             problems.append(f"--resume_from_checkpoint {resume} is not a checkpoint-N folder written by this trainer.")
     return problems + example_problems(args)
+
+
+def _resume_file_problem(path: Path) -> str:
+    folder = next((p for p in path.parents if re.fullmatch(r"checkpoint-\d+", p.name)), None)
+    if folder is None:
+        return f"--resume_from_checkpoint {path} is a file: give a checkpoint-N folder of an earlier run, or 'latest'."
+    return (f"--resume_from_checkpoint {path} is a file of the checkpoint {folder}: a checkpoint is its whole folder, "
+            f"--resume_from_checkpoint {folder}")
 
 
 # The package each tracker of accelerate needs; tensorboardX serves for TensorBoard too.

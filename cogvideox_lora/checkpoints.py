@@ -16,6 +16,7 @@ from pathlib import Path
 from accelerate.utils import DistributedType
 from diffusers import CogVideoXPipeline
 
+from . import run_record
 from .comfyui import COMFYUI_LORA_NAME
 from .lora import LORA_WEIGHTS_NAME, load_lora_state_dict, save_lora
 
@@ -139,8 +140,10 @@ def register_lora_hooks(accelerator, transformer, lora_config, trained_on=None, 
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None) -> Path:
-    """Every process must call this: each writes its own RNG state into the folder."""
+def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None,
+                    record: run_record.RunRecord | None = None) -> Path:
+    """Every process must call this: each writes its own RNG state into the folder. record: what the run trains
+    with, which a resume is checked against."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
@@ -151,6 +154,8 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None)
     accelerator.save_state(str(partial), **({"exclude_frozen_parameters": True} if _deepspeed(accelerator) else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if record is not None:
+            run_record.write(record, partial)
         partial.rename(final)
         if total_limit is not None:
             older = [p for p in complete_checkpoints(output_dir) if step_of(p) < step]

@@ -13,11 +13,11 @@ import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
 from diffusers.utils import export_to_video
 
-from . import attention, comfyui, frame_counts
+from . import attention, comfyui, frame_counts, models
 from .checkpoints import complete_checkpoints, step_of
 from .images import open_image
 from .lora import LORA_WEIGHTS_NAME, TrainedOn
-from .models import ModelError, drop_learned_positional_embeddings, read_configs
+from .models import ModelError, drop_learned_positional_embeddings
 from .settings import ModelSource
 
 ADAPTER = "lora"
@@ -34,11 +34,15 @@ class LoraMismatchError(InputError):
 
 
 def load_pipeline(model_path: str, generate_type: str = "t2v", dtype: torch.dtype = torch.bfloat16,
-                  ignore_learned_positional_embeddings: bool = False, attention_backend: str = "auto"):
+                  ignore_learned_positional_embeddings: bool = False, attention_backend: str = "auto",
+                  cache_dir: str | None = None):
     """ignore_learned_positional_embeddings: run CogVideoX-5B-I2V without its learned positional table, as the
     trainer does with the flag of that name (for a LoRA trained so, or for sizes other than 49x480x720).
-    attention_backend: the trainer's --attention_backend; generate() runs under its SDPA preference."""
-    pipe = PIPELINES[generate_type].from_pretrained(model_path, dtype=dtype)
+    attention_backend: the trainer's --attention_backend; generate() runs under its SDPA preference.
+    cache_dir: the trainer's --cache_dir: a hub model is looked for there, then in huggingface_hub's cache, as
+    the trainer does (models.locate). Raises models.ModelError where it is not found."""
+    source = models.locate(ModelSource(model_path, cache_dir=cache_dir), loading=True, flag="--model_path")
+    pipe = PIPELINES[generate_type].from_pretrained(source.location, dtype=dtype, cache_dir=source.cache_dir)
     if ignore_learned_positional_embeddings and pipe.transformer.config.use_learned_positional_embeddings:
         drop_learned_positional_embeddings(pipe.transformer)
     attention.use(pipe.transformer, attention.choose(attention_backend, pipe.transformer.config.attention_head_dim,
@@ -64,9 +68,11 @@ class Plan:
 
 def plan(model_path: str, generate_type: str | None = None, lora_path: str | None = None,
          num_frames: int | None = None, height: int | None = None, width: int | None = None,
-         ignore_learned_positional_embeddings: bool = False, allow_lora_mismatch: bool = False) -> Plan:
+         ignore_learned_positional_embeddings: bool = False, allow_lora_mismatch: bool = False,
+         cache_dir: str | None = None) -> Plan:
     """Checks that the model, the LoRA and the settings go together, reading configs and file headers only;
-    raises InputError naming every problem. Unset settings come from the LoRA's training, else the model."""
+    raises InputError naming every problem. Unset settings come from the LoRA's training, else the model.
+    cache_dir: the trainer's --cache_dir, where a hub model is looked for first (see load_pipeline)."""
     problems = []
     lora_file = family = None
     try:
@@ -74,7 +80,7 @@ def plan(model_path: str, generate_type: str | None = None, lora_path: str | Non
     except InputError as e:
         problems.append(str(e))
     try:
-        family, temporal_compression = model_family(model_path)
+        family, temporal_compression = model_family(model_path, cache_dir)
     except InputError as e:
         problems.append(str(e))
     if problems:
@@ -90,18 +96,14 @@ def plan(model_path: str, generate_type: str | None = None, lora_path: str | Non
     return chosen
 
 
-def model_family(model_path: str):
-    """(models.Family, the VAE's temporal compression) from the model's configs alone."""
+def model_family(model_path: str, cache_dir: str | None = None):
+    """(models.Family, the VAE's temporal compression) from the model's configs alone, found as the trainer
+    finds them (models.check_model: one line naming what was looked for and how to get it)."""
     try:
-        _, vae, _, family = read_configs(ModelSource(model_path))
+        model = models.check_model(ModelSource(model_path, cache_dir=cache_dir), loading=True, flag="--model_path")
     except ModelError as e:
         raise InputError(str(e)) from None
-    except (OSError, ValueError, KeyError) as e:  # diffusers and transformers: missing files, offline hub
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"--model_path {model_path}: no CogVideoX model could be read there ({reason}). Give a "
-                         f"diffusers CogVideoX folder (model_index.json, transformer/, vae/...) or a Hub id; offline, "
-                         f"a Hub model must be in the cache already (hf download {model_path}).") from None
-    return family, vae["temporal_compression_ratio"]
+    return model.family, model.vae["temporal_compression_ratio"]
 
 
 def _generate_type(family, model_path: str, asked: str | None) -> str:

@@ -1,10 +1,15 @@
 """Loading the parts of a CogVideoX model folder or hub id, each only when it is needed."""
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from diffusers import (AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline,
                        CogVideoXPipeline, CogVideoXTransformer3DModel)
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
 
 from .settings import ModelSource
@@ -13,7 +18,10 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ModelError(Exception):
-    """The model folder contradicts itself."""
+    """The model cannot be found or read, or its folder contradicts itself: a message, or a list of problems."""
+
+    def __init__(self, problems: str | list[str]):
+        super().__init__(problems if isinstance(problems, str) else "\n  ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -101,21 +109,154 @@ class Family:
         return problems
 
 
-def read_configs(source: ModelSource) -> tuple[dict, dict, dict, Family]:
+# What may name a model repo on the Hugging Face Hub rather than a local folder.
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# The files of a diffusers CogVideoX folder that the configs are read from, and the parts training loads.
+CONFIG_FILES = ("model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
+                "scheduler/scheduler_config.json")
+LOADED_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
+_EXAMPLE_ID = "THUDM/CogVideoX-2b"
+TRAINER_FLAG = "--pretrained_model_name_or_path"
+
+
+def locate(source: ModelSource, loading: bool, flag: str = TRAINER_FLAG) -> ModelSource:
+    """The source with `files`, the folder its files are read from: a local folder, or a snapshot in a hub cache,
+    --cache_dir's first and then huggingface_hub's own (HF_HUB_CACHE), so a model fetched before (`hf download`,
+    cli_demo.py, another run) is never fetched again. Without `files` (in no cache, or a cached snapshot that
+    lacks parts) loading downloads what is missing into that cache, or --cache_dir.
+
+    Raises one ModelError saying what was looked for and how to get it: `loading` asks for the parts that
+    training loads, else only the configs are needed. flag: the command line's name of the model.
+    """
+    given = f"{flag} {source.path}"
+    local = Path(source.path).expanduser()
+    if local.exists() or not HUB_ID.fullmatch(source.path):
+        problems = _folder_problems(local, given, flag) or _missing_files(source, local, loading, given)
+        if problems:
+            raise ModelError(problems)
+        return replace(source, files=str(local))
+    cached = [(cache, Path(snapshot)) for cache in dict.fromkeys([source.cache_dir, None])
+              if (snapshot := _snapshot(source, cache))]
+    for cache, snapshot in cached:
+        if not _missing_files(source, snapshot, loading, given):
+            return replace(source, cache_dir=cache, files=str(snapshot))
+    if not constants.HF_HUB_OFFLINE:
+        return replace(source, cache_dir=cached[0][0]) if cached else source
+    if cached:
+        raise ModelError(_missing_files(replace(source, cache_dir=cached[0][0]), cached[0][1], loading, given))
+    caches = " and ".join(dict.fromkeys(str(c) for c in (source.cache_dir, constants.HF_HUB_CACHE) if c))
+    raise ModelError(f"{given}: no such folder here, and not in the hub cache ({caches}) while HF_HUB_OFFLINE is "
+                     f"set. Download it where there is a network: {download_command(source)}; or give the folder "
+                     f"that holds it.")
+
+
+def _snapshot(source: ModelSource, cache: str | None) -> str | None:
+    try:
+        return snapshot_download(source.path, revision=source.revision, cache_dir=cache, local_files_only=True)
+    except LocalEntryNotFoundError:
+        return None
+
+
+def download_command(source: ModelSource, parts=(), folder: Path | None = None) -> str:
+    """The `hf download` command that fetches the model (only `parts` of it) where the trainer looks for it."""
+    include = "".join(f" --include '{part}/*'" for part in parts)
+    if folder is not None:
+        return f"hf download {_EXAMPLE_ID}{include} --local-dir '{folder}' (with the hub id it came from)"
+    revision = f" --revision {source.revision}" if source.revision else ""
+    cache = f" --cache-dir '{source.cache_dir}'" if source.cache_dir else ""
+    return f"hf download {source.path}{include}{revision}{cache}"
+
+
+def _folder_problems(folder: Path, given: str, flag: str) -> list[str]:
+    """Why a local path is no diffusers model folder."""
+    if not folder.exists():
+        return [f"{given}: no such folder ({folder.absolute()}). Give the folder that holds model_index.json, or "
+                f"a hub id such as {_EXAMPLE_ID}; to keep a model in a folder: hf download {_EXAMPLE_ID} "
+                f"--local-dir '{folder}'."]
+    if not folder.is_dir():
+        return [f"{given} is a file: give the model's folder, the one that holds model_index.json."]
+    if not (folder / "model_index.json").is_file() and (folder.parent / "model_index.json").is_file():
+        return [f"{given} is the {folder.name}/ part of the model in {folder.parent}: give the model's folder, "
+                f"{flag} {folder.parent}"]
+    if not (folder / "model_index.json").is_file():
+        return [f"{given}: {folder} holds no model_index.json, so it is no diffusers model folder: give the folder "
+                f"that holds model_index.json with transformer/, vae/, text_encoder/, tokenizer/ and scheduler/ "
+                f"(hf download {_EXAMPLE_ID} --local-dir FOLDER fetches one)."]
+    return []
+
+
+def _missing_files(source: ModelSource, folder: Path, loading: bool, given: str) -> list[str]:
+    """The configs a folder lacks, and with `loading` the parts training loads, with the command to fetch them."""
+    missing = [name for name in CONFIG_FILES if not (folder / name).is_file()]
+    if loading:
+        missing += [f"{part}/" for part in LOADED_PARTS if not _holds_part(folder / part)]
+    if not missing:
+        return []
+    local = folder == Path(source.path).expanduser()
+    parts = sorted({name.split("/")[0] for name in missing if "/" in name})
+    return [f"{given}: {folder} lacks {', '.join(missing)}. Fetch {'them' if len(missing) > 1 else 'it'} with "
+            f"{download_command(source, parts, folder if local else None)}"
+            + ("" if local else " (HF_HUB_OFFLINE is set, so nothing is downloaded here)") + "."]
+
+
+def _holds_part(folder: Path) -> bool:
+    """A tokenizer's files, or a model part's weights (a sharded checkpoint's index counts: its shards are
+    checked where they load)."""
+    if folder.name == "tokenizer":
+        return folder.is_dir() and any(p.is_file() for p in folder.iterdir())
+    return any(p.is_file() for pattern in ("*.safetensors", "*.bin", "*.index.json") for p in folder.glob(pattern))
+
+
+class Configs(NamedTuple):
+    """A model's configs and its family, and where its files are."""
+
+    source: ModelSource
+    transformer: dict
+    vae: dict
+    text_encoder: dict
+    family: Family
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.source.files is not None and _holds_part(Path(self.source.files) / "tokenizer")
+
+
+def check_model(source: ModelSource, loading: bool, flag: str = TRAINER_FLAG) -> Configs:
+    """The model found (see locate) and its configs read, or one ModelError."""
+    source = locate(source, loading, flag)
+    return Configs(source, *read_configs(source, flag))
+
+
+def read_configs(source: ModelSource, flag: str = TRAINER_FLAG) -> tuple[dict, dict, dict, Family]:
     """The transformer's, VAE's and text encoder's configs and the model's family: all that differs between
     models is read from them."""
-    transformer = CogVideoXTransformer3DModel.load_config(source.path, subfolder="transformer",
-                                                          **source.hub_kwargs())
-    vae = AutoencoderKLCogVideoX.load_config(source.path, subfolder="vae", **source.hub_kwargs())
-    text_encoder = AutoConfig.from_pretrained(source.path, subfolder="text_encoder", **source.hub_kwargs()).to_dict()
-    pipeline_class = CogVideoXPipeline.load_config(source.path, **source.hub_kwargs())["_class_name"]
+    try:
+        transformer = CogVideoXTransformer3DModel.load_config(source.location, subfolder="transformer",
+                                                              **source.hub_kwargs())
+        vae = AutoencoderKLCogVideoX.load_config(source.location, subfolder="vae", **source.hub_kwargs())
+        text_encoder = AutoConfig.from_pretrained(source.location, subfolder="text_encoder",
+                                                  **source.hub_kwargs()).to_dict()
+        pipeline_class = CogVideoXPipeline.load_config(source.location, **source.hub_kwargs())["_class_name"]
+    except Exception as e:  # diffusers, transformers and huggingface_hub each fail their own way (network, files)
+        reason = f"{type(e).__name__}: {_first_line(e)}"
+        if source.files:
+            raise ModelError(f"{flag} {source.path}: its configs in {source.files} cannot be read ({reason}).") from e
+        raise ModelError(f"{flag} {source.path}: not in the hub cache ({source.cache_dir or constants.HF_HUB_CACHE}), "
+                         f"and its configs cannot be downloaded ({reason}). Without a network, download it where "
+                         f"there is one: {download_command(source)}; else check the id, or log in (hf auth login) "
+                         f"for a gated or private repo.") from e
     family = Family.from_configs(transformer, vae, pipeline_class, source.path)
     return transformer, vae, text_encoder, family
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def load_transformer(source: ModelSource, dtype: torch.dtype):
-    return CogVideoXTransformer3DModel.from_pretrained(source.path, subfolder="transformer", variant=source.variant,
-                                                       torch_dtype=dtype, **source.hub_kwargs())
+    return CogVideoXTransformer3DModel.from_pretrained(source.location, subfolder="transformer",
+                                                       variant=source.variant, torch_dtype=dtype,
+                                                       **source.hub_kwargs())
 
 
 def drop_learned_positional_embeddings(transformer) -> None:
@@ -129,7 +270,7 @@ def drop_learned_positional_embeddings(transformer) -> None:
 
 
 def load_vae(source: ModelSource, dtype: torch.dtype, device, tiling: bool = False, slicing: bool = False):
-    vae = AutoencoderKLCogVideoX.from_pretrained(source.path, subfolder="vae", variant=source.variant,
+    vae = AutoencoderKLCogVideoX.from_pretrained(source.location, subfolder="vae", variant=source.variant,
                                                  torch_dtype=dtype, **source.hub_kwargs())
     if tiling:
         vae.enable_tiling()
@@ -139,17 +280,22 @@ def load_vae(source: ModelSource, dtype: torch.dtype, device, tiling: bool = Fal
 
 
 def load_tokenizer(source: ModelSource):
-    return AutoTokenizer.from_pretrained(source.path, subfolder="tokenizer", **source.hub_kwargs())
+    try:
+        return AutoTokenizer.from_pretrained(source.location, subfolder="tokenizer", **source.hub_kwargs())
+    except Exception as e:  # as read_configs: a missing, partial or unreachable tokenizer/
+        raise ModelError(f"--pretrained_model_name_or_path {source.path}: its tokenizer cannot be loaded "
+                         f"({type(e).__name__}: {_first_line(e)}). Fetch it with "
+                         f"{download_command(source, ['tokenizer'])}") from e
 
 
 def load_text_encoder(source: ModelSource, dtype: torch.dtype, device):
-    text_encoder = T5EncoderModel.from_pretrained(source.path, subfolder="text_encoder", variant=source.variant,
+    text_encoder = T5EncoderModel.from_pretrained(source.location, subfolder="text_encoder", variant=source.variant,
                                                   dtype=dtype, **source.hub_kwargs())
     return text_encoder.requires_grad_(False).eval().to(device)
 
 
 def load_scheduler(source: ModelSource):
-    return CogVideoXDPMScheduler.from_pretrained(source.path, subfolder="scheduler", **source.hub_kwargs())
+    return CogVideoXDPMScheduler.from_pretrained(source.location, subfolder="scheduler", **source.hub_kwargs())
 
 
 class Float8Linear(torch.nn.Linear):

@@ -20,6 +20,12 @@ class ModelSource:
     revision: str | None = None
     variant: str | None = None
     cache_dir: str | None = None
+    files: str | None = None  # the folder holding its files, a hub cache's snapshot for an id (models.locate)
+
+    @property
+    def location(self) -> str:
+        """What the loaders read: the local files where they were found, else the hub id."""
+        return self.files or self.path
 
     def hub_kwargs(self) -> dict:
         return {"revision": self.revision, "cache_dir": self.cache_dir}

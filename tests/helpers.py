@@ -139,9 +139,18 @@ def hub_dataset(cache, repo_id: str, files: dict, commit: str = "0" * 39 + "1", 
     """A dataset as huggingface_hub keeps it in its cache (HF_HUB_CACHE or --cache_dir): refs/REF holding the
     commit, snapshots/COMMIT/ with the files. files: path in the repo -> text, or a file or folder to copy.
     Returns the snapshot folder."""
+    return hub_snapshot(Path(cache) / f"datasets--{repo_id.replace('/', '--')}", files, commit, ref)
+
+
+def hub_model(cache, repo_id: str, model_dir, commit: str = "0" * 39 + "2", ref: str = "main") -> Path:
+    """A model folder laid out as huggingface_hub keeps a model repo in its cache; returns the snapshot folder."""
+    files = {p.relative_to(model_dir).as_posix(): p for p in Path(model_dir).rglob("*") if p.is_file()}
+    return hub_snapshot(Path(cache) / f"models--{repo_id.replace('/', '--')}", files, commit, ref)
+
+
+def hub_snapshot(repo: Path, files: dict, commit: str, ref: str) -> Path:
     import shutil
 
-    repo = Path(cache) / f"datasets--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / ref).write_text(commit)
     snapshot = repo / "snapshots" / commit

@@ -353,7 +353,7 @@ def test_files_that_are_not_loras_and_hub_loras_offline_are_error_lines(tmp_path
         assert f"LoRA not found: {missing} is neither a file nor a folder (relative to {tmp_path})" in message
     # A model that is not there, offline: one line, with the LoRA's problem beside it.
     message = refused(cli("THUDM/CogVideoX-2b", tmp_path / "out.mp4", "--lora_path", "runs/lora"))
-    assert "--model_path THUDM/CogVideoX-2b: no CogVideoX model could be read there" in message
+    assert "--model_path THUDM/CogVideoX-2b: no such folder here, and not in the hub cache" in message
     assert "LoRA not found: runs/lora" in message and "Traceback" not in message
 
 
@@ -451,3 +451,26 @@ def test_the_model_card_code_runs_for_a_lora_without_learned_positions(tmp_path,
     scope = {}
     exec(code, scope)
     assert len(scope["video"]) == 9 and scope["video"][0].size == (64, 32)
+
+
+def test_cli_demo_finds_the_model_where_the_trainer_does(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A hub model in huggingface_hub's cache, or in the trainer's --cache_dir, loads offline from there; one in
+    neither is one error line naming both caches and the download command."""
+    from huggingface_hub import constants
+
+    from helpers import hub_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    standard = hub_model(tmp_path / "hub", "owner/tiny", tiny_model_dir)
+    mine = hub_model(tmp_path / "dot-cache", "owner/mine", tiny_model_dir)
+    for repo_id, cache_dir, snapshot in (("owner/tiny", tmp_path / "dot-cache", standard),
+                                         ("owner/mine", tmp_path / "dot-cache", mine)):
+        pipe = inference.load_pipeline(repo_id, dtype=torch.float32, cache_dir=str(cache_dir))
+        assert pipe.name_or_path == str(snapshot)
+    with pytest.raises(SystemExit) as exit_:
+        cli_demo.main(cli("owner/elsewhere", tmp_path / "out.mp4", "--cache_dir", tmp_path / "dot-cache"))
+    assert str(exit_.value.code) == (
+        f"error: --model_path owner/elsewhere: no such folder here, and not in the hub cache ({tmp_path / 'dot-cache'} "
+        f"and {tmp_path / 'hub'}) while HF_HUB_OFFLINE is set. Download it where there is a network: hf download "
+        f"owner/elsewhere --cache-dir '{tmp_path / 'dot-cache'}'; or give the folder that holds it.")
+    assert not (tmp_path / "out.mp4").exists()

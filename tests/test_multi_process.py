@@ -151,3 +151,28 @@ def test_deepspeed_zero2_checkpoint_saves_and_resumes(runs, tiny_model_dir, tiny
     assert summary(output_dir)["resumed_at_step"] == 4
     assert max_abs_diff(lora(output_dir / "checkpoint-4"), lora(root / "one" / "checkpoint-4")) <= SAME
     assert max_abs_diff(lora(output_dir), lora(root / "one")) <= SAME
+
+
+def test_a_one_process_checkpoint_resumes_on_two_with_the_same_global_batch(runs, tiny_model_dir, tiny_dataset_dir):
+    """One process of batch 2 stopped at step 2, continued by two of batch 1: a warning, and the LoRA that one
+    process would have trained. Two processes of batch 2 would train on other batches: refused, both named."""
+    root, _ = runs
+    output_dir = root / "switch"
+    output_dir.mkdir()
+    shutil.copytree(root / "one" / "checkpoint-2", output_dir / "checkpoint-2")
+
+    def resume(batch):
+        return launch(train_argv(tiny_model_dir, tiny_dataset_dir, output_dir, root / "cache-two", "--max_train_steps",
+                                 4, "--train_batch_size", batch, *COMMON, "--resume_from_checkpoint", "latest"))
+
+    refused = resume(2)
+    assert refused.returncode != 0 and not (output_dir / "checkpoint-4").exists()
+    assert ("checkpoint-2 was trained with a global batch of 2 (1 process(es) x --train_batch_size 2 x "
+            "--gradient_accumulation_steps 1), and this run has 4 (2 process(es) x --train_batch_size 2 x "
+            "--gradient_accumulation_steps 1)") in refused.stderr
+    resumed = check(resume(1))
+    assert ("checkpoint-2 was trained on 1 process(es), this run has 2: the global batch is the same, 2 (2 "
+            "process(es) x --train_batch_size 1 x --gradient_accumulation_steps 1), so the run continues as it "
+            "would have.") in resumed.stderr
+    assert summary(output_dir)["resumed_at_step"] == 2
+    assert max_abs_diff(lora(output_dir), lora(root / "one" / "checkpoint-4")) <= SAME

@@ -427,7 +427,7 @@ class RunsCode:
 def test_checkpoint_pickles_are_never_trusted(straight, tmp_path, tiny_model_dir, tiny_dataset_dir):
     root, _, _ = straight
     checkpoint = root / "straight" / f"checkpoint-{EVERY}"
-    pickled = sorted(p.name for p in checkpoint.iterdir() if p.suffix != ".safetensors")
+    pickled = sorted(p.name for p in checkpoint.iterdir() if p.suffix not in (".safetensors", ".json"))
     assert {"optimizer.bin", "scheduler.bin"} <= set(pickled)
     marker = tmp_path / "code-ran"
     for name in pickled:
@@ -561,3 +561,137 @@ def test_processes_writing_the_cache_at_once_never_corrupt_it(tmp_path, caplog):
     assert all(w.exitcode == 0 for w in writers)
     assert seen and not caplog.records
     assert [p.name for p in tmp_path.iterdir()] == ["entry.safetensors"]  # no temporary file left
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model: found where the user has it, or one line saying what was looked for, with the dataset's problems
+
+
+def test_model_and_dataset_problems_are_reported_together(tmp_path, tiny_model_dir, no_models):
+    (tmp_path / "data").mkdir()
+    message = exit_message(train_argv(tiny_model_dir / "transformer", tmp_path / "data", tmp_path / "out",
+                                      tmp_path / "cache"))
+    assert f"{tmp_path / 'data' / 'prompts.txt'}: not found" in message
+    assert message.endswith(f"and the model: --pretrained_model_name_or_path {tiny_model_dir / 'transformer'} is the "
+                            f"transformer/ part of the model in {tiny_model_dir}: give the model's folder, "
+                            f"--pretrained_model_name_or_path {tiny_model_dir}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_uncached_hub_model_offline_is_one_line(tmp_path, tiny_dataset_dir, no_models):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    result = run_script(train_argv("THUDM/CogVideoX-2b", tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
+                                   "--cache_dir", tmp_path / "dot-cache"), HF_HUB_CACHE=str(hub))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --pretrained_model_name_or_path THUDM/CogVideoX-2b: no such folder here, and not in the hub cache "
+        f"({tmp_path / 'dot-cache'} and {hub}) while HF_HUB_OFFLINE is set. Download it where there is a network: hf "
+        f"download THUDM/CogVideoX-2b --cache-dir '{tmp_path / 'dot-cache'}'; or give the folder that holds it.")
+
+
+def test_dry_run_reads_only_the_configs(tmp_path, tiny_model_dir, tiny_dataset_dir, caplog):
+    configs = tmp_path / "configs"
+    shutil.copytree(tiny_model_dir, configs, ignore=shutil.ignore_patterns("tokenizer", "*.safetensors"))
+    caplog.set_level(logging.INFO)
+    run_main(train_argv(configs, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache", "--dry_run"))
+    assert f"Prompt lengths not counted: {configs} has no tokenizer/ here, and --dry_run reads only the configs." \
+           in caplog.messages
+    assert any(m.startswith("Memory: ") for m in caplog.messages)
+    message = exit_message(train_argv(configs, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache"))
+    assert f"{configs} lacks transformer/, vae/, text_encoder/, tokenizer/" in message
+
+
+SCRIPT_FLAGS = ["--height", 48, "--width", 64, "--max_num_frames", 9, "--rank", 4, "--lora_alpha", 4,
+                "--mixed_precision", "no", "--report_to", "none", "--dry_run", "--latent_cache_dir", "cache"]
+
+
+@pytest.mark.parametrize("script", ["finetune_single_rank.sh", "finetune_multi_rank.sh"])
+def test_wrapper_scripts_take_paths_from_where_they_are_run(tmp_path, tiny_model_dir, tiny_dataset_dir, script):
+    """MODEL_PATH=model DATA_ROOT=data OUTPUT_DIR=out, relative to the caller's folder: the run reads those
+    and protects the earlier run in ./out (a dry run: the refusal shows which folder it looked at)."""
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    shutil.copytree(tiny_dataset_dir, tmp_path / "data")
+    (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
+    env = {**subprocess_env(), "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+           "MODEL_PATH": "model", "DATA_ROOT": "data", "OUTPUT_DIR": "out", "ACCELERATE_USE_CPU": "1",
+           "GPUS_PER_MACHINE": "1", "LAUNCH_ARGS": "--num_processes 1 --mixed_precision no"}
+    result = subprocess.run(["bash", str(REPO / script), *map(str, SCRIPT_FLAGS)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "error: out holds an earlier run (checkpoint-2), which this one would overwrite." in result.stderr
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming: what the checkpoint was trained with is checked before any model loads
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory, tiny_5b_model_dir, tiny_dataset_dir):
+    """A 5B-style T2V run of 2 steps with its checkpoints, its root, and an argv maker that resumes it (dry)."""
+    root = tmp_path_factory.mktemp("resumable")
+    run_main(train_argv(tiny_5b_model_dir, tiny_dataset_dir, root / "out", root / "cache", "--max_train_steps", 2,
+                        "--checkpointing_steps", 1))
+
+    def argv(model=tiny_5b_model_dir, data=tiny_dataset_dir, *extra):
+        return train_argv(model, data, root / "out", root / "cache", "--max_train_steps", 2,
+                          "--resume_from_checkpoint", "latest", "--dry_run", *extra)
+
+    return root, argv
+
+
+@pytest.mark.parametrize("size, name", [("tiny-i2v", "CogVideoX I2V"), ("tiny-1.5", "CogVideoX1.5 T2V")])
+def test_resume_into_another_model_type_is_refused(resumable, tmp_path, size, name, no_models):
+    root, argv = resumable
+    from cogvideox_lora.synthetic import SPECS, build_model_folder
+
+    # With the same attention shapes, so that the LoRA and the optimizer state would load without an error.
+    model = build_model_folder(tmp_path / size, size=size)
+    config = SPECS[size]["transformer"]
+    shape = f"{config['num_layers']} blocks of {config['num_attention_heads'] * config['attention_head_dim']}"
+    message = exit_message(argv(model))
+    assert message == (f"error: checkpoint-2 was trained on model CogVideoX T2V, {shape}, and this run is "
+                       f"{name}, {shape}: resume with the checkpoint's, or start a new run in another "
+                       f"--output_dir.")
+
+
+def test_resume_with_another_rank_size_or_batch_is_refused(resumable, tiny_5b_model_dir, tiny_dataset_dir,
+                                                           no_models):
+    root, argv = resumable
+    checkpoint = root / "out" / "checkpoint-2"
+    message = exit_message(argv(tiny_5b_model_dir, tiny_dataset_dir, "--rank", 8, "--max_num_frames", 5,
+                                "--train_batch_size", 2))
+    assert f"{checkpoint} holds a LoRA of --rank 4 --lora_alpha 4, and this run has --rank 8 --lora_alpha 4" in message
+    assert "was trained on frame size (--max_num_frames x --height x --width) 9x48x64, and this run is 5x48x64" \
+           in message
+    assert "was trained with a global batch of 1 (1 process(es) x --train_batch_size 1 x " \
+           "--gradient_accumulation_steps 1), and this run has 2 (1 process(es) x --train_batch_size 2 x" in message
+
+
+def test_resume_after_clips_were_added_says_so(resumable, tmp_path, tiny_5b_model_dir, tiny_dataset_dir, caplog):
+    root, argv = resumable
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_dir, data)
+    shutil.copy(data / "videos" / "clip_000.mp4", data / "videos" / "extra.mp4")
+    with open(data / "videos.txt", "a") as f:
+        f.write("videos/extra.mp4\n")
+    with open(data / "prompts.txt", "a") as f:
+        f.write("one more clip\n")
+    caplog.set_level(logging.WARNING)
+    # The record names clips relative to the dataset's folder: a copy of it elsewhere is the same dataset.
+    run_main(argv(tiny_5b_model_dir, data))
+    assert [m for m in caplog.messages if "dataset changed" in m] == [
+        "The dataset changed since checkpoint-2 (4 clips then, 5 now): 1 added (videos/extra.mp4). The resumed run "
+        "trains on the clips of now, so its epochs differ from those the stopped run would have had."]
+
+
+def test_resume_from_a_file_of_a_checkpoint_names_its_folder(resumable, tiny_5b_model_dir, tiny_dataset_dir, capsys):
+    root, _ = resumable
+    checkpoint = root / "out" / "checkpoint-2"
+    with pytest.raises(SystemExit):
+        parse_args(train_argv(tiny_5b_model_dir, tiny_dataset_dir, root / "out", root / "cache",
+                              "--resume_from_checkpoint", checkpoint / "pytorch_lora_weights.safetensors"))
+    assert (f"--resume_from_checkpoint {checkpoint / 'pytorch_lora_weights.safetensors'} is a file of the checkpoint "
+            f"{checkpoint}: a checkpoint is its whole folder, --resume_from_checkpoint {checkpoint}") \
+        in capsys.readouterr().err
