@@ -16,7 +16,7 @@ from PIL import Image
 
 from helpers import load_lora_and_collect_warnings, random_lora_b, run_main, train_argv
 import cli_demo
-from cogvideox_lora import frame_counts, inference
+from cogvideox_lora import frame_counts, inference, settings
 from cogvideox_lora.args import parse_args
 from cogvideox_lora.lora import TARGET_MODULES, TrainedOn, add_lora, save_lora
 from cogvideox_lora.model_card import card_text
@@ -326,7 +326,9 @@ def test_a_run_stopped_before_its_end_names_the_checkpoint_that_holds_a_lora(tmp
                                                                             capsys):
     stopped = tmp_path / "stopped"
     shutil.copytree(trained_lora, stopped)
+    # What a stopped run leaves: checkpoints, and neither the final LoRA nor its ComfyUI copy.
     (stopped / "pytorch_lora_weights.safetensors").unlink()
+    (stopped / "pytorch_lora_weights_comfyui.safetensors").unlink()
     message = refused(cli(tiny_model_dir, tmp_path / "out.mp4", "--lora_path", stopped))
     assert "holds no final LoRA" in message and f"--lora_path {stopped / 'checkpoint-6'}" in message
     path = cli_demo.main(cli(tiny_model_dir, tmp_path / "out.mp4", "--lora_path", stopped / "checkpoint-6"))
@@ -406,11 +408,12 @@ def test_validation_at_a_frame_count_the_model_cannot_make_is_refused(tmp_path, 
 
 
 def test_the_model_card_states_the_global_batch(tmp_path, tiny_model_dir, tiny_dataset_dir):
-    args = parse_args(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
-                                 "--train_batch_size", 2, "--gradient_accumulation_steps", 3))
-    family = read_configs(args)[3]
+    run = settings.from_args(parse_args(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out",
+                                                   tmp_path / "cache", "--train_batch_size", 2,
+                                                   "--gradient_accumulation_steps", 3)))
+    family = read_configs(run.model)[3]
     assert "| batch | 12 a step: 2 per process x 2 process(es) x 3 accumulated |" in \
-        card_text(args, family, 10, [], processes=2)
+        card_text(run, family, 10, [], processes=2)
 
 
 @pytest.fixture(scope="module")
