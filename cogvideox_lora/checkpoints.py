@@ -6,11 +6,13 @@ renamed to `checkpoint-N` once complete: a kill at any moment leaves no folder t
 Under DeepSpeed the engine writes its own model and optimizer state (pytorch_model/) beside these.
 """
 
+import json
 import logging
 import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 from accelerate.utils import DistributedType
@@ -19,6 +21,7 @@ from diffusers import CogVideoXPipeline
 from .lora import LORA_WEIGHTS_NAME, load_lora_state_dict, save_lora
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+RECORD_NAME = "losses.json"  # a checkpoint's losses: its held-out loss and the curves up to its step
 logger = logging.getLogger(__name__)
 
 
@@ -135,8 +138,10 @@ def register_lora_hooks(accelerator, transformer, lora_config) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None) -> Path:
-    """Every process must call this: each writes its own RNG state into the folder."""
+def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None, record: dict | None = None,
+                    keep: int | None = None) -> Path:
+    """Every process must call this: each writes its own RNG state into the folder. record: written into it as
+    RECORD_NAME (its losses); keep: the step of a checkpoint that pruning leaves (the best one)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
@@ -147,13 +152,41 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None)
     accelerator.save_state(str(partial), **({"exclude_frozen_parameters": True} if _deepspeed(accelerator) else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if record is not None:
+            (partial / RECORD_NAME).write_text(json.dumps(record))
         partial.rename(final)
         if total_limit is not None:
-            older = [p for p in complete_checkpoints(output_dir) if step_of(p) < step]
+            older = [p for p in complete_checkpoints(output_dir) if step_of(p) < step and step_of(p) != keep]
             for old in older[: max(0, len(older) - (total_limit - 1))]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def read_record(checkpoint: Path) -> dict | None:
+    """The RECORD_NAME a checkpoint holds, or None (one written before records, or damaged)."""
+    try:
+        return json.loads((Path(checkpoint) / RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class CheckpointClock:
+    """Whether --checkpointing_minutes have passed since the last checkpoint (or the start); never without them."""
+
+    def __init__(self, minutes: float | None):
+        self.minutes = minutes
+        self.restart()
+
+    def restart(self) -> None:
+        self.since = now()
+
+    def due(self) -> bool:
+        return self.minutes is not None and now() - self.since >= 60 * self.minutes
+
+
+def now() -> float:
+    return time.monotonic()
 
 
 def _deepspeed(accelerator) -> bool:

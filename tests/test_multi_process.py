@@ -71,7 +71,7 @@ def test_two_processes_share_the_encoding_and_train_as_one(runs):
 
 def test_validation_is_spread_and_outlasts_the_collective_timeout(runs):
     root, two = runs
-    videos = sorted((root / "two" / "validation").glob("*.mp4"))
+    videos = sorted((root / "two" / "validation").glob("step-*.mp4"))
     assert [v.name[:17] for v in videos] == ["step-000004_p0_v0", "step-000004_p1_v0", "step-000004_p2_v0"]
     assert sorted(summary(root / "two")["validation_videos"]) == [str(v) for v in videos]
     for process, video in [(0, videos[0]), (1, videos[1]), (0, videos[2])]:
