@@ -448,7 +448,8 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
     if accelerator.is_main_process:
         summary = run_summary(inputs, accelerator, plan, model, timing, per_process.T.tolist())
         summary.update(lora=str(lora_path), validation_videos=[str(p) for p in video_paths],
-                       heldout_clips=[str(c.video) for c in inputs.heldout_clips], **model.history.summary())
+                       heldout_clips=[str(c.video) for c in inputs.heldout_clips], **model.history.summary(),
+                       heldout_seconds=model.heldout and model.heldout.seconds)
         Path(output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
         history = model.history
         chart = charts.loss_chart(Path(output_dir, "loss.png"), history.train, history.heldout, history.base) \

@@ -12,6 +12,7 @@ the held-out clips better than the model it started from.
 import contextlib
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,9 +84,11 @@ class HeldOutLoss:
     batch_size: int
     placement: Placement
     inputs: dict = field(default_factory=dict)  # the transformer's inputs of each latent size
+    seconds: list[float] = field(default_factory=list)  # each evaluation's of the LoRA, for its cost
 
     def evaluate(self, accelerator, transformer, base: bool = False) -> float:
         """Every process must call this. base: with the adapter disabled (the model the LoRA started from)."""
+        started = time.perf_counter()
         model = accelerator.unwrap_model(transformer)
         total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, samples
         timesteps = fixed_timesteps(self.settings.timesteps, len(self.alphas_cumprod))
@@ -105,7 +108,10 @@ class HeldOutLoss:
         finally:
             model.train(was_training)
         total = accelerator.reduce(total, reduction="sum")
-        return (total[0] / total[1]).item()
+        loss = (total[0] / total[1]).item()
+        if not base:
+            self.seconds.append(time.perf_counter() - started)
+        return loss
 
     def _loss(self, model, clip: int, ks, timesteps: list[int], device) -> torch.Tensor:
         """The mean loss of one clip at these of its timesteps, the same draws as in training but for the timesteps
