@@ -376,7 +376,8 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
         log_step(accelerator, model, progress, step, step_loss, grad_norm, step_times[-1])
         done = step + 1
         checkpointing = (done % training.checkpointing_steps == 0 or stopping or timed) and done < model.max_train_steps
-        if model.heldout is not None and (checkpointing or done % run.heldout.steps == 0) \
+        # A signal's checkpoint goes first: a preempted machine may have seconds left.
+        if model.heldout is not None and (checkpointing or done % run.heldout.steps == 0) and not stopping \
                 and done < model.max_train_steps:
             evaluate_heldout(accelerator, model, done)
         if checkpointing:

@@ -52,6 +52,12 @@ def choose_clips(settings: HeldOutSettings, data: DataSource, frames, buckets, c
                                       buckets=buckets)
         if bad:
             logger.warning("Leaving out %d held-out clip(s) (--skip_bad_videos):\n  %s", len(bad), "\n  ".join(bad))
+        trained = {c.video.resolve(): c for c in clips}
+        both = [f"{c.where}: {c.video} is also a training clip ({trained[c.video.resolve()].where}): a held-out loss "
+                f"needs clips the LoRA does not train on; remove it from one of the two lists."
+                for c in held_out if c.video.resolve() in trained]
+        if both:
+            raise DatasetError(both)
     logger.info("Held-out loss on %d clip(s), not trained on:\n  %s", len(held_out),
                 "\n  ".join(f"{c.video} ({c.where})" for c in held_out))
     return clips, held_out

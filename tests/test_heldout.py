@@ -210,3 +210,26 @@ def test_checkpoints_by_time(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeyp
     # Read at 0 (start); steps 1-3 read 1, 2, 3: due (3 >= 2.5); restarted at 4; steps 4-6 read 5, 6, 7: due.
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-7"]
     shutil.rmtree(out)
+
+
+def test_heldout_clips_must_not_be_trained_on(tmp_path, tiny_model_dir, tiny_dataset_dir, no_models):
+    with pytest.raises(SystemExit) as exit_:
+        run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache", *HELDOUT,
+                            "--validation_dataset", tiny_dataset_dir))
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and f"{tiny_dataset_dir / 'videos.txt'}:1: " in message
+    assert "is also a training clip" in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (HELDOUT, "--validation_loss_steps needs held-out clips"),
+    (["--validation_split", 0.2], "add --validation_loss_steps N"),
+    ([*HELDOUT, "--validation_split", 1.5], "--validation_split 1.5 is a share"),
+    (["--caption_dropout", 2], "--caption_dropout 2.0 is a probability"),
+    (["--checkpointing_minutes", 0], "--checkpointing_minutes must be more than 0"),
+])
+def test_flags_are_checked_first(tmp_path, tiny_model_dir, tiny_dataset_dir, capsys, flags, expected):
+    with pytest.raises(SystemExit) as exit_:
+        run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache", *flags))
+    assert exit_.value.code == 2 and expected in capsys.readouterr().err
