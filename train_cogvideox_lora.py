@@ -307,6 +307,7 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
 
 
 def heldout_loss(inputs: Inputs, plan: MemoryPlan, encoded: Encoded, alphas_cumprod) -> heldout.HeldOutLoss | None:
+    """What evaluates the held-out loss of the cached held-out clips, or None without it."""
     if not inputs.run.heldout.enabled:
         return None
     return heldout.HeldOutLoss(inputs.run.heldout, encoded.heldout_videos,

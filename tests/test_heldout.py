@@ -15,7 +15,7 @@ from cogvideox_lora.loss import caption_dropped, sample_seed
 from cogvideox_lora.memory import Plan
 from cogvideox_lora.placement import Placement
 from cogvideox_lora.settings import HeldOutSettings
-from cogvideox_lora.synthetic import write_clips
+from cogvideox_lora.synthetic import build_model_folder, write_clips
 
 # ---------------------------------------------------------------------------------------------------------------
 # The evaluation itself, on a tiny transformer and made-up cache entries
@@ -148,11 +148,13 @@ def test_loss_chart_is_drawn(runs):
     assert (220, 90, 20) in colours and (170, 200, 230) in colours
 
 
-def test_resume_keeps_the_best_checkpoint(tmp_path, tiny_model_dir, tiny_dataset_dir, heldout_dir):
+def test_resume_keeps_the_best_checkpoint(tmp_path, tiny_dataset_dir):
+    """On an image-to-video model, whose held-out clips are evaluated with their image latents."""
+    model_dir = build_model_folder(tmp_path / "tiny-i2v", size="tiny-i2v")
     out = tmp_path / "out"
 
     def run(steps, *extra):
-        run_main(train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache", "--max_train_steps", steps,
+        run_main(train_argv(model_dir, tiny_dataset_dir, out, tmp_path / "cache", "--max_train_steps", steps,
                             "--checkpointing_steps", 2, "--checkpoints_total_limit", 2, "--learning_rate", "3e-2",
                             *HELDOUT, "--validation_split", "0.25", *extra))
 
