@@ -1,10 +1,12 @@
-"""Resumable checkpoints: written whole or not at all, pruned oldest first, holding only the LoRA.
+"""Resumable checkpoints: written whole or not at all, pruned oldest first (the best by held-out loss kept),
+holding only the LoRA.
 
 A checkpoint is accelerate's state (optimizer, lr scheduler, RNG) plus the LoRA in diffusers format,
-so any checkpoint folder also loads in a stock pipeline; beside them RECORD_NAME holds the checkpoint's losses
-(its held-out loss and the curves up to its step), which a resumed run reads back. It is written as `.checkpoint-N.partial` and
-renamed to `checkpoint-N` once complete: a kill at any moment leaves no folder that `latest` picks.
-Under DeepSpeed the engine writes its own model and optimizer state (pytorch_model/) beside these.
+so any checkpoint folder also loads in a stock pipeline; beside them RECORD_NAME holds the checkpoint's
+losses (its held-out loss and the curves up to its step), which a resumed run reads back. It is written as
+`.checkpoint-N.partial` and renamed to `checkpoint-N` once complete: a kill at any moment leaves no folder
+that `latest` picks. Under DeepSpeed the engine writes its own model and optimizer state (pytorch_model/)
+beside these.
 """
 
 import json
