@@ -242,7 +242,8 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
                       help="Also save a checkpoint when this many minutes have passed since the last one (for "
                            "preemptible machines).")
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None,
-                      help="Keep at most this many checkpoints; older ones of this run are removed.")
+                      help="Keep at most this many checkpoints; older ones of this run are removed (but the best by "
+                           "held-out loss, with --validation_loss_steps).")
     ckpt.add_argument("--resume_from_checkpoint", default=None,
                       help="'latest' (the newest complete checkpoint in --output_dir, if any), a checkpoint folder, "
                            "or the name of one in --output_dir (checkpoint-N).")
