@@ -90,7 +90,7 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 class LoraSettings:
     rank: int
     alpha: float
-    # Module names (peft's: a name matches modules whose path ends with it) or a preset (lora.PRESETS).
+    # Module names (peft's: a name matches modules whose path ends with it) or the preset lora.ALL_LINEAR.
     target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
 
 
