@@ -134,6 +134,7 @@ class Validator:
         return self._run(accelerator, transformer, step, f"step-{step:06d}", "validation")
 
     def _run(self, accelerator, transformer, step: int, name: str, tag: str) -> list[Path]:
+        """The videos of this step, files named name_pP_vV_…, logged under tag/pP_vV."""
         settings = self.settings
         directory = Path(settings.output_dir) / "validation"
         jobs = [(p, v) for p in range(len(settings.prompts)) for v in range(settings.num_videos)]
