@@ -26,15 +26,16 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from cogvideox_lora import (attention, checkpoints, device_memory, distributed, host_memory, hub, memory, models,
-                            run_record, settings, transformer, writable)
+from cogvideox_lora import (attention, charts, checkpoints, device_memory, distributed, heldout, host_memory, hub,
+                            lora, memory, models, run_record, settings, transformer, writable)
 from cogvideox_lora.args import parse_args, tracker_config
 from cogvideox_lora.data import (DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches, long_prompts,
                                  unfillable_batch)
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
 from cogvideox_lora.lora import TrainedOn, save_lora, trainable_parameters
-from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
-from cogvideox_lora.model_card import write_model_card
+from cogvideox_lora.loss import (caption_dropped, compute_loss, draw_batch, draw_image_latents, sample_seed,
+                                 transformer_inputs)
+from cogvideox_lora.model_card import Results, write_model_card
 from cogvideox_lora.optim import make_optimizer, make_schedule
 from cogvideox_lora.placement import Placement, hold_to
 from cogvideox_lora.validation import PipelineParts, Validator
@@ -78,11 +79,13 @@ class Inputs(NamedTuple):
     family: models.Family
     clips: list
     per_clip: list  # each clip's FrameSettings: its bucket's, or the run's
-    sizes: list  # the (frames, height, width) trained at, smallest first
+    sizes: list  # the (frames, height, width) trained (and held out) at, smallest first
     tokenizer: object
     resume_from: Path | None
     tracker_config: dict
     record: run_record.RunRecord  # written into each checkpoint, checked on resume
+    heldout_clips: list  # the held-out loss's clips (none without it)
+    heldout_per_clip: list
 
 
 def check_inputs(args) -> Inputs:
@@ -105,10 +108,13 @@ def check_inputs(args) -> Inputs:
     if model_problem:
         raise models.ModelError(model_problem)
     run = replace(run, data=data, model=model.source)
-    per_clip = clip_settings(clips, frames, run.buckets)
-    sizes = sorted({(s.max_num_frames, s.height, s.width) for s in per_clip}, key=lambda s: s[0] * s[1] * s[2])
+    clips, heldout_clips = heldout.choose_clips(run.heldout, data, frames, run.buckets, clips)
+    per_clip, heldout_per_clip = (clip_settings(c, frames, run.buckets) for c in (clips, heldout_clips))
+    sizes = sorted({(s.max_num_frames, s.height, s.width) for s in per_clip + heldout_per_clip},
+                   key=lambda s: s[0] * s[1] * s[2])
     problems = model.family.problems(run.model.path, run.validation.prompts, run.validation.images,
                                      run.ignore_learned_positional_embeddings, sizes, frames.temporal_compression)
+    problems += lora.target_problems(run.lora.target_modules, model.transformer)
     unfilled = unfillable_batch(per_clip, run.training.batch_size, settings.processes())
     if unfilled:
         problems.append(unfilled)
@@ -120,7 +126,7 @@ def check_inputs(args) -> Inputs:
                     if args.validation_prompt is None else f"--validation_prompt {args.validation_prompt!r}")
     if bad_clips:
         logger.warning("Leaving out %d clip(s) (--skip_bad_videos):\n  %s", len(bad_clips), "\n  ".join(bad_clips))
-    tokenizer = count_prompt_tokens(run, model, clips)
+    tokenizer = count_prompt_tokens(run, model, clips + heldout_clips)
     resume_from = checkpoints.checkpoint_to_resume(run.output.output_dir, run.output.resume_from_checkpoint)
     record = record_of(run, model, clips)
     if resume_from is not None:
@@ -128,7 +134,7 @@ def check_inputs(args) -> Inputs:
         if problems:
             raise checkpoints.CheckpointError("\n  ".join(problems))
     return Inputs(run, frames, model.transformer, model.vae, model.text_encoder, model.family, clips, per_clip,
-                  sizes, tokenizer, resume_from, tracker_config(args), record)
+                  sizes, tokenizer, resume_from, tracker_config(args), record, heldout_clips, heldout_per_clip)
 
 
 def record_of(run: settings.Settings, model: models.Configs, clips: list) -> run_record.RunRecord:
@@ -218,7 +224,8 @@ def plan_memory(inputs: Inputs, accelerator) -> MemoryPlan:
         run.memory, config, latent_size(inputs, *inputs.sizes[-1]),
         latent_size(inputs, validation.num_frames, validation.height, validation.width) if validation.prompts
         else None, run.training.batch_size, run.lora.rank, compile_blocks, weight_dtype.itemsize, budget,
-        (memory.CONTEXT_AND_KERNELS_GIB if card is None else card.overhead_gib) + memory.ALLOCATOR_SLACK_GIB)
+        (memory.CONTEXT_AND_KERNELS_GIB if card is None else card.overhead_gib) + memory.ALLOCATOR_SLACK_GIB,
+        lora.adapter_features(run.lora.target_modules, config))
     if plan.blocks_to_swap > config["num_layers"]:
         sys.exit(f"error: --blocks_to_swap {plan.blocks_to_swap}: the model has {config['num_layers']} blocks.")
     logger.info("Memory: %s (%s); offloading: %s. Estimated peak GPU memory: %s%s", plan, plan.flags(),
@@ -272,6 +279,7 @@ class Encoded(NamedTuple):
 
     videos: list[dict]
     prompt_entry: dict  # prompt -> its cache entry
+    heldout_videos: list[dict]  # the held-out clips' entries
     counts: tuple[int, int, int]  # clips, images and prompts this process encoded
 
 
@@ -285,21 +293,24 @@ def encode_once(inputs: Inputs, accelerator, plan: MemoryPlan) -> Encoded:
     # Encoding's peak apart, so that the training peak is the same with a warm cache.
     with plan.placement.peaks.part("encoding"):
         videos, encoded_clips, encoded_images = encode_videos(
-            accelerator, cache, inputs.clips, inputs.per_clip,
+            accelerator, cache, inputs.clips + inputs.heldout_clips, inputs.per_clip + inputs.heldout_per_clip,
             encoder_id={**model_id, "vae": inputs.vae_config, "tiling": run.memory.tiled_vae,
                         "slicing": run.memory.sliced_vae},
             with_flipped=run.training.random_flip > 0, with_images=inputs.family.image_to_video,
             num_workers=run.data.num_workers,
             load_vae=lambda: models.load_vae(run.model, dtype, device, run.memory.tiled_vae, run.memory.sliced_vae))
         text_device = "cpu" if text_encoder_on_cpu(inputs, plan.budget_gib, dtype) else device
-        prompts = list(dict.fromkeys([c.prompt for c in inputs.clips] + list(run.validation.prompts) + [""]))
+        prompts = list(dict.fromkeys([c.prompt for c in inputs.clips + inputs.heldout_clips]
+                                     + list(run.validation.prompts) + [""]))
         embeds, encoded_prompts = encode_prompts(
             accelerator, cache, prompts, inputs.transformer_config["max_text_seq_length"],
             encoder_id={**model_id, "text_encoder": inputs.text_encoder_config},
             load_text_encoder=lambda: (inputs.tokenizer, models.load_text_encoder(run.model, dtype, text_device)))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return Encoded(videos, dict(zip(prompts, embeds)), (encoded_clips, encoded_images, encoded_prompts))
+    trained = len(inputs.clips)
+    return Encoded(videos[:trained], dict(zip(prompts, embeds)), videos[trained:],
+                   (encoded_clips, encoded_images, encoded_prompts))
 
 
 class Model(NamedTuple):
@@ -316,6 +327,8 @@ class Model(NamedTuple):
     validator: Validator
     load_seconds: float
     weight_dtype: torch.dtype
+    heldout: heldout.HeldOutLoss | None  # None without the held-out loss
+    history: heldout.LossHistory
 
 
 def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded) -> Model:
@@ -326,7 +339,7 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
     spec = transformer.TransformerSpec(
         plan.weight_dtype, run.lora.rank, run.lora.alpha, training.seed, run.memory.fp8_base_weights,
         run.ignore_learned_positional_embeddings and inputs.family.learned_positions, plan.kernel.kernel,
-        plan.compile_blocks)
+        plan.compile_blocks, run.lora.target_modules)
     model, lora_config = transformer.build(run.model, spec, plan.placement)
     load_seconds = time.perf_counter() - loading
     scheduler = models.load_scheduler(run.model)
@@ -361,7 +374,19 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
                 max_train_steps, training.gradient_accumulation_steps, plan.weight_dtype, accelerator.num_processes)
     alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device, torch.float32)
     return Model(model, lora_config, optimizer, lr_scheduler, alphas_cumprod, first_step, max_train_steps,
-                 batches_per_epoch, validator, load_seconds, plan.weight_dtype)
+                 batches_per_epoch, validator, load_seconds, plan.weight_dtype,
+                 heldout_loss(inputs, plan, encoded, alphas_cumprod),
+                 heldout.LossHistory.resumed(run.output.output_dir, inputs.resume_from))
+
+
+def heldout_loss(inputs: Inputs, plan: MemoryPlan, encoded: Encoded, alphas_cumprod) -> heldout.HeldOutLoss | None:
+    """What evaluates the held-out loss of the cached held-out clips, or None without it."""
+    if not inputs.run.heldout.enabled:
+        return None
+    return heldout.HeldOutLoss(inputs.run.heldout, encoded.heldout_videos,
+                               [encoded.prompt_entry[c.prompt] for c in inputs.heldout_clips], inputs.family,
+                               inputs.vae_config["scaling_factor"], alphas_cumprod, plan.weight_dtype,
+                               inputs.run.training.batch_size, plan.placement)
 
 
 def trained_on(inputs: Inputs) -> TrainedOn:
@@ -390,6 +415,11 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
                         model.alphas_cumprod, model.weight_dtype, training)
     inputs_of_size = {}  # the transformer's inputs of each latent size
     step_times, first_step_at, last = [], None, time.perf_counter()
+    clock = checkpoints.CheckpointClock(training.checkpointing_minutes)
+    if model.heldout is not None and model.first_step < model.max_train_steps:
+        model.history.base = model.heldout.evaluate(accelerator, model.transformer, base=True)
+        accelerator.log({"heldout_loss_base": model.history.base}, step=model.first_step)
+        logger.info("Held-out loss of the base model: %.6f", model.history.base)
     progress = tqdm(range(model.first_step, model.max_train_steps), initial=model.first_step,
                     total=model.max_train_steps, desc="Steps", disable=not accelerator.is_local_main_process)
     for step in range(model.first_step, model.max_train_steps):
@@ -405,13 +435,13 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
         if checked.message and not checked.stop:
             logger.info(checked.message)
         # One reduction and one host sync a step: every process learns the mean loss, the gradient norm (the
-        # same in all) and whether any was signalled or ran short of memory, so all stop at the same step.
-        totals = accelerator.reduce(torch.stack([loss_sum, grad_norm,
-                                                 torch.tensor(float(stop.requested), device=device),
-                                                 torch.tensor(float(checked.stop), device=device)]),
-                                    reduction="sum").tolist()
+        # same in all), whether any was signalled or ran short of memory and whether the main process's clock says
+        # to checkpoint, so all stop and checkpoint at the same step.
+        flags = torch.tensor([float(stop.requested), float(checked.stop),
+                              float(accelerator.is_main_process and clock.due())], device=device)
+        totals = accelerator.reduce(torch.cat([torch.stack([loss_sum, grad_norm]), flags]), reduction="sum").tolist()
         step_loss, grad_norm = totals[0] / (accelerator.num_processes * ga), totals[1] / accelerator.num_processes
-        stopping = totals[2] > 0
+        stopping, timed = totals[2] > 0, totals[4] > 0
         if totals[3] > 0:
             accelerator.end_training()
             sys.exit(f"error: {checked.message or 'another process would run out of GPU memory: its log says why.'}")
@@ -433,9 +463,14 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
         last = now
         log_step(accelerator, model, progress, step, step_loss, grad_norm, step_times[-1])
         done = step + 1
-        if (done % training.checkpointing_steps == 0 or stopping) and done < model.max_train_steps:
-            checkpoints.save_checkpoint(accelerator, output_dir, done, training.checkpoints_total_limit,
-                                        inputs.record)
+        checkpointing = (done % training.checkpointing_steps == 0 or stopping or timed) and done < model.max_train_steps
+        # A signal's checkpoint goes first: a preempted machine may have seconds left.
+        if model.heldout is not None and (checkpointing or done % run.heldout.steps == 0) and not stopping \
+                and done < model.max_train_steps:
+            evaluate_heldout(accelerator, model, done)
+        if checkpointing:
+            save_checkpoint(accelerator, inputs, model, done)
+            clock.restart()
         if stopping and done < model.max_train_steps:
             accelerator.end_training()
             sys.exit(f"Stopped by a signal after step {done}; checkpoint-{done} is saved. Continue with the same "
@@ -447,13 +482,31 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
 
 
 def log_step(accelerator, model: Model, progress, step: int, loss: float, grad_norm: float, seconds: float) -> None:
+    model.history.train.append((step + 1, loss))
     logs = {"loss": loss, "lr": model.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, "step_time_s": seconds}
     if torch.cuda.is_available():
         logs["peak_memory_allocated_gib"] = max(model.validator.placement.peaks.gib["training"][0],
                                                 torch.cuda.max_memory_allocated() / memory.GIB)
     accelerator.log(logs, step=step + 1)
-    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
+    heldout_shown = {"heldout": f"{model.history.heldout[-1][1]:.4f}"} if model.history.heldout else {}
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}", **heldout_shown)
     progress.update()
+
+
+def evaluate_heldout(accelerator, model: Model, step: int) -> None:
+    """The held-out loss after optimizer step `step`: into the history, the trackers and the log."""
+    loss = model.heldout.evaluate(accelerator, model.transformer)
+    model.history.heldout.append((step, loss))
+    accelerator.log({"heldout_loss": loss}, step=step)
+    logger.info("Held-out loss after step %d: %.6f (base model: %.6f)", step, loss, model.history.base)
+
+
+def save_checkpoint(accelerator, inputs: Inputs, model: Model, step: int) -> None:
+    """checkpoint-`step` with what the run trains with (checked on resume) and its losses; pruning old ones leaves
+    the best."""
+    checkpoints.save_checkpoint(accelerator, inputs.run.output.output_dir, step,
+                                inputs.run.training.checkpoints_total_limit, inputs.record,
+                                model.history.checkpointed(step), model.history.best and model.history.best[0])
 
 
 def validates_after(training: settings.TrainingSettings, step: int, batches_per_epoch: int) -> bool:
@@ -469,8 +522,9 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
     """The last checkpoint, the LoRA for inference, a last validation, a summary of the run and its model card."""
     run, output_dir, steps = inputs.run, inputs.run.output.output_dir, model.max_train_steps
     if model.first_step < steps:
-        checkpoints.save_checkpoint(accelerator, output_dir, steps, run.training.checkpoints_total_limit,
-                                    inputs.record)
+        if model.heldout is not None:
+            evaluate_heldout(accelerator, model, steps)
+        save_checkpoint(accelerator, inputs, model, steps)
     if accelerator.is_main_process:
         lora_path = save_lora(accelerator.unwrap_model(model.transformer), output_dir, model.lora_config,
                               trained_on(inputs), run.output.comfyui_lora)
@@ -491,9 +545,17 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
                     gib("peak_device_memory_validation_gib"), gib("peak_memory_allocated_gib"),
                     gib("peak_memory_validation_gib"), gib("peak_host_memory_gib"), gib("peak_host_rss_gib"),
                     gib("host_pinned_gib"))
-        summary.update(lora=str(lora_path), validation_videos=[str(p) for p in video_paths])
+        summary.update(lora=str(lora_path), validation_videos=[str(p) for p in video_paths],
+                       heldout_clips=[str(c.video) for c in inputs.heldout_clips], **model.history.summary(),
+                       heldout_seconds=model.heldout and model.heldout.seconds)
         Path(output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
-        write_model_card(run, inputs.family, steps, video_paths, accelerator.num_processes)
+        history = model.history
+        chart = charts.loss_chart(Path(output_dir, "loss.png"), history.train, history.heldout, history.base) \
+            if history.train else None
+        write_model_card(run, inputs.family, steps, video_paths,
+                         Results(tuple(model.validator.base_videos or ()), chart, summary["heldout_loss"],
+                                 history.base, history.best_checkpoint, summary["best_heldout_loss"]),
+                         accelerator.num_processes)
         if run.output.push.enabled:
             hub.push(run.output)
         for path in video_paths:
@@ -523,6 +585,7 @@ def run_summary(inputs: Inputs, accelerator, plan: MemoryPlan, model: Model, tim
         "peak_memory_validation_gib": peaks.validation()[0] if cuda and validates else None,
         "peak_memory_decode_gib": peaks.gib["decoding"][0] if cuda and validates else None,
         "peak_memory_encoding_gib": peaks.gib["encoding"][0] if cuda else None,
+        "peak_memory_heldout_gib": peaks.gib["heldout"][0] if cuda and model.heldout is not None else None,
         "memory_plan": plan.placement.plan.flags(), "estimated_peak_gib": plan.needed.total_gib,
         "estimated_training_gib": plan.needed.training_gib, "estimated_validation_gib": plan.needed.validation_gib,
         "attention": plan.kernel.description,
@@ -577,8 +640,11 @@ def accumulate_gradients(accelerator, transformer, data: TrainingData, step: int
         mine = global_ids[rank * batch_size:(rank + 1) * batch_size]
         seeds = [sample_seed(training.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]
         entries = [data.videos[i] for i in mine]
-        batch = draw_batch(entries, [data.prompt_entry[data.clips[i].prompt] for i in mine], seeds,
-                           data.scaling_factor, training.random_flip, len(alphas_cumprod), device, family.patch_size_t)
+        # --caption_dropout: the empty prompt's embedding for some samples, drawn from each sample's seed.
+        prompts = [data.prompt_entry["" if caption_dropped(s, training.caption_dropout) else data.clips[i].prompt]
+                   for i, s in zip(mine, seeds)]
+        batch = draw_batch(entries, prompts, seeds, data.scaling_factor, training.random_flip, len(alphas_cumprod),
+                           device, family.patch_size_t)
         size = tuple(batch[0].shape[i] for i in (1, 3, 4))  # latent frames, height, width
         if size not in inputs:
             inputs[size] = transformer_inputs(accelerator.unwrap_model(transformer).config, *size, device)

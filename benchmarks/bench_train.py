@@ -81,7 +81,11 @@ ROWS = {  # name: (model size, extra trainer flags)
     "5b-auto-24gb": ("5b", _auto(24)),
     "1.5-5b-auto-24gb": ("1.5-5b", _auto(24)),
     "5b-fp8-auto-8gb": ("5b", _auto(8, *FP8)),
+    # The 2b row with the held-out loss of HELDOUT_CLIPS clips at 4 timesteps every 4 steps (its cost against "2b":
+    # run both in one call, --rows 2b,2b-heldout).
+    "2b-heldout": ("2b", ["--validation_loss_steps", "4", "--validation_loss_timesteps", "4"]),
 }
+HELDOUT_CLIPS = 8
 ATTENTION = ("cudnn", "flash4")
 TINY_SIZES = {"2b": "tiny", "5b": "tiny-5b", "5b-i2v": "tiny-i2v", "1.5-5b": "tiny-1.5", "1.5-5b-i2v": "tiny-1.5-i2v"}
 TINY_SHAPE = (9, 48, 64)
@@ -166,6 +170,12 @@ def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, resume_steps,
 
             Image.new("RGB", (width, height), (128, 128, 128)).save(image)
         flags += ["--validation_images", str(image)]
+    if "--validation_loss_steps" in flags:  # held-out clips of their own, of the training clips' size
+        heldout = workdir / f"heldout-{frames}x{height}x{width}"
+        if not (heldout / "videos.txt").exists():
+            synthetic.write_clips(heldout, num_clips=HELDOUT_CLIPS, height=height, width=width,
+                                  num_frames=math.ceil(frames / (fps // 8)), fps=8, id_offset=4)
+        flags += ["--validation_dataset", str(heldout)]
     out = workdir / f"out-{name}"
     shutil.rmtree(out, ignore_errors=True)  # a row run again starts afresh: the trainer refuses to overwrite a run
     command = [
@@ -295,6 +305,14 @@ def main():
               f"| {fmt(r.get('estimated_peak_gib'), '.2f')} | {fmt(r.get('peak_host_memory_gib'), '.1f')} "
               f"| {fmt(r['seconds_to_first_step'], '.1f')} | {cache} "
               f"| {fmt(r['model_load_seconds'], '.1f')} | {fmt(r['achieved_tflops'], '.0f')} |")
+    for r in results:
+        if r.get("heldout_seconds"):
+            first, *rest = r["heldout_seconds"]
+            each = sorted(rest)[len(rest) // 2] if rest else first
+            print(f"{r['row']}: held-out loss of {len(r['heldout_clips'])} clips: {fmt(each)} s an evaluation (median "
+                  f"of those after the first, which took {fmt(first)} s with any compilation), "
+                  f"{fmt(100 * each / (100 * r['median_step_time_s']), '.1f')} % of 100 steps at the median step; "
+                  f"base model {fmt(r['base_heldout_loss'], '.5f')}, last {fmt(r['heldout_loss'], '.5f')}")
     for r in results:
         if "resumed" in r:
             print(f"{r['row']}: resumed at step {r['resumed']['resumed_at_step']} and trained to "

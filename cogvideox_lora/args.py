@@ -118,6 +118,10 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     data.add_argument("--noised_image_dropout", type=float, default=0.05,
                       help="Image-to-video models: probability that a step trains a clip without its (slightly "
                            "noised) conditioning image, which keeps the model able to follow the prompt alone.")
+    data.add_argument("--caption_dropout", type=float, default=0.0,
+                      help="Share of samples trained with the empty prompt instead of their own (seeded per sample, "
+                           "as the rest of the data order), so the LoRA also learns the unconditional prediction "
+                           "that classifier-free guidance uses.")
     data.add_argument("--skip_bad_videos", action="store_true",
                       help="Leave out clips that are missing, undecodable or too short, with a warning listing them, "
                            "instead of stopping.")
@@ -157,6 +161,19 @@ def _add_validation_flags(p: argparse.ArgumentParser) -> None:
                      help="Denoising steps of each validation video.")
     val.add_argument("--guidance_scale", type=float, default=6.0, help="Classifier-free guidance of validation videos.")
     val.add_argument("--use_dynamic_cfg", action="store_true", help="Use dynamic guidance in validation (as cli_demo).")
+    val.add_argument("--validation_loss_steps", type=int, default=None,
+                     help="Held-out loss: the denoising loss on clips the LoRA does not train on, every this many "
+                          "optimizer steps, at every checkpoint and at the end (and the base model's once at the "
+                          "start), at fixed timesteps with fixed noise, so values compare across steps and runs. "
+                          "Needs --validation_dataset or --validation_split.")
+    val.add_argument("--validation_dataset", default=None,
+                     help="Folder of held-out clips in the training data's format (prompts.txt and videos.txt, or "
+                          "--dataset_file with the same columns), checked and encoded as the training clips are.")
+    val.add_argument("--validation_split", type=float, default=None,
+                     help="Hold out this share of the training clips (chosen by --seed, listed in the log, not "
+                          "trained on) for the held-out loss.")
+    val.add_argument("--validation_loss_timesteps", type=int, default=4,
+                     help="Timesteps, spread evenly over the schedule, at which each held-out clip is evaluated.")
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -170,6 +187,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     train.add_argument("--rank", type=int, default=128, help="Dimension of the LoRA update matrices.")
     train.add_argument("--lora_alpha", type=float, default=128,
                        help="LoRA scale numerator: updates are scaled by lora_alpha / rank. Use rank or rank // 2.")
+    train.add_argument("--lora_target_modules", default="to_q,to_k,to_v,to_out.0",
+                       help="Layers of each transformer block that get an adapter: comma-separated module names "
+                            "(peft's: a name matches the layers whose path ends with it, e.g. to_q, ff.net.2), or "
+                            "all-linear (every Linear layer of the blocks: attention, feed-forward and the "
+                            "adaptive norms' projections).")
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                        help="Precision of the frozen model and of autocast; default: the accelerate config's "
                             "(`accelerate config`, or --mixed_precision of `accelerate launch`), 'no' without one.")
@@ -245,9 +267,12 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     ckpt = p.add_argument_group("checkpoints and logs")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500,
                       help="Save a resumable checkpoint every this many optimizer steps.")
+    ckpt.add_argument("--checkpointing_minutes", type=float, default=None,
+                      help="Also save a checkpoint when this many minutes have passed since the last one (for "
+                           "preemptible machines).")
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None,
                       help="Keep at most this many checkpoints; older ones of this run are removed (default: "
-                           "keep all).")
+                           "keep all; the best by held-out loss, with --validation_loss_steps, is kept).")
     ckpt.add_argument("--resume_from_checkpoint", default=None,
                       help="'latest' (the newest complete checkpoint in --output_dir, if any), a checkpoint folder, "
                            "or the name of one in --output_dir (checkpoint-N). Default: a new run.")
@@ -349,7 +374,7 @@ def check_args(args) -> list[str]:
     problems += _validation_problems(args)
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
                  "rank", "fps", "max_train_steps", "checkpoints_total_limit", "validation_steps", "validation_epochs",
-                 "nccl_timeout"):
+                 "nccl_timeout", "validation_loss_steps", "validation_loss_timesteps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be at least 1, not {value}.")
@@ -361,9 +386,15 @@ def check_args(args) -> list[str]:
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be more than 0, not {args.learning_rate:g} (1e-4 is usual for "
                         f"AdamW, 1.0 for Prodigy).")
-    for name in ("random_flip", "noised_image_dropout"):
+    for name in ("random_flip", "noised_image_dropout", "caption_dropout"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             problems.append(f"--{name} {getattr(args, name)} is a probability: give a value from 0 to 1.")
+    problems += heldout_problems(args)
+    if args.checkpointing_minutes is not None and args.checkpointing_minutes <= 0:
+        problems.append(f"--checkpointing_minutes must be more than 0, not {args.checkpointing_minutes}.")
+    if not split(args.lora_target_modules, ","):
+        problems.append(f"--lora_target_modules {args.lora_target_modules!r} names no module: give module names "
+                        f"split by commas (e.g. to_q,to_k,to_v,to_out.0) or all-linear.")
     if not args.gradient_checkpointing:
         manual = [flag for flag, given in (("--checkpointing_policy keep_attention", args.checkpointing_policy != "full"),
                                            ("--offload activations", args.offload == "activations"),
@@ -402,6 +433,27 @@ def _resume_file_problem(path: Path) -> str:
         return f"--resume_from_checkpoint {path} is a file: give a checkpoint-N folder of an earlier run, or 'latest'."
     return (f"--resume_from_checkpoint {path} is a file of the checkpoint {folder}: a checkpoint is its whole folder, "
             f"--resume_from_checkpoint {folder}")
+
+
+def heldout_problems(args) -> list[str]:
+    """The held-out loss needs its clips, and they come from one place."""
+    problems = []
+    sources = [f"--{name}" for name in ("validation_dataset", "validation_split") if getattr(args, name) is not None]
+    if args.validation_loss_steps is not None and not sources:
+        problems.append("--validation_loss_steps needs held-out clips: give --validation_dataset DIR (a folder in "
+                        "the training data's format) or --validation_split FRACTION (of the training clips).")
+    if args.validation_loss_steps is None and sources:
+        problems.append(f"{' and '.join(sources)} hold(s) out clips for the held-out loss: add "
+                        f"--validation_loss_steps N to evaluate it every N steps.")
+    if len(sources) > 1:
+        problems.append("--validation_dataset and --validation_split both choose the held-out clips: give one.")
+    if args.validation_split is not None and not 0.0 < args.validation_split < 1.0:
+        problems.append(f"--validation_split {args.validation_split} is a share of the training clips: give a "
+                        f"value between 0 and 1, e.g. 0.1.")
+    if args.validation_dataset is not None and not Path(args.validation_dataset).expanduser().is_dir():
+        problems.append(f"--validation_dataset {args.validation_dataset} is not a folder: give the folder of the "
+                        f"held-out clips, laid out as the training data is.")
+    return problems
 
 
 # The package each tracker of accelerate needs; tensorboardX serves for TensorBoard too.

@@ -1,16 +1,22 @@
-"""Resumable checkpoints: written whole or not at all, pruned oldest first, holding only the LoRA.
+"""Resumable checkpoints: written whole or not at all, pruned oldest first (the best by held-out loss kept),
+holding only the LoRA.
 
 A checkpoint is accelerate's state (optimizer, lr scheduler, RNG) plus the LoRA in diffusers format,
-so any checkpoint folder also loads in a stock pipeline (and, by default, in core ComfyUI's format beside it). It is written as `.checkpoint-N.partial` and
-renamed to `checkpoint-N` once complete: a kill at any moment leaves no folder that `latest` picks.
-Under DeepSpeed the engine writes its own model and optimizer state (pytorch_model/) beside these.
+so any checkpoint folder also loads in a stock pipeline (and, by default, in core ComfyUI's format beside it);
+beside them RECORD_NAME holds the checkpoint's losses (its held-out loss and the curves up to its step), which a
+resumed run reads back, and run_record's file what the run trains with, which a resume is checked against. It is
+written as `.checkpoint-N.partial` and renamed to `checkpoint-N` once complete: a kill at any moment leaves no
+folder that `latest` picks. Under DeepSpeed the engine writes its own model and optimizer state (pytorch_model/)
+beside these.
 """
 
+import json
 import logging
 import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 from accelerate.utils import DistributedType
@@ -21,6 +27,7 @@ from .comfyui import COMFYUI_LORA_NAME
 from .lora import LORA_WEIGHTS_NAME, load_lora_state_dict, save_lora
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+RECORD_NAME = "losses.json"  # a checkpoint's losses: its held-out loss and the curves up to its step
 logger = logging.getLogger(__name__)
 
 
@@ -141,9 +148,11 @@ def register_lora_hooks(accelerator, transformer, lora_config, trained_on=None, 
 
 
 def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None,
-                    record: run_record.RunRecord | None = None) -> Path:
+                    record: run_record.RunRecord | None = None, losses: dict | None = None,
+                    keep: int | None = None) -> Path:
     """Every process must call this: each writes its own RNG state into the folder. record: what the run trains
-    with, which a resume is checked against."""
+    with, which a resume is checked against; losses: written into it as RECORD_NAME; keep: the step of a
+    checkpoint that pruning leaves (the best one)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
@@ -156,13 +165,41 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None,
     if accelerator.is_main_process:
         if record is not None:
             run_record.write(record, partial)
+        if losses is not None:
+            (partial / RECORD_NAME).write_text(json.dumps(losses))
         partial.rename(final)
         if total_limit is not None:
-            older = [p for p in complete_checkpoints(output_dir) if step_of(p) < step]
+            older = [p for p in complete_checkpoints(output_dir) if step_of(p) < step and step_of(p) != keep]
             for old in older[: max(0, len(older) - (total_limit - 1))]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def read_record(checkpoint: Path) -> dict | None:
+    """The RECORD_NAME a checkpoint holds, or None (one written before records, or damaged)."""
+    try:
+        return json.loads((Path(checkpoint) / RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class CheckpointClock:
+    """Whether --checkpointing_minutes have passed since the last checkpoint (or the start); never without them."""
+
+    def __init__(self, minutes: float | None):
+        self.minutes = minutes
+        self.restart()
+
+    def restart(self) -> None:
+        self.since = now()
+
+    def due(self) -> bool:
+        return self.minutes is not None and now() - self.since >= 60 * self.minutes
+
+
+def now() -> float:
+    return time.monotonic()
 
 
 def _deepspeed(accelerator) -> bool:

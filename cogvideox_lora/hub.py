@@ -145,7 +145,7 @@ def push(output: OutputSettings) -> str:
     commit's URL."""
     token = output.push.token or huggingface_hub.get_token()
     repo = huggingface_hub.create_repo(output.repo_id(), exist_ok=True, token=token).repo_id
-    patterns = [LORA_WEIGHTS_NAME, COMFYUI_LORA_NAME, CARD_FILE, "validation/*", "train_summary.json"]
+    patterns = [LORA_WEIGHTS_NAME, COMFYUI_LORA_NAME, CARD_FILE, "validation/*", "train_summary.json", "loss.png"]
     if output.push.checkpoints:
         patterns.append("checkpoint-*/*")
     commit = huggingface_hub.upload_folder(repo_id=repo, folder_path=output.output_dir, allow_patterns=patterns,

@@ -1,21 +1,26 @@
-"""LoRA adapters on the transformer's attention projections, and saving them in diffusers format (and in core
-ComfyUI's beside it)."""
+"""LoRA adapters on the transformer blocks' layers (the attention projections unless told otherwise), and saving
+them in diffusers format (and in core ComfyUI's beside it)."""
 
+import contextlib
 import dataclasses
 import json
 import os
 from pathlib import Path
 
 import torch
-from diffusers import CogVideoXPipeline
+from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from . import comfyui
+from .settings import DEFAULT_LORA_TARGETS
 
-TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TARGET_MODULES = list(DEFAULT_LORA_TARGETS)
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# The preset of --lora_target_modules for every Linear layer of a block (attention q/k/v/out, the feed-forward's two and
+# the adaptive norms' projections from the time embedding), whatever the model's blocks hold.
+ALL_LINEAR = "all-linear"
 # The safetensors metadata entry holding TrainedOn as JSON, beside diffusers' own lora_adapter_metadata.
 TRAINED_ON_KEY = "cogvideox_lora_trained_on"
 
@@ -49,15 +54,56 @@ class TrainedOn:
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in json.loads(raw).items() if k in names})
 
+def block_linear_layers(block) -> dict[str, tuple[int, int]]:
+    """Each Linear layer of a transformer block (its path in the block): (in_features, out_features)."""
+    return {name: (m.in_features, m.out_features) for name, m in block.named_modules()
+            if isinstance(m, torch.nn.Linear)}
 
-def add_lora(transformer, rank: int, alpha: float) -> LoraConfig:
-    """Adds a fresh adapter and keeps its weights in fp32, whatever dtype the frozen model has.
+
+def config_linear_layers(config: dict) -> dict[str, tuple[int, int]]:
+    """block_linear_layers() of a transformer config's blocks, without weights (on the meta device)."""
+    with torch.device("meta"):
+        transformer = CogVideoXTransformer3DModel.from_config({**config, "num_layers": 1})
+    return block_linear_layers(transformer.transformer_blocks[0])
+
+
+def _matches(path: str, name: str) -> bool:
+    # peft's rule for a list of target names: the module's path is the name or ends with "." + name.
+    return path == name or path.endswith("." + name)
+
+
+def resolve_targets(targets, layers: dict) -> list[str]:
+    """peft's target_modules for --lora_target_modules (names or a preset), given block_linear_layers()."""
+    return sorted(layers) if tuple(targets) == (ALL_LINEAR,) else list(targets)
+
+
+def target_problems(targets, config: dict) -> list[str]:
+    """The names of --lora_target_modules that match no Linear layer of the model's blocks."""
+    layers = config_linear_layers(config)
+    if tuple(targets) == (ALL_LINEAR,):
+        return []
+    missing = [t for t in targets if not any(_matches(path, t) for path in layers)]
+    return [f"--lora_target_modules: {', '.join(missing)} match(es) no Linear layer of the transformer blocks, which "
+            f"are {', '.join(layers)}; name some of them, or give {ALL_LINEAR}."] if missing else []
+
+
+def adapter_features(targets, config: dict) -> int:
+    """A block's adapter parameters per unit of rank: in + out features of every targeted layer."""
+    layers = config_linear_layers(config)
+    names = resolve_targets(targets, layers)
+    return sum(i + o for path, (i, o) in layers.items() if any(_matches(path, n) for n in names))
+
+
+def add_lora(transformer, rank: int, alpha: float, targets=DEFAULT_LORA_TARGETS) -> LoraConfig:
+    """Adds a fresh adapter on the targeted layers of every block (--lora_target_modules' names or preset) and keeps
+    its weights in fp32, whatever dtype the frozen model has.
 
     The adapter's updates are small against the base weights: in bf16 many optimizer steps would
     round away, so the trainable weights and hence the optimizer states stay fp32 while the forward
     pass runs under autocast.
     """
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=TARGET_MODULES)
+    target_modules = resolve_targets(targets, block_linear_layers(transformer.transformer_blocks[0]))
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=target_modules)
     transformer.add_adapter(config)
     for param in transformer.parameters():
         if param.requires_grad:
@@ -81,6 +127,16 @@ def uncast_adapter_inputs(transformer, weight_dtype: torch.dtype) -> None:
     for module in transformer.modules():
         if isinstance(module, LoraLayer):
             module.cast_input_dtype_enabled = weight_dtype == torch.float32
+
+
+@contextlib.contextmanager
+def adapter_disabled(transformer):
+    """The base model meanwhile: peft's layers skip the adapter, whose weights stay as they are."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
 
 
 def trainable_parameters(transformer) -> list[torch.nn.Parameter]:

@@ -22,6 +22,13 @@ def sample_seed(seed: int, micro_step: int, position: int) -> int:
 
 
 _IMAGE_STREAM = 1 << 62
+_CAPTION_STREAM = 1 << 61
+
+
+def caption_dropped(seed: int, dropout: float) -> bool:
+    """Whether the sample of this seed trains on the empty prompt (--caption_dropout). A stream of its own, so the
+    sample's other draws are those of a run without caption dropout."""
+    return dropout > 0 and random.Random(seed + _CAPTION_STREAM).random() < dropout
 
 
 def rotary_embeddings(config, latent_frames: int, latent_height: int, latent_width: int, device):

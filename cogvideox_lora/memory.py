@@ -106,6 +106,8 @@ class Workload:
     validation_latent: tuple[int, int, int] | None = None
     tiled_vae: bool = True
     overhead_gib: float = 0.0  # what the card holds beyond the tensors: context, kernels, the allocator's slack
+    # A block's adapter parameters per unit of rank (lora.adapter_features); None: the default targets q, k, v, out.
+    adapter_features: int | None = None
 
 
 @dataclass
@@ -198,10 +200,12 @@ def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
     # With fp8 storage, the dequantized weights of the block being run, in training and in validation alike.
     dequantized = 12 * width**2 * work.weight_bytes if work.float8_blocks else 0
     activations += dequantized
-    adapter = layers * 4 * 2 * width * work.rank  # A and B of q, k, v, out in every block
+    adapter = layers * (work.adapter_features or 4 * 2 * width) * work.rank  # A and B of each targeted layer
     adapter_gib = adapter * (4 + 4 + work.optimizer_state_bytes) / GIB
     training = weights / GIB + adapter_gib + activations / GIB + OVERHEAD_GIB
     validation, to_host = None, 0.0
+    # The held-out loss (heldout.py) needs no room of its own: a forward pass of a training batch in eval mode
+    # without gradients, which holds one block's activations at a time, less than the training forward keeps.
     if work.validation_latent is not None:
         # The optimizer states wait on the host meanwhile and the gradients are freed: the adapter's weights stay.
         # Guidance's two samples go through the transformer one at a time (validation.py).
@@ -254,14 +258,15 @@ def decode_plan(with_weights_gib: float, without_weights_gib: float, latent, lim
 
 def plan_for(request: "Request", config: dict, latent, validation_latent, batch_size: int, rank: int,
              compiled: bool, weight_bytes: float, budget_gib: float | None,
-             overhead_gib: float = CONTEXT_AND_KERNELS_GIB + ALLOCATOR_SLACK_GIB
-             ) -> tuple[Workload, Plan, MemoryEstimate]:
+             overhead_gib: float = CONTEXT_AND_KERNELS_GIB + ALLOCATOR_SLACK_GIB,
+             adapter_features: int | None = None) -> tuple[Workload, Plan, MemoryEstimate]:
     """The workload of a run (what is trained at its largest latent size, and what is validated, or None) and the
     plan it asks for (with auto: the first whose device-level peak, overhead_gib beside the tensors, fits
-    budget_gib)."""
+    budget_gib); adapter_features: Workload's."""
     work = Workload(config, latent, batch_size, rank, compiled, weight_bytes=weight_bytes,
                     optimizer_state_bytes=2 if request.use_8bit_adam else 8, float8_blocks=request.fp8_base_weights,
-                    validation_latent=validation_latent, tiled_vae=request.tiled_vae, overhead_gib=overhead_gib)
+                    validation_latent=validation_latent, tiled_vae=request.tiled_vae, overhead_gib=overhead_gib,
+                    adapter_features=adapter_features)
     plan, needed = fit(work, request.plan, budget_gib, auto=request.auto)
     if budget_gib is not None and budget_gib <= overhead_gib:
         raise DoesNotFit(f"{budget_gib:.2f} GiB of GPU memory leaves nothing for PyTorch's tensors beside the CUDA "
@@ -389,12 +394,12 @@ def recheck(work: Workload, asked: Plan, plan: Plan, budget: Budget, measured_gi
 
 class Peaks:
     """Peak GPU memory (allocated, reserved) of each part of a run: "encoding" (what the cache lacked, before
-    training), "training", "validation" and, within it, "decoding" (the VAE's). PyTorch keeps one peak, so it
-    is read and reset as a part begins and ends. With a sampler (device_memory.Sampler), the process's
-    device-level peak of each part too (None where unknown)."""
+    training), "training", "validation" and, within it, "decoding" (the VAE's), and "heldout" (the held-out loss).
+    PyTorch keeps one peak, so it is read and reset as a part begins and ends. With a sampler
+    (device_memory.Sampler), the process's device-level peak of each part too (None where unknown)."""
 
     def __init__(self, sampler=None):
-        self.gib = {part: (0.0, 0.0) for part in ("encoding", "training", "validation", "decoding")}
+        self.gib = {part: (0.0, 0.0) for part in ("encoding", "training", "validation", "decoding", "heldout")}
         self.device_gib: dict[str, float | None] = dict.fromkeys(self.gib)
         self.sampler = sampler
         self.current = "training"

@@ -1,6 +1,7 @@
 """OUTPUT_DIR/README.md: the LoRA's model card, in the Hub's format, so the folder can be pushed as it is."""
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -16,9 +17,54 @@ logger = logging.getLogger(__name__)
 MARKER_TAG = "cogvideox-lora-trainer"
 
 
-def card_text(run: Settings, family, steps: int, videos: list[Path], processes: int = 1) -> str:
-    """The card: YAML front matter the Hub reads (base model, tags, widget), how it was trained, how to load it.
-    processes: how many the run had, whose batches add up to the global batch."""
+@dataclass(frozen=True)
+class Results:
+    """What the run measured, for the card: the base model's validation videos (one per validation video), the loss
+    chart, the final, base and best held-out losses and the best checkpoint (None where not measured)."""
+
+    base_videos: tuple[Path, ...] = ()
+    loss_chart: Path | None = None
+    heldout_loss: float | None = None
+    base_heldout_loss: float | None = None
+    best_checkpoint: str | None = None
+    best_heldout_loss: float | None = None
+
+
+def _relative(path: Path, output_dir: Path) -> str:
+    return Path(path).relative_to(output_dir).as_posix()
+
+
+def results_text(run: Settings, steps: int, videos: list[Path], results: Results) -> str:
+    """The card's pictures and measures: the loss chart, the held-out losses, each validation video beside the base
+    model's."""
+    output_dir, parts = Path(run.output.output_dir), []
+    if results.heldout_loss is not None:
+        parts.append(f"""## Held-out loss
+
+The denoising loss on clips the LoRA was not trained on, at fixed timesteps and noise (lower is better):
+
+| model | held-out loss |
+| --- | --- |
+| base model (without the LoRA) | {results.base_heldout_loss:.6f} |
+| this LoRA (step {steps}) | {results.heldout_loss:.6f} |
+""" + (f"| best checkpoint: `{results.best_checkpoint}` | {results.best_heldout_loss:.6f} |\n"
+       if results.best_checkpoint else ""))
+    if results.loss_chart is not None:
+        parts.append(f"![Training and held-out loss]({_relative(results.loss_chart, output_dir)})\n")
+    if videos and len(results.base_videos) == len(videos):
+        rows = [f"| {run.validation.prompts[i // run.validation.num_videos]} | "
+                f"<video src=\"{_relative(base, output_dir)}\" controls loop></video> | "
+                f"<video src=\"{_relative(video, output_dir)}\" controls loop></video> |"
+                for i, (base, video) in enumerate(zip(results.base_videos, videos))]
+        parts.append("## Validation videos\n\n| prompt | base model | with this LoRA |\n| --- | --- | --- |\n"
+                     + "\n".join(rows) + "\n")
+    return "\n".join(parts)
+
+
+def card_text(run: Settings, family, steps: int, videos: list[Path], results: Results = Results(),
+              processes: int = 1) -> str:
+    """The card: YAML front matter the Hub reads (base model, tags, widget), how it was trained, what it measured,
+    how to load it. processes: how many the run had, whose batches add up to the global batch."""
     i2v = family.image_to_video
     prompts = run.validation.prompts
     output_dir = Path(run.output.output_dir)
@@ -68,7 +114,9 @@ A LoRA for {base} ({family.name}, {'image' if i2v else 'text'}-to-video), traine
 {run.training.gradient_accumulation_steps} accumulated |
 | learning rate | {run.optimizer.learning_rate:g} ({run.optimizer.name}, {run.optimizer.scheduler}) |
 | mixed precision | {run.mixed_precision or 'from the accelerate config'} |
+| LoRA targets | {', '.join(run.lora.target_modules)} |
 
+{results_text(run, steps, videos, results)}
 ## Use it
 
 The file `{LORA_WEIGHTS_NAME}` carries its rank and alpha, so it loads at the strength it was trained at:
@@ -117,12 +165,13 @@ def _pipeline_code(pipeline: str, base: str, without_learned_positions: bool) ->
             f'pipe = {pipeline}.from_pretrained({base!r}, transformer=transformer, dtype=torch.bfloat16).to("cuda")']
 
 
-def write_model_card(run: Settings, family, steps: int, videos: list[Path], processes: int = 1) -> Path | None:
+def write_model_card(run: Settings, family, steps: int, videos: list[Path], results: Results = Results(),
+                     processes: int = 1) -> Path | None:
     """Writes OUTPUT_DIR/README.md, unless a README.md there is not one of this trainer's."""
     path = Path(run.output.output_dir) / CARD_FILE
     if path.exists() and MARKER_TAG not in (ModelCard.load(path).data.tags or []):
         logger.warning("%s is not a model card of this trainer: left as it is, no card written.", path)
         return None
-    ModelCard(card_text(run, family, steps, videos, processes)).save(path)
+    ModelCard(card_text(run, family, steps, videos, results, processes)).save(path)
     logger.info("Model card written to %s", path)
     return path

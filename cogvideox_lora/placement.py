@@ -69,6 +69,15 @@ class Placement:
             yield
 
     @contextlib.contextmanager
+    def evaluating(self, transformer):
+        """The held-out loss's forward passes (no gradients, so no checkpoint loads swapped blocks: they load as
+        they are called), measured apart."""
+        swapping = contextlib.nullcontext() if self.swap is None else \
+            self.swap.inference(transformer.transformer_blocks)
+        with self.peaks.part("heldout"), swapping:
+            yield
+
+    @contextlib.contextmanager
     def generating(self, pipe):
         """Room for the pipeline's videos: swapped blocks load as they are called, guidance's two samples go one at
         a time, and the decode keeps under training's peak."""

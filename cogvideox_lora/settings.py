@@ -84,12 +84,37 @@ class TrainingSettings:
     checkpoints_total_limit: int | None
     validation_steps: int | None
     validation_epochs: int | None
+    caption_dropout: float = 0.0  # the share of samples trained on the empty prompt's embedding
+    checkpointing_minutes: float | None = None  # also checkpoint when this long has passed since the last
+
+
+# The LoRA targets of the seed trainer (and of the CogVideoX and diffusers examples): the attention projections.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @dataclass(frozen=True)
 class LoraSettings:
     rank: int
     alpha: float
+    # Module names (peft's: a name matches modules whose path ends with it) or the preset lora.ALL_LINEAR.
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+
+@dataclass(frozen=True)
+class HeldOutSettings:
+    """The held-out loss: every `steps` optimizer steps (None: off), on the clips of `dataset` (a folder in the
+    training data's format) or on a `split` share of the training clips, at `timesteps` timesteps spread over the
+    schedule, with noise drawn from `seed`."""
+
+    steps: int | None = None
+    dataset: str | None = None
+    split: float | None = None
+    timesteps: int = 4
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps is not None
 
 
 @dataclass(frozen=True)
@@ -151,6 +176,7 @@ class Settings:
     nccl_timeout: int | None
     latent_cache_dir: str
     dry_run: bool
+    heldout: HeldOutSettings = HeldOutSettings()
 
 
 def split(text: str | None, separator: str) -> list[str]:
@@ -213,8 +239,9 @@ def from_args(args) -> Settings:
         training=TrainingSettings(args.seed, args.train_batch_size, args.gradient_accumulation_steps,
                                   args.max_train_steps, args.num_train_epochs, args.random_flip,
                                   args.noised_image_dropout, args.max_grad_norm, args.checkpointing_steps,
-                                  args.checkpoints_total_limit, args.validation_steps, args.validation_epochs),
-        lora=LoraSettings(args.rank, args.lora_alpha),
+                                  args.checkpoints_total_limit, args.validation_steps, args.validation_epochs,
+                                  args.caption_dropout, args.checkpointing_minutes),
+        lora=LoraSettings(args.rank, args.lora_alpha, tuple(split(args.lora_target_modules, ","))),
         optimizer=_optimizer(args),
         validation=ValidationSettings(
             tuple(split(args.validation_prompt, separator)) if validates else (),
@@ -237,4 +264,6 @@ def from_args(args) -> Settings:
         nccl_timeout=args.nccl_timeout,
         latent_cache_dir=args.latent_cache_dir,
         dry_run=args.dry_run,
+        heldout=HeldOutSettings(args.validation_loss_steps, args.validation_dataset, args.validation_split,
+                                args.validation_loss_timesteps, args.seed),
     )

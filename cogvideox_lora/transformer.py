@@ -12,7 +12,7 @@ from peft import LoraConfig
 from . import attention, models
 from .lora import add_lora, uncast_adapter_inputs
 from .placement import Placement
-from .settings import ModelSource
+from .settings import DEFAULT_LORA_TARGETS, ModelSource
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class TransformerSpec:
     drop_learned_positions: bool = False
     kernel: str | None = None
     compile: bool = False
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # module names or a preset (lora.resolve_targets)
 
 
 def prepare(transformer, spec: TransformerSpec, placement: Placement) -> LoraConfig:
@@ -50,7 +51,7 @@ def prepare(transformer, spec: TransformerSpec, placement: Placement) -> LoraCon
     if spec.fp8_base_weights:
         models.store_base_weights_in_fp8(transformer, spec.dtype, placement.device)
     set_seed(spec.seed)
-    lora_config = add_lora(transformer, spec.rank, spec.alpha)
+    lora_config = add_lora(transformer, spec.rank, spec.alpha, spec.lora_targets)
     uncast_adapter_inputs(transformer, spec.dtype)
     attention.use(transformer, attention.Choice(spec.kernel, ""))
     placement.apply(transformer)

@@ -20,6 +20,7 @@ from diffusers.utils import export_to_video
 from .data import resize_and_crop
 from .images import open_image
 from .distributed import wait_for_everyone_without_deadline
+from .lora import adapter_disabled
 from .placement import Placement
 from .settings import ValidationSettings
 
@@ -114,7 +115,8 @@ class Validator:
     The VAE is loaded at the first use and waits on the CPU between uses. prompt_embeds: one per prompt of the
     settings, negative_embeds: the empty prompt's. For an image-to-video model the settings give one image per
     prompt. The placement makes room for the videos (placement.py); optimizer: one whose state may wait on the host
-    meanwhile.
+    meanwhile. The first validation also makes the base model's videos (the adapter disabled), once, to show beside
+    the LoRA's.
     """
 
     def __init__(self, settings: ValidationSettings, prompt_embeds, negative_embeds, parts: PipelineParts,
@@ -123,21 +125,29 @@ class Validator:
         self.prompt_embeds, self.negative_embeds = prompt_embeds, negative_embeds
         self.images = [load_validation_image(p, settings.height, settings.width) for p in settings.images] or None
         self.vae = None
+        self.base_videos: list[Path] | None = None
 
     def run(self, accelerator, transformer, step: int) -> list[Path]:
         """Every process must call this; each returns the paths of all the videos of this step."""
+        if self.base_videos is None and self.settings.prompts:
+            with adapter_disabled(accelerator.unwrap_model(transformer)):
+                self.base_videos = self._run(accelerator, transformer, step, "base", "validation_base")
+        return self._run(accelerator, transformer, step, f"step-{step:06d}", "validation")
+
+    def _run(self, accelerator, transformer, step: int, name: str, tag: str) -> list[Path]:
+        """The videos of this step, files named name_pP_vV_…, logged under tag/pP_vV."""
         settings = self.settings
         directory = Path(settings.output_dir) / "validation"
         jobs = [(p, v) for p in range(len(settings.prompts)) for v in range(settings.num_videos)]
-        paths = [directory / f"step-{step:06d}_p{p}_v{v}_{_slug(settings.prompts[p])}.mp4" for p, v in jobs]
+        paths = [directory / f"{name}_p{p}_v{v}_{_slug(settings.prompts[p])}.mp4" for p, v in jobs]
         mine = range(accelerator.process_index, len(jobs), accelerator.num_processes)
         if mine:
             directory.mkdir(parents=True, exist_ok=True)
             with self.placement.validating(self.optimizer):
                 self._make_videos(accelerator, transformer, [(jobs[i], paths[i]) for i in mine])
-        wait_for_everyone_without_deadline(accelerator, f"validation-{step}")
+        wait_for_everyone_without_deadline(accelerator, f"{tag}-{step}")
         if accelerator.is_main_process:
-            log_videos(accelerator, [(f"validation/p{p}_v{v}", settings.prompts[p], path)
+            log_videos(accelerator, [(f"{tag}/p{p}_v{v}", settings.prompts[p], path)
                                      for (p, v), path in zip(jobs, paths)], step, settings.fps)
         return paths
 

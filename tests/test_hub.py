@@ -163,8 +163,9 @@ def pushed(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
 def test_push_uploads_the_lora_card_and_videos_not_the_checkpoints(pushed):
     output_dir, fake, records, argv = pushed
     assert (output_dir / "checkpoint-1").is_dir()
-    assert fake.uploaded() == ["README.md", "pytorch_lora_weights.safetensors",
+    assert fake.uploaded() == ["README.md", "loss.png", "pytorch_lora_weights.safetensors",
                                "pytorch_lora_weights_comfyui.safetensors", "train_summary.json",
+                               "validation/base_p0_v0_a-red-square.mp4",
                                "validation/step-000002_p0_v0_a-red-square.mp4"]
     assert [(name, kw.get("repo_id"), kw["token"]) for name, kw in fake.calls] == [
         ("whoami", None, SECRET), ("create_repo", "me/my-lora", SECRET), ("upload_folder", "me/my-lora", SECRET)]

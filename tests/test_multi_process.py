@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from helpers import REPO, SCRIPT, check, lora, max_abs_diff, run_main, subprocess_env, summary, train_argv
+from cogvideox_lora.synthetic import write_clips
 
 PATCHED = Path(__file__).with_name("patched_trainer.py")
 COMMON = ["--learning_rate", "1e-3", "--mixed_precision", "no", "--checkpointing_steps", 2]
@@ -45,12 +46,15 @@ def launch(argv, script=SCRIPT, config=None, env=(), cpu=True) -> subprocess.Com
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
     """one: one process of batch 2, 6 steps. two: two processes of batch 1, 4 steps, validating 3 prompts,
-    the main process starting 8 s after the other, which must wait longer than the 5 s process-group timeout."""
+    the main process starting 8 s after the other, which must wait longer than the 5 s process-group timeout.
+    Both evaluate the held-out loss of 2 other clips every 2 steps."""
     root = tmp_path_factory.mktemp("multi")
+    write_clips(root / "heldout", num_clips=2, height=48, width=64, num_frames=25, fps=8, id_offset=4)
+    heldout = ["--validation_loss_steps", 2, "--validation_dataset", root / "heldout"]
     run_main(train_argv(tiny_model_dir, tiny_dataset_dir, root / "one", root / "cache-one", "--max_train_steps", 6,
-                        "--train_batch_size", 2, *COMMON))
+                        "--train_batch_size", 2, *COMMON, *heldout))
     two = check(launch(train_argv(tiny_model_dir, tiny_dataset_dir, root / "two", root / "cache-two",
-                                  "--max_train_steps", 4, *COMMON, "--nccl_timeout", 5,
+                                  "--max_train_steps", 4, *COMMON, *heldout, "--nccl_timeout", 5,
                                   "--validation_prompt", "a red square:::a brown bear:::a red car",
                                   report_to="tensorboard"),
                        script=PATCHED, env={"COGVIDEOX_TEST_SLOW_VALIDATION": "8"}))
@@ -63,17 +67,22 @@ def test_two_processes_share_the_encoding_and_train_as_one(runs):
     assert info["processes"] == 2 and info["samples_per_step"] == 2
     card = (root / "two" / "README.md").read_text()
     assert "| batch | 2 a step: 1 per process x 2 process(es) x 1 accumulated |" in card
-    # Each process encoded half of the clips, and both trained on all four.
-    assert info["encoded_clips"] == 4 and info["encoded_clips_per_process"] == [2, 2]
+    # Each process encoded half of the clips (the 2 held-out ones too), and both trained on all four.
+    assert info["encoded_clips"] == 6 and info["encoded_clips_per_process"] == [3, 3]
     assert max_abs_diff(lora(root / "two"), lora(root / "one" / "checkpoint-4")) <= SAME
     assert max_abs_diff(lora(root / "two" / "checkpoint-2"), lora(root / "one" / "checkpoint-2")) <= SAME
     assert max_abs_diff(lora(root / "two" / "checkpoint-2"), lora(root / "two")) > 1e-4
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (root / "two" / "checkpoint-2").iterdir()}
+    # The held-out clips shared out (one each) and their losses summed: the one process's values.
+    one = summary(root / "one")
+    assert info["base_heldout_loss"] == pytest.approx(one["base_heldout_loss"], rel=1e-6)
+    assert [s for s, _ in info["heldout_losses"]] == [2, 4]
+    assert [v for _, v in info["heldout_losses"]] == pytest.approx([v for _, v in one["heldout_losses"][:2]], rel=1e-5)
 
 
 def test_validation_is_spread_and_outlasts_the_collective_timeout(runs):
     root, two = runs
-    videos = sorted((root / "two" / "validation").glob("*.mp4"))
+    videos = sorted((root / "two" / "validation").glob("step-*.mp4"))
     assert [v.name[:17] for v in videos] == ["step-000004_p0_v0", "step-000004_p1_v0", "step-000004_p2_v0"]
     assert sorted(summary(root / "two")["validation_videos"]) == [str(v) for v in videos]
     for process, video in [(0, videos[0]), (1, videos[1]), (0, videos[2])]:
@@ -86,7 +95,8 @@ def test_validation_is_spread_and_outlasts_the_collective_timeout(runs):
         events = EventAccumulator(str(event_file), size_guidance={"images": 0})
         events.Reload()
         images |= set(events.Tags()["images"])
-    assert images == {"validation/p0_v0", "validation/p1_v0", "validation/p2_v0"}
+    # And the base model's, made once at the first validation.
+    assert images == {f"{tag}/p{p}_v0" for tag in ("validation", "validation_base") for p in range(3)}
 
 
 def test_two_nodes_resume_a_two_process_checkpoint(runs, tiny_model_dir, tiny_dataset_dir):

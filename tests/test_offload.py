@@ -467,5 +467,5 @@ def test_a_crowded_decode_mid_run_leaves_training_as_it_was(tmp_path, tiny_model
     assert "decode with the transformer's frozen weights on the host and tiles of 0.25 times" in caplog.text
     assert max_abs_diff(lora(tmp_path / "roomy"), lora(tmp_path / "crowded")) == 0
     assert len(summary(tmp_path / "crowded")["validation_videos"]) == 1
-    assert sorted(p.name[:11] for p in (tmp_path / "crowded" / "validation").glob("*.mp4")) == \
+    assert sorted(p.name[:11] for p in (tmp_path / "crowded" / "validation").glob("step-*.mp4")) == \
         ["step-000002", "step-000004"]

@@ -427,6 +427,8 @@ class RunsCode:
 def test_checkpoint_pickles_are_never_trusted(straight, tmp_path, tiny_model_dir, tiny_dataset_dir):
     root, _, _ = straight
     checkpoint = root / "straight" / f"checkpoint-{EVERY}"
+    # The LoRA is safetensors, the run's record (training_run.json) and the losses' record (losses.json) JSON:
+    # neither is unpickled.
     pickled = sorted(p.name for p in checkpoint.iterdir() if p.suffix not in (".safetensors", ".json"))
     assert {"optimizer.bin", "scheduler.bin"} <= set(pickled)
     marker = tmp_path / "code-ran"

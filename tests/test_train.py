@@ -68,7 +68,7 @@ def test_full_run_writes_everything(full_run):
     assert info["encoded_prompts"] == 4 + 2 + 1  # clips' prompts, validation prompts, the empty negative prompt
     assert info["lora"] == str(output_dir / LORA_FILE)
     assert (output_dir / COMFYUI_LORA_NAME).is_file()  # core ComfyUI's copy, beside it by default
-    videos = sorted((output_dir / "validation").glob("*.mp4"))
+    videos = sorted((output_dir / "validation").glob("step-*.mp4"))
     assert [str(v) for v in videos] == sorted(info["validation_videos"])
     assert len(videos) == 2
     for video in videos:
@@ -302,7 +302,7 @@ def test_tiny_5b_with_rotary_embeddings_trains(tmp_path, tiny_5b_model_dir, tiny
     info, weights = assert_trained(out, 2)
     assert len(info["validation_videos"]) == 1
     # --validation_steps 1: a video after step 1 as well as the last one.
-    assert sorted(p.name[:11] for p in (out / "validation").glob("*.mp4")) == ["step-000001", "step-000002"]
+    assert sorted(p.name[:11] for p in (out / "validation").glob("step-*.mp4")) == ["step-000001", "step-000002"]
     pipe = CogVideoXPipeline.from_pretrained(tiny_5b_model_dir)
     pipe.load_lora_weights(out)
     assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
