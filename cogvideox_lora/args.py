@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vae_flags(p)
     _add_validation_flags(p)
     _add_training_flags(p)
+    _add_memory_and_speed_flags(p)
     _add_checkpoint_flags(p)
     _add_example_flags(p)
     return p
@@ -221,39 +222,6 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     train.add_argument("--adam_weight_decay", type=float, default=1e-4, help="Weight decay.")
     train.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
-    train.add_argument("--attention_backend", choices=BACKENDS, default="auto",
-                       help="Attention kernel of the transformer (training, validation): auto is FlashAttention-4 "
-                            "where it is installed (pip install flash-attn-4) and runs (Hopper and Blackwell GPUs, "
-                            "bf16/fp16), else PyTorch's SDPA with cuDNN first; flash4 insists on FlashAttention-4; the "
-                            "others are PyTorch SDPA backends tried first, with the rest as fallbacks.")
-    train.add_argument("--checkpointing_policy", choices=POLICIES, default="full",
-                       help="With --gradient_checkpointing, what each block keeps for its backward pass: full keeps "
-                            "its input alone and recomputes everything (least memory); keep_attention also keeps its "
-                            "attention output, so the recompute skips attention (faster, one more [tokens, width] "
-                            "tensor a block).")
-    train.add_argument("--offload", choices=["none", "activations", "auto"], default="none",
-                       help="activations: with --gradient_checkpointing, each block's checkpointed input waits in "
-                            "pinned CPU memory until its recompute, copied on a side stream behind the compute. "
-                            "auto: the least of gradient checkpointing, activation offloading and --blocks_to_swap "
-                            "that fits --max_gpu_memory (validation videos included), said in the log before "
-                            "any model loads.")
-    train.add_argument("--blocks_to_swap", type=int, default=0,
-                       help="With --gradient_checkpointing: this many transformer blocks (evenly spread) keep their "
-                            "frozen weights in pinned CPU memory and copy them to the GPU before their forward pass "
-                            "and their recompute, the next one while the current one runs.")
-    train.add_argument("--max_gpu_memory", type=float, default=None,
-                       help="The card's memory in GiB, as nvidia-smi counts it (an 8 GB card: 8); default: what the "
-                            "GPU has free when the run starts (less, if less is free). The plan, --offload auto's "
-                            "choice and the estimate count the CUDA context and kernels beside PyTorch's tensors, and "
-                            "PyTorch's allocator is held to the card but them "
-                            "(torch.cuda.set_per_process_memory_fraction).")
-    train.add_argument("--compile_blocks", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile each transformer block: faster steps and less memory, after a "
-                            "compilation of about half a minute in the first step. Default: on with a GPU.")
-    train.add_argument("--base_weights_dtype", choices=["auto", "fp8"], default="auto",
-                       help="Storage of the frozen transformer weights: 'auto' is the --mixed_precision dtype; "
-                            "'fp8' keeps the attention and feed-forward weights as float8 with a scale per row "
-                            "(5B: 5.6 GiB instead of 10.4) and computes in --mixed_precision.")
     train.add_argument("--dry_run", action="store_true",
                        help="Check the data and settings, print the memory estimate, and exit before loading models.")
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matrix products on Ampere and newer.")
@@ -261,6 +229,43 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                        help="Seconds a collective (gradient all-reduce, barrier) may wait for the other processes "
                             "before the run is ended; default: PyTorch's. Encoding and validation wait for each "
                             "other without this limit.")
+
+
+def _add_memory_and_speed_flags(p: argparse.ArgumentParser) -> None:
+    speed = p.add_argument_group("memory and speed")
+    speed.add_argument("--attention_backend", choices=BACKENDS, default="auto",
+                       help="Attention kernel of the transformer (training, validation): auto is FlashAttention-4 "
+                            "where it is installed (pip install flash-attn-4) and runs (Hopper and Blackwell GPUs, "
+                            "bf16/fp16), else PyTorch's SDPA with cuDNN first; flash4 insists on FlashAttention-4; the "
+                            "others are PyTorch SDPA backends tried first, with the rest as fallbacks.")
+    speed.add_argument("--checkpointing_policy", choices=POLICIES, default="full",
+                       help="With --gradient_checkpointing, what each block keeps for its backward pass: full keeps "
+                            "its input alone and recomputes everything (least memory); keep_attention also keeps its "
+                            "attention output, so the recompute skips attention (faster, one more [tokens, width] "
+                            "tensor a block).")
+    speed.add_argument("--offload", choices=["none", "activations", "auto"], default="none",
+                       help="activations: with --gradient_checkpointing, each block's checkpointed input waits in "
+                            "pinned CPU memory until its recompute, copied on a side stream behind the compute. "
+                            "auto: the least of gradient checkpointing, activation offloading and --blocks_to_swap "
+                            "that fits --max_gpu_memory (validation videos included), said in the log before "
+                            "any model loads.")
+    speed.add_argument("--blocks_to_swap", type=int, default=0,
+                       help="With --gradient_checkpointing: this many transformer blocks (evenly spread) keep their "
+                            "frozen weights in pinned CPU memory and copy them to the GPU before their forward pass "
+                            "and their recompute, the next one while the current one runs.")
+    speed.add_argument("--max_gpu_memory", type=float, default=None,
+                       help="The card's memory in GiB, as nvidia-smi counts it (an 8 GB card: 8); default: what the "
+                            "GPU has free when the run starts (less, if less is free). The plan, --offload auto's "
+                            "choice and the estimate count the CUDA context and kernels beside PyTorch's tensors, and "
+                            "PyTorch's allocator is held to the card but them "
+                            "(torch.cuda.set_per_process_memory_fraction).")
+    speed.add_argument("--compile_blocks", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile each transformer block: faster steps and less memory, after a "
+                            "compilation of about half a minute in the first step. Default: on with a GPU.")
+    speed.add_argument("--base_weights_dtype", choices=["auto", "fp8"], default="auto",
+                       help="Storage of the frozen transformer weights: 'auto' is the --mixed_precision dtype; "
+                            "'fp8' keeps the attention and feed-forward weights as float8 with a scale per row "
+                            "(5B: 5.6 GiB instead of 10.4) and computes in --mixed_precision.")
 
 
 def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
