@@ -15,8 +15,18 @@ CACHE_DIR=${CACHE_DIR:-~/.cache}
 # Expandable segments let PyTorch grow memory blocks instead of fragmenting: fewer out-of-memory errors.
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
+# Ctrl-C (or a SIGTERM to the whole group) is for the trainer alone, which checkpoints and stops: the launcher
+# inherits them ignored (Python keeps an ignored SIGINT), so it waits for the trainer and this script returns
+# only once the trainer is done. --quiet: a trainer's error is the last thing on screen, without the
+# launcher's traceback; under several processes torch's agent reports anyway, so the trainer's message is
+# shown again after it.
+trap '' INT TERM
+LAST_WORDS=$(mktemp)
+trap 'rm -f "$LAST_WORDS"' EXIT
+export COGVIDEOX_LORA_LAST_WORDS=$LAST_WORDS
+status=0
 # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
-accelerate launch --config_file "${ACCELERATE_CONFIG:-accelerate_config_machine_single.yaml}" ${LAUNCH_ARGS:-} \
+accelerate launch --quiet --config_file "${ACCELERATE_CONFIG:-accelerate_config_machine_single.yaml}" ${LAUNCH_ARGS:-} \
   train_cogvideox_lora.py \
   --pretrained_model_name_or_path "$MODEL_PATH" \
   --cache_dir "$CACHE_DIR" \
@@ -48,4 +58,8 @@ accelerate launch --config_file "${ACCELERATE_CONFIG:-accelerate_config_machine_
   --optimizer AdamW \
   --adam_beta1 0.9 \
   --adam_beta2 0.95 \
-  "$@"
+  "$@" || status=$?
+if [[ -s $LAST_WORDS ]]; then
+  cat "$LAST_WORDS" >&2
+fi
+exit "$status"

@@ -17,6 +17,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -25,10 +26,12 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from cogvideox_lora import attention, checkpoints, distributed, hub, memory, models, offload, recompute
+from cogvideox_lora import (attention, checkpoints, disk, distributed, hub, launcher, memory, models, offload,
+                            recompute)
 from cogvideox_lora.args import parse_args, tracker_config, validation_images, validation_prompts
-from cogvideox_lora.data import (Buckets, DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches,
-                                 long_prompts)
+from cogvideox_lora.clip_index import ClipIndex
+from cogvideox_lora.data import (Buckets, DatasetError, EpochOrder, FrameSettings, check_dataset, clip_settings,
+                                 first_few, long_prompts)
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
 from cogvideox_lora.lora import add_lora, save_lora, trainable_parameters, uncast_adapter_inputs
 from cogvideox_lora.loss import compute_loss, draw_batch, draw_image_latents, sample_seed, transformer_inputs
@@ -44,12 +47,15 @@ def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    with attention.preferred_sdpa(args.attention_backend), checkpoints.StopSignal() as stop:
+    with launcher.last_words(), attention.preferred_sdpa(args.attention_backend), checkpoints.StopSignal() as stop:
         try:
             train(args, started, stop)
         except (DatasetError, models.ModelError, checkpoints.CheckpointError, attention.AttentionError,
-                memory.DoesNotFit) as e:
+                memory.DoesNotFit, disk.DiskFull) as e:
             sys.exit(f"error: {e}")
+        except checkpoints.Stopped:
+            sys.exit(f"Stopped by a signal before training: nothing was trained; the clips checked and latents "
+                     f"encoded so far are kept in {args.latent_cache_dir}. Continue with the same command.")
 
 
 def train(args, started: float, stop: checkpoints.StopSignal):
@@ -58,9 +64,11 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     transformer_config, vae_config, text_encoder_config, family = models.read_configs(args)
     settings = FrameSettings.from_args(args, vae_config["temporal_compression_ratio"])
     buckets = Buckets.from_args(args)
-    clips, bad_clips = check_dataset(args.instance_data_root, args.caption_column, args.video_column,
-                                     args.dataset_file, args.id_token, args.image_column, settings,
-                                     skip_bad=args.skip_bad_videos, buckets=buckets)
+    index = ClipIndex(args.latent_cache_dir)  # what earlier runs found of each unchanged clip
+    with index.kept(create=not args.dry_run):
+        clips, bad_clips = check_dataset(args.instance_data_root, args.caption_column, args.video_column,
+                                         args.dataset_file, args.id_token, args.image_column, settings,
+                                         skip_bad=args.skip_bad_videos, buckets=buckets, index=index, stop=stop.check)
     # Each clip's own size and length: its bucket's, or --height, --width and --max_num_frames.
     per_clip = clip_settings(clips, settings, buckets)
     sizes = sorted({(s.max_num_frames, s.height, s.width) for s in per_clip}, key=lambda s: s[0] * s[1] * s[2])
@@ -73,7 +81,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     too_long = long_prompts(clips, tokenizer, transformer_config["max_text_seq_length"])
     if too_long:
         logger.warning("%d prompt(s) have more tokens than the text encoder takes (%d); the rest is cut:\n  %s",
-                       len(too_long), transformer_config["max_text_seq_length"], "\n  ".join(too_long))
+                       len(too_long), transformer_config["max_text_seq_length"], first_few(too_long))
     resume_from = checkpoints.checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
 
     # The lr scheduler goes through prepare() (so accelerate reads it back with weights_only) and is stepped
@@ -144,7 +152,9 @@ def train(args, started: float, stop: checkpoints.StopSignal):
             accelerator, cache, clips, per_clip,
             encoder_id={**model_id, "vae": vae_config, "tiling": args.enable_tiling, "slicing": args.enable_slicing},
             with_flipped=args.random_flip > 0, with_images=family.image_to_video,
-            num_workers=args.dataloader_num_workers, load_vae=lambda: models.load_vae(args, weight_dtype, device))
+            num_workers=args.dataloader_num_workers, load_vae=lambda: models.load_vae(args, weight_dtype, device),
+            digest=index.digest, stop=stop.check)
+        index.save()
         # T5-XXL (8.9 GiB in bf16) encodes on the CPU where it would not fit the GPU memory this run may use.
         text_device = device if budget is None or memory.text_encoder_bytes(
             text_encoder_config, weight_dtype.itemsize) / memory.GIB < 0.9 * budget else "cpu"
@@ -152,12 +162,14 @@ def train(args, started: float, stop: checkpoints.StopSignal):
         embeds, encoded_prompts = encode_prompts(
             accelerator, cache, prompts, transformer_config["max_text_seq_length"],
             encoder_id={**model_id, "text_encoder": text_encoder_config},
-            load_text_encoder=lambda: (tokenizer, models.load_text_encoder(args, weight_dtype, text_device)))
-    prompt_entry = dict(zip(prompts, embeds))
+            load_text_encoder=lambda: (tokenizer, models.load_text_encoder(args, weight_dtype, text_device)),
+            stop=stop.check)
+    prompt_entry = embeds  # read from the cache by prompt when asked for
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
     # 3. The transformer, frozen in the training precision, with fp32 LoRA adapters.
+    stop.check()
     loading = time.perf_counter()
     transformer = models.load_transformer(args, weight_dtype).requires_grad_(False)
     if args.ignore_learned_positional_embeddings and family.learned_positions:
@@ -181,9 +193,10 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device, torch.float32)
 
     # 4. Steps, optimizer and schedule.
-    shapes = [tuple(v["latent_params"].shape) for v in videos]
+    shapes = [videos.shape(i) for i in range(len(videos))]
     global_batch = args.train_batch_size * accelerator.num_processes
-    batches_per_epoch = len(epoch_batches(shapes, global_batch, args.seed, 0))
+    order = EpochOrder(shapes, global_batch, args.seed)
+    batches_per_epoch = len(order.batches(0))
     if batches_per_epoch == 0:
         sys.exit(f"error: {len(clips)} clip(s) cannot fill one batch of {global_batch} "
                  f"(--train_batch_size x processes) from clips of one size ({len(sizes)} size(s)): lower "
@@ -202,6 +215,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     if resume_from is not None:
         logger.info("Resuming from %s", resume_from)
         first_step = checkpoints.load_checkpoint(accelerator, resume_from)
+        checkpoints.check_room(args.output_dir, min(first_step + args.checkpointing_steps, max_train_steps))
     elif args.resume_from_checkpoint:
         logger.info("No checkpoint in %s yet: starting a new run.", args.output_dir)
 
@@ -218,12 +232,14 @@ def train(args, started: float, stop: checkpoints.StopSignal):
                 weight_dtype, accelerator.num_processes)
 
     # 5. Train.
-    data = TrainingData(clips, videos, prompt_entry, shapes, batches_per_epoch, vae_config["scaling_factor"], family,
+    data = TrainingData(clips, videos, prompt_entry, order, batches_per_epoch, vae_config["scaling_factor"], family,
                         alphas_cumprod)
     inputs = {}  # the transformer's inputs of each latent size
     step_times, first_step_at, last = [], None, time.perf_counter()
     progress = tqdm(range(first_step, max_train_steps), initial=first_step, total=max_train_steps, desc="Steps",
                     disable=not accelerator.is_local_main_process)
+    stop.check()
+    stop.training = True
     for step in range(first_step, max_train_steps):
         if first_step_at is None:
             first_step_at = time.perf_counter() - started
@@ -265,7 +281,8 @@ def train(args, started: float, stop: checkpoints.StopSignal):
 
         done = step + 1
         if (done % args.checkpointing_steps == 0 or stopping) and done < max_train_steps:
-            checkpoints.save_checkpoint(accelerator, args.output_dir, done, args.checkpoints_total_limit)
+            checkpoints.save_checkpoint(accelerator, args.output_dir, done, args.checkpoints_total_limit,
+                                        None if stopping else min(done + args.checkpointing_steps, max_train_steps))
         if stopping and done < max_train_steps:
             accelerator.end_training()
             sys.exit(f"Stopped by a signal after step {done}; checkpoint-{done} is saved. Continue with the same "
@@ -316,7 +333,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
             "attention": kernel.description,
             "lora": str(lora_path), "validation_videos": [str(p) for p in video_paths],
         }
-        Path(args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
+        disk.write_text(Path(args.output_dir, "train_summary.json"), json.dumps(summary, indent=2))
         write_model_card(args, family, max_train_steps, video_paths)
         if args.push_to_hub:
             hub.push(args)
@@ -329,9 +346,9 @@ class TrainingData(NamedTuple):
     """What the steps draw their batches from: the clips, their cached latents and prompt embeddings."""
 
     clips: list
-    videos: list[dict]
-    prompt_entry: dict
-    shapes: list[tuple]
+    videos: Sequence[dict]  # latent_cache.Entries: each read from the cache when its batch comes
+    prompt_entry: Mapping[str, dict]
+    order: EpochOrder
     batches_per_epoch: int
     scaling_factor: float
     family: models.Family
@@ -350,7 +367,7 @@ def accumulate_gradients(accelerator, transformer, args, data: TrainingData, ste
     loss_sum, step_clips = torch.zeros((), device=device), []
     for micro_step in range(step * ga, (step + 1) * ga):
         epoch, index = divmod(micro_step, data.batches_per_epoch)
-        global_ids = epoch_batches(data.shapes, batch_size * accelerator.num_processes, args.seed, epoch)[index]
+        global_ids = data.order.batches(epoch)[index]
         step_clips += global_ids
         mine = global_ids[rank * batch_size:(rank + 1) * batch_size]
         seeds = [sample_seed(args.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]

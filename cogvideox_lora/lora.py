@@ -1,5 +1,7 @@
 """LoRA adapters on the transformer's attention projections, and saving them in diffusers format."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -7,6 +9,8 @@ from diffusers import CogVideoXPipeline
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from . import disk
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -66,9 +70,13 @@ def save_lora(transformer, directory, config: LoraConfig) -> Path:
     The adapter's rank and alpha go into the file's metadata, so loaders apply alpha/rank, the strength
     it was trained at, without a hand-set scale.
     """
-    CogVideoXPipeline.save_lora_weights(
-        directory,
-        transformer_lora_layers=lora_state_dict(transformer),
-        transformer_lora_adapter_metadata=config.to_dict(),
-    )
-    return Path(directory) / LORA_WEIGHTS_NAME
+    path = Path(directory) / LORA_WEIGHTS_NAME
+
+    def write(tmp):
+        # diffusers names the file itself: it is written into a folder of its own beside the final one.
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".lora-") as folder:
+            CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state_dict(transformer),
+                                                transformer_lora_adapter_metadata=config.to_dict())
+            os.replace(Path(folder) / LORA_WEIGHTS_NAME, tmp)
+
+    return disk.replace_atomically(path, write, f"the LoRA weights ({LORA_WEIGHTS_NAME})")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from . import disk
 from .args import validation_prompts
 from .hub import CARD_FILE, repo_id
 from .lora import LORA_WEIGHTS_NAME
@@ -83,6 +84,7 @@ def write_model_card(args, family, steps: int, videos: list[Path]) -> Path | Non
     if path.exists() and MARKER_TAG not in (ModelCard.load(path).data.tags or []):
         logger.warning("%s is not a model card of this trainer: left as it is, no card written.", path)
         return None
-    ModelCard(card_text(args, family, steps, videos)).save(path)
+    card = ModelCard(card_text(args, family, steps, videos))
+    disk.replace_atomically(path, card.save, "the model card (README.md)")
     logger.info("Model card written to %s", path)
     return path
