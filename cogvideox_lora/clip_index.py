@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from . import disk
+from .data import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +78,13 @@ class ClipIndex:
 
     @contextlib.contextmanager
     def kept(self, create: bool):
-        """Saves what the block learned however it ends (a dataset refused for one clip keeps the others'
-        checks), into an existing folder; the folder is created (create) only if the block succeeds."""
+        """Saves what the block learned however it ends: a dataset refused for one clip keeps the others'
+        checks, a stopped check what it had done. The folder is created (create) unless the dataset is refused:
+        a refused first run leaves nothing behind."""
         try:
             yield
-        except BaseException:
-            if self.path.parent.is_dir():
+        except BaseException as e:
+            if self.path.parent.is_dir() or (create and not isinstance(e, DatasetError)):
                 self.save()
             raise
         if create:
