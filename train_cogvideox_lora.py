@@ -65,7 +65,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     settings = FrameSettings.from_args(args, vae_config["temporal_compression_ratio"])
     buckets = Buckets.from_args(args)
     index = ClipIndex(args.latent_cache_dir)  # what earlier runs found of each unchanged clip
-    with index.kept(create=not args.dry_run):
+    with index.kept(create_on=checkpoints.Stopped):
         clips, bad_clips = check_dataset(args.instance_data_root, args.caption_column, args.video_column,
                                          args.dataset_file, args.id_token, args.image_column, settings,
                                          skip_bad=args.skip_bad_videos, buckets=buckets, index=index, stop=stop.check)
@@ -144,6 +144,7 @@ def train(args, started: float, stop: checkpoints.StopSignal):
     # 2. Encode once: each process encodes its share of what the cache lacks; the VAE and T5 are loaded
     #    only for that and freed before training, so they take no GPU memory while the transformer trains.
     cache = LatentCache(args.latent_cache_dir)
+    index.save()
     peaks = memory.Peaks()  # encoding's peak apart, so that the training peak is the same with a warm cache
     model_id = {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
                 "dtype": str(weight_dtype)}

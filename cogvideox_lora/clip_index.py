@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 
 from . import disk
-from .data import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -77,18 +76,16 @@ class ClipIndex:
         return record["sha256"]
 
     @contextlib.contextmanager
-    def kept(self, create: bool):
-        """Saves what the block learned however it ends: a dataset refused for one clip keeps the others'
-        checks, a stopped check what it had done. The folder is created (create) unless the dataset is refused:
-        a refused first run leaves nothing behind."""
+    def kept(self, create_on=()):
+        """Saves what the block learned if it is cut short (a dataset refused for one clip keeps the others'
+        checks) into an existing folder, and into a new one for the exceptions create_on names (a stop keeps
+        what was checked). A block that ends well saves nothing: the caller saves once the run may write."""
         try:
             yield
         except BaseException as e:
-            if self.path.parent.is_dir() or (create and not isinstance(e, DatasetError)):
+            if self.path.parent.is_dir() or isinstance(e, create_on):
                 self.save()
             raise
-        if create:
-            self.save()
 
     def save(self) -> None:
         if not self._changed:

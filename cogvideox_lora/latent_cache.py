@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 VERIFIED_FILE = "verified.json"
 # Entries encoded between two looks for other runs' claims: a DataLoader is started for each such batch.
-CLAIM_BATCH = 256
+CLAIM_BATCH = 32
 
 
 def entry_key(kind: str, **identity) -> str:
