@@ -1,7 +1,7 @@
 """Issue 25's figures: time to the first step cold and warm, host peak RSS against cache entries of the 2B size,
 the per-step data order at 100,000 clips, and two runs sharing one cache.
 
-    python benchmarks/time_warm_start.py WORKDIR [--clips 2000 20000] [--cold_limit 2000]
+    python benchmarks/time_warm_start.py WORKDIR [--clips 2000 20000] [--cold_limit 2000] [--warm_only]
 
 Tiny model (cogvideox_lora.synthetic), the smallest clips decord reads (9 frames of 48x64 at 8 fps): 50
 distinct clips, each copied with an MP4 'free' box of its own number appended, so that every copy has its
@@ -102,11 +102,14 @@ def stubbed_fill(model: Path, data: Path, cache: Path, out: Path) -> None:
     shutil.rmtree(out)
 
 
-def first_steps(model: Path, work: Path, counts: list[int], cold_limit: int) -> None:
+def first_steps(model: Path, work: Path, counts: list[int], cold_limit: int, warm_only: bool) -> None:
     for n in counts:
         data, cache = dataset(work / f"data{n}", n), work / f"cache{n}"
-        shutil.rmtree(cache, ignore_errors=True)
-        if n <= cold_limit:
+        if not warm_only:
+            shutil.rmtree(cache, ignore_errors=True)
+        if warm_only:
+            print(f"{n} clips: the clip index and cache of an earlier run of this script")
+        elif n <= cold_limit:
             started = time.perf_counter()
             cold = train(model, data, work / "out", cache)
             print(f"{n} clips cold: {cold['seconds_to_first_step']:.1f} s to the first step "
@@ -197,6 +200,7 @@ def main():
     parser.add_argument("--cold_limit", type=int, default=2000)
     parser.add_argument("--rss_entries", type=int, nargs="+", default=[500, 2000])
     parser.add_argument("--skip", nargs="*", default=[], choices=["first_step", "rss", "order", "shared"])
+    parser.add_argument("--warm_only", action="store_true", help="time warm starts on the caches left in workdir")
     args = parser.parse_args()
     from cogvideox_lora.synthetic import build_model_folder
 
@@ -214,7 +218,7 @@ def main():
     if "rss" not in args.skip:
         peak_rss(args.workdir, args.rss_entries)
     if "first_step" not in args.skip:
-        first_steps(model, args.workdir, args.clips, args.cold_limit)
+        first_steps(model, args.workdir, args.clips, args.cold_limit, args.warm_only)
     print(f"benchmark process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

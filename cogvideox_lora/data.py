@@ -382,10 +382,11 @@ def check_dataset(root, caption_column: str, video_column: str, dataset_file: st
 def long_prompts(clips: list[Clip], tokenizer, max_length: int) -> list[str]:
     """Where a prompt has more tokens than the text encoder takes (the rest is cut), once per prompt line."""
     found = {}
-    for clip in clips:
-        count = len(tokenizer(clip.prompt, add_special_tokens=True, verbose=False).input_ids)
-        if count > max_length:
-            found.setdefault(clip.prompt_where or clip.where, f"{count} tokens, {count - max_length} cut")
+    # One call for all: a fast tokenizer takes the batch at once (20,000 prompts one by one took 2 s).
+    counts = tokenizer([clip.prompt for clip in clips], add_special_tokens=True, verbose=False).input_ids
+    for clip, ids in zip(clips, counts):
+        if len(ids) > max_length:
+            found.setdefault(clip.prompt_where or clip.where, f"{len(ids)} tokens, {len(ids) - max_length} cut")
     return [f"{where}: {what}" for where, what in found.items()]
 
 

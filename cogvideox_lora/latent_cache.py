@@ -20,7 +20,6 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -118,9 +117,10 @@ class LatentCache:
             self._verified_changed = False
 
     def shapes(self, key: str) -> dict[str, tuple]:
-        """The entry's tensor shapes, from its header alone."""
-        with safe_open(str(self.path(key)), framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        """The entry's tensor shapes, from its header alone (safetensors: 8 bytes of length, then JSON)."""
+        with open(self.path(key), "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        return {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
 
     def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
@@ -242,7 +242,9 @@ def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: 
     """Latent distribution parameters [2C, F, H, W] of each clip (and of its mirror image if with_flipped),
     with the same of its I2V image ([2C, 1, H, W], "image_latent_params…") if with_images; settings are per clip.
 
-    Returns (entries, clips and images this process encoded). load_vae is only called if something is missing.
+    Returns (Entries, read from the cache when asked for; clips and images this process encoded). load_vae is
+    only called if something is missing. digest(path): a file's content hash (a ClipIndex's, which hashes only
+    what changed); stop(): raises to stop the run between two entries.
     """
     load_vae = functools.cache(load_vae)
     keys = [entry_key("video", clip=digest(c.video), frames=s, encoder=encoder_id, flipped=with_flipped)
