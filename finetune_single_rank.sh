@@ -21,9 +21,8 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 # launcher's traceback; under several processes torch's agent reports anyway, so the trainer's message is
 # shown again after it.
 trap '' INT TERM
-# torch's elastic agent (several processes) would catch them anyway, SIGTERM its workers and SIGKILL them 30 s
-# later, in the middle of their checkpoint: it leaves them to the workers, which each get the group's signal.
-export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGHUP,SIGQUIT}
+# (torch's elastic agent, for several processes, installs its own handlers: it passes the signal on to the
+# workers, which take it and the terminal's as one request, and waits up to 30 s for them before SIGKILL.)
 LAST_WORDS=$(mktemp)
 trap 'rm -f "$LAST_WORDS"' EXIT
 export COGVIDEOX_LORA_LAST_WORDS=$LAST_WORDS

@@ -5,6 +5,7 @@ at once, a full disk says so in one line."""
 import errno
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -346,3 +347,33 @@ def test_a_full_disk_at_the_summary_leaves_no_empty_file(tmp_path, tiny_model_di
     assert message.startswith(f"error: no space left in {out} while writing {out / 'train_summary.json'} (")
     assert not (out / "train_summary.json").exists() and not list(out.glob(".*tmp"))
     assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_ctrl_c_of_a_two_process_run_through_the_wrapper_saves_one_checkpoint(tmp_path, tiny_model_dir,
+                                                                               tiny_dataset_dir):
+    """The terminal's SIGINT and torch's agent's closing signal reach each worker within milliseconds: one request,
+    a checkpoint after the step, the trainer's message last, and nothing left running."""
+    from test_multi_process import free_port
+
+    out = tmp_path / "out"
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "ACCELERATE_USE_CPU": "1",
+           "GPUS_PER_MACHINE": "2", "MAIN_PROCESS_PORT": str(free_port()), "MODEL_PATH": str(tiny_model_dir),
+           "DATA_ROOT": str(tiny_dataset_dir), "OUTPUT_DIR": str(out)}
+    argv = train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache", "--max_train_steps", 40,
+                      "--checkpointing_steps", 100, "--mixed_precision", "no")
+    process = subprocess.Popen(["bash", "finetune_multi_rank.sh", "0", "127.0.0.1", "1", *argv], cwd=REPO,
+                               env={**subprocess_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    chunks = []
+    while not re.search(rb"\| *[2-9]/40", b"".join(chunks)):
+        chunk = os.read(process.stdout.fileno(), 65536)
+        assert chunk, b"".join(chunks).decode()[-6000:]
+        chunks.append(chunk)
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(300)
+    gone = _group_is_gone(process.pid)
+    output = (b"".join(chunks) + process.stdout.read()).decode(errors="replace")
+    assert gone and process.returncode == 1, output[-6000:]
+    stopped = re.findall(r"Stopped by a signal after step (\d+); checkpoint-\1 is saved", output)
+    assert len(set(stopped)) == 1 and [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{stopped[0]}"]
+    assert output.strip().splitlines()[-1].startswith(f"Stopped by a signal after step {stopped[0]}")
