@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -26,11 +27,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from cogvideox_lora import (attention, charts, checkpoints, device_memory, distributed, heldout, host_memory, hub,
-                            lora, memory, models, run_record, settings, transformer, writable)
+from cogvideox_lora import (attention, charts, checkpoints, device_memory, disk, distributed, heldout, host_memory,
+                            hub, launcher, lora, memory, models, run_record, settings, transformer, writable)
 from cogvideox_lora.args import parse_args, tracker_config
-from cogvideox_lora.data import (DatasetError, FrameSettings, check_dataset, clip_settings, epoch_batches, long_prompts,
-                                 unfillable_batch)
+from cogvideox_lora.clip_index import ClipIndex
+from cogvideox_lora.data import (DatasetError, EpochOrder, FrameSettings, check_dataset, clip_settings, first_few,
+                                 long_prompts, unfillable_batch)
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
 from cogvideox_lora.lora import TrainedOn, save_lora, trainable_parameters
 from cogvideox_lora.loss import (caption_dropped, compute_loss, draw_batch, draw_image_latents, sample_seed,
@@ -48,22 +50,25 @@ def main(argv=None):
     args = parse_args(argv)
     device_memory.note_others()  # before this process's CUDA context: what the GPUs hold that is not this run's
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    with attention.preferred_sdpa(args.attention_backend), checkpoints.StopSignal() as stop:
+    with launcher.last_words(), attention.preferred_sdpa(args.attention_backend), checkpoints.StopSignal() as stop:
         try:
             train(args, started, stop)
         except (DatasetError, models.ModelError, checkpoints.CheckpointError, attention.AttentionError,
-                memory.DoesNotFit) as e:
+                memory.DoesNotFit, disk.DiskFull) as e:
             sys.exit(f"error: {e}")
+        except checkpoints.Stopped:
+            sys.exit(f"Stopped by a signal before training: nothing was trained; the clips checked and latents "
+                     f"encoded so far are kept in {args.latent_cache_dir}. Continue with the same command.")
 
 
 def train(args, started: float, stop: checkpoints.StopSignal):
-    inputs = check_inputs(args)
+    inputs = check_inputs(args, stop)
     accelerator = start_accelerator(inputs.run)
     plan = plan_memory(inputs, accelerator)
     if inputs.run.dry_run:
         return
-    encoded = encode_once(inputs, accelerator, plan)
-    model = build_transformer(inputs, accelerator, plan, encoded)
+    encoded = encode_once(inputs, accelerator, plan, stop)
+    model = build_transformer(inputs, accelerator, plan, encoded, stop)
     timing = run_steps(inputs, accelerator, model, encoded, stop, started)
     finish(inputs, accelerator, plan, encoded, model, timing)
 
@@ -86,9 +91,10 @@ class Inputs(NamedTuple):
     record: run_record.RunRecord  # written into each checkpoint, checked on resume
     heldout_clips: list  # the held-out loss's clips (none without it)
     heldout_per_clip: list
+    index: ClipIndex  # what earlier runs found of each unchanged clip, and its digest
 
 
-def check_inputs(args) -> Inputs:
+def check_inputs(args, stop: checkpoints.StopSignal) -> Inputs:
     """Everything that needs no model, checked before any loads: the push, the dataset, the model's configs."""
     run = settings.from_args(args)
     unusable = hub.push_problems(run.output.push) + writable.run_problems(run.output, run.latent_cache_dir)
@@ -100,9 +106,11 @@ def check_inputs(args) -> Inputs:
         data = hub.resolve_dataset(run.data)
         frames = replace(run.frames, temporal_compression=model.vae["temporal_compression_ratio"]) if model \
             else run.frames
-        clips, bad_clips = check_dataset(data.root, data.caption_column, data.video_column, data.dataset_file,
-                                         data.id_token, data.image_column, frames, skip_bad=data.skip_bad,
-                                         buckets=run.buckets)
+        index = ClipIndex(run.latent_cache_dir)
+        with index.kept(create_on=checkpoints.Stopped):
+            clips, bad_clips = check_dataset(data.root, data.caption_column, data.video_column, data.dataset_file,
+                                             data.id_token, data.image_column, frames, skip_bad=data.skip_bad,
+                                             buckets=run.buckets, index=index, stop=stop.check)
     except DatasetError as e:
         sys.exit(f"error: {e}" + (f"\nand the model: {model_problem}" if model_problem else ""))
     if model_problem:
@@ -134,7 +142,7 @@ def check_inputs(args) -> Inputs:
         if problems:
             raise checkpoints.CheckpointError("\n  ".join(problems))
     return Inputs(run, frames, model.transformer, model.vae, model.text_encoder, model.family, clips, per_clip,
-                  sizes, tokenizer, resume_from, tracker_config(args), record, heldout_clips, heldout_per_clip)
+                  sizes, tokenizer, resume_from, tracker_config(args), record, heldout_clips, heldout_per_clip, index)
 
 
 def record_of(run: settings.Settings, model: models.Configs, clips: list) -> run_record.RunRecord:
@@ -168,7 +176,7 @@ def count_prompt_tokens(run: settings.Settings, model: models.Configs, clips: li
     too_long = long_prompts(clips, tokenizer, limit)
     if too_long:
         logger.warning("%d prompt(s) have more tokens than the text encoder takes (%d); the rest is cut:\n  %s",
-                       len(too_long), limit, "\n  ".join(too_long))
+                       len(too_long), limit, first_few(too_long))
     return tokenizer
 
 
@@ -277,17 +285,19 @@ def latent_size(inputs: Inputs, frames: int, height: int, width: int) -> tuple[i
 class Encoded(NamedTuple):
     """The cached latents of every clip and the T5 embeddings of every prompt (validation's and "" too)."""
 
-    videos: list[dict]
-    prompt_entry: dict  # prompt -> its cache entry
-    heldout_videos: list[dict]  # the held-out clips' entries
+    videos: Sequence[dict]  # latent_cache.Entries, each read from the cache when its batch comes
+    prompt_entry: Mapping[str, dict]  # prompt -> its cache entry
+    heldout_videos: Sequence[dict]  # the held-out clips' entries
     counts: tuple[int, int, int]  # clips, images and prompts this process encoded
 
 
-def encode_once(inputs: Inputs, accelerator, plan: MemoryPlan) -> Encoded:
+def encode_once(inputs: Inputs, accelerator, plan: MemoryPlan, stop: checkpoints.StopSignal) -> Encoded:
     """Each process encodes its share of what the cache lacks; the VAE and T5 are loaded only for that and freed
-    before training, so they take no GPU memory while the transformer trains."""
+    before training, so they take no GPU memory while the transformer trains. A signal stops it between entries,
+    keeping those encoded."""
     run, device, dtype = inputs.run, accelerator.device, plan.weight_dtype
     cache = LatentCache(run.latent_cache_dir)
+    inputs.index.save()
     model_id = {"model": run.model.path, "revision": run.model.revision, "variant": run.model.variant,
                 "dtype": str(dtype)}
     # Encoding's peak apart, so that the training peak is the same with a warm cache.
@@ -298,19 +308,22 @@ def encode_once(inputs: Inputs, accelerator, plan: MemoryPlan) -> Encoded:
                         "slicing": run.memory.sliced_vae},
             with_flipped=run.training.random_flip > 0, with_images=inputs.family.image_to_video,
             num_workers=run.data.num_workers,
-            load_vae=lambda: models.load_vae(run.model, dtype, device, run.memory.tiled_vae, run.memory.sliced_vae))
+            load_vae=lambda: models.load_vae(run.model, dtype, device, run.memory.tiled_vae, run.memory.sliced_vae),
+            digest=inputs.index.digest, stop=stop.check)
+        inputs.index.save()
         text_device = "cpu" if text_encoder_on_cpu(inputs, plan.budget_gib, dtype) else device
         prompts = list(dict.fromkeys([c.prompt for c in inputs.clips + inputs.heldout_clips]
                                      + list(run.validation.prompts) + [""]))
         embeds, encoded_prompts = encode_prompts(
             accelerator, cache, prompts, inputs.transformer_config["max_text_seq_length"],
             encoder_id={**model_id, "text_encoder": inputs.text_encoder_config},
-            load_text_encoder=lambda: (inputs.tokenizer, models.load_text_encoder(run.model, dtype, text_device)))
+            load_text_encoder=lambda: (inputs.tokenizer, models.load_text_encoder(run.model, dtype, text_device)),
+            stop=stop.check)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     trained = len(inputs.clips)
-    return Encoded(videos[:trained], dict(zip(prompts, embeds)), videos[trained:],
-                   (encoded_clips, encoded_images, encoded_prompts))
+    # Entries read from the cache when asked for: host memory holds keys, not latents.
+    return Encoded(videos[:trained], embeds, videos[trained:], (encoded_clips, encoded_images, encoded_prompts))
 
 
 class Model(NamedTuple):
@@ -323,6 +336,7 @@ class Model(NamedTuple):
     alphas_cumprod: torch.Tensor
     first_step: int
     max_train_steps: int
+    order: EpochOrder  # the batches of each epoch
     batches_per_epoch: int
     validator: Validator
     load_seconds: float
@@ -331,10 +345,12 @@ class Model(NamedTuple):
     history: heldout.LossHistory
 
 
-def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded) -> Model:
+def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded,
+                      stop: checkpoints.StopSignal) -> Model:
     """The frozen transformer in the training precision with fp32 LoRA adapters (transformer.prepare's order),
     its optimizer and schedule through accelerate, resumed where asked; and the validation videos' maker."""
     run, training = inputs.run, inputs.run.training
+    stop.check()
     loading = time.perf_counter()
     spec = transformer.TransformerSpec(
         plan.weight_dtype, run.lora.rank, run.lora.alpha, training.seed, run.memory.fp8_base_weights,
@@ -345,7 +361,8 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
     scheduler = models.load_scheduler(run.model)
 
     global_batch = training.batch_size * accelerator.num_processes
-    batches_per_epoch = len(epoch_batches(shapes_of(encoded), global_batch, training.seed, 0))  # > 0: check_inputs
+    order = EpochOrder([encoded.videos.shape(i) for i in range(len(encoded.videos))], global_batch, training.seed)
+    batches_per_epoch = len(order.batches(0))  # > 0: check_inputs made sure
     max_train_steps = training.max_train_steps or math.ceil(
         training.num_train_epochs * batches_per_epoch / training.gradient_accumulation_steps)
     optimizer = make_optimizer(trainable_parameters(model), run.optimizer)
@@ -358,6 +375,7 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
     if inputs.resume_from is not None:
         logger.info("Resuming from %s", inputs.resume_from)
         first_step = checkpoints.load_checkpoint(accelerator, inputs.resume_from)
+        checkpoints.check_room(run.output.output_dir, min(first_step + training.checkpointing_steps, max_train_steps))
     elif run.output.resume_from_checkpoint:
         logger.info("No checkpoint in %s yet: starting a new run.", run.output.output_dir)
 
@@ -373,7 +391,7 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
                 "process(es)", inputs.family.name, len(inputs.clips), batches_per_epoch, global_batch,
                 max_train_steps, training.gradient_accumulation_steps, plan.weight_dtype, accelerator.num_processes)
     alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device, torch.float32)
-    return Model(model, lora_config, optimizer, lr_scheduler, alphas_cumprod, first_step, max_train_steps,
+    return Model(model, lora_config, optimizer, lr_scheduler, alphas_cumprod, first_step, max_train_steps, order,
                  batches_per_epoch, validator, load_seconds, plan.weight_dtype,
                  heldout_loss(inputs, plan, encoded, alphas_cumprod),
                  heldout.LossHistory.resumed(run.output.output_dir, inputs.resume_from))
@@ -396,10 +414,6 @@ def trained_on(inputs: Inputs) -> TrainedOn:
                      run.frames.width, run.frames.max_num_frames, run.ignore_learned_positional_embeddings)
 
 
-def shapes_of(encoded: Encoded) -> list[tuple]:
-    return [tuple(v["latent_params"].shape) for v in encoded.videos]
-
-
 class Timing(NamedTuple):
     step_times: list[float]
     seconds_to_first_step: float | None
@@ -410,7 +424,7 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
     """The optimizer steps, checkpointing and validating on the way; a signal checkpoints and stops the run."""
     run, training, device = inputs.run, inputs.run.training, accelerator.device
     ga, output_dir = training.gradient_accumulation_steps, run.output.output_dir
-    data = TrainingData(inputs.clips, encoded.videos, encoded.prompt_entry, shapes_of(encoded),
+    data = TrainingData(inputs.clips, encoded.videos, encoded.prompt_entry, model.order,
                         model.batches_per_epoch, inputs.vae_config["scaling_factor"], inputs.family,
                         model.alphas_cumprod, model.weight_dtype, training)
     inputs_of_size = {}  # the transformer's inputs of each latent size
@@ -422,6 +436,8 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
         logger.info("Held-out loss of the base model: %.6f", model.history.base)
     progress = tqdm(range(model.first_step, model.max_train_steps), initial=model.first_step,
                     total=model.max_train_steps, desc="Steps", disable=not accelerator.is_local_main_process)
+    stop.check()
+    stop.training = True  # from here a signal checkpoints after the step
     for step in range(model.first_step, model.max_train_steps):
         if first_step_at is None:
             first_step_at = time.perf_counter() - started
@@ -469,7 +485,8 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
                 and done < model.max_train_steps:
             evaluate_heldout(accelerator, model, done)
         if checkpointing:
-            save_checkpoint(accelerator, inputs, model, done)
+            save_checkpoint(accelerator, inputs, model, done,
+                            None if stopping else min(done + training.checkpointing_steps, model.max_train_steps))
             clock.restart()
         if stopping and done < model.max_train_steps:
             accelerator.end_training()
@@ -501,12 +518,13 @@ def evaluate_heldout(accelerator, model: Model, step: int) -> None:
     logger.info("Held-out loss after step %d: %.6f (base model: %.6f)", step, loss, model.history.base)
 
 
-def save_checkpoint(accelerator, inputs: Inputs, model: Model, step: int) -> None:
+def save_checkpoint(accelerator, inputs: Inputs, model: Model, step: int, next_step: int | None = None) -> None:
     """checkpoint-`step` with what the run trains with (checked on resume) and its losses; pruning old ones leaves
-    the best."""
+    the best. next_step: the next checkpoint's, whose room on the disk is checked now."""
     checkpoints.save_checkpoint(accelerator, inputs.run.output.output_dir, step,
                                 inputs.run.training.checkpoints_total_limit, inputs.record,
-                                model.history.checkpointed(step), model.history.best and model.history.best[0])
+                                model.history.checkpointed(step), model.history.best and model.history.best[0],
+                                next_step)
 
 
 def validates_after(training: settings.TrainingSettings, step: int, batches_per_epoch: int) -> bool:
@@ -548,7 +566,7 @@ def finish(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: Encoded, mode
         summary.update(lora=str(lora_path), validation_videos=[str(p) for p in video_paths],
                        heldout_clips=[str(c.video) for c in inputs.heldout_clips], **model.history.summary(),
                        heldout_seconds=model.heldout and model.heldout.seconds)
-        Path(output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
+        disk.write_text(Path(output_dir, "train_summary.json"), json.dumps(summary, indent=2))
         history = model.history
         chart = charts.loss_chart(Path(output_dir, "loss.png"), history.train, history.heldout, history.base) \
             if history.train else None
@@ -612,9 +630,9 @@ class TrainingData(NamedTuple):
     """What the steps draw their batches from: the clips, their cached latents and prompt embeddings."""
 
     clips: list
-    videos: list[dict]
-    prompt_entry: dict
-    shapes: list[tuple]
+    videos: Sequence[dict]  # latent_cache.Entries: each read from the cache when its batch comes
+    prompt_entry: Mapping[str, dict]
+    order: EpochOrder
     batches_per_epoch: int
     scaling_factor: float
     family: models.Family
@@ -635,7 +653,7 @@ def accumulate_gradients(accelerator, transformer, data: TrainingData, step: int
     loss_sum, step_clips = torch.zeros((), device=device), []
     for micro_step in range(step * ga, (step + 1) * ga):
         epoch, index = divmod(micro_step, data.batches_per_epoch)
-        global_ids = epoch_batches(data.shapes, batch_size * accelerator.num_processes, training.seed, epoch)[index]
+        global_ids = data.order.batches(epoch)[index]
         step_clips += global_ids
         mine = global_ids[rank * batch_size:(rank + 1) * batch_size]
         seeds = [sample_seed(training.seed, micro_step, rank * batch_size + j) for j in range(batch_size)]

@@ -22,7 +22,7 @@ from pathlib import Path
 from accelerate.utils import DistributedType
 from diffusers import CogVideoXPipeline
 
-from . import run_record
+from . import disk, run_record
 from .comfyui import COMFYUI_LORA_NAME
 from .lora import LORA_WEIGHTS_NAME, load_lora_state_dict, save_lora
 
@@ -31,14 +31,25 @@ RECORD_NAME = "losses.json"  # a checkpoint's losses: its held-out loss and the 
 logger = logging.getLogger(__name__)
 
 
-class StopSignal:
-    """Turns the first SIGTERM or SIGINT (preemption, Ctrl-C) into a request to checkpoint and stop.
+class Stopped(Exception):
+    """A stop asked for before training: nothing is trained; what was checked and encoded is kept."""
 
-    The training loop finishes its step, saves and exits; a second signal ends the process at once.
+
+class StopSignal:
+    """Turns the first SIGTERM or SIGINT (preemption, Ctrl-C) into a request to stop.
+
+    In training the loop finishes its step, saves a checkpoint and exits. Before it, check() raises Stopped
+    at the next point where stopping loses nothing (between clips checked, between entries encoded), so a run
+    stops within seconds with no model loaded. Signals arriving within TOGETHER seconds of the first are the
+    same request: a terminal's Ctrl-C reaches the launcher and the trainer alike, and torch's elastic agent
+    sends each worker SIGTERM again within milliseconds. A later signal, the user asking again, ends the
+    process at once.
     """
 
+    TOGETHER = 1.0
+
     def __enter__(self):
-        self.requested = False
+        self.requested, self.training, self._first = False, False, None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -47,11 +58,23 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
         if self.requested:
+            if now - self._first < self.TOGETHER:
+                return
             os._exit(128 + signum)
-        self.requested = True
-        logger.warning("%s: saving a checkpoint after this step, then stopping. Signal again to stop at once.",
-                       signal.Signals(signum).name)
+        self.requested, self._first = True, now
+        name = signal.Signals(signum).name
+        if self.training:
+            logger.warning("%s: saving a checkpoint after this step, then stopping. Signal again to stop at once.",
+                           name)
+        else:
+            logger.warning("%s: stopping before training; what is checked and encoded so far is kept.", name)
+
+    def check(self) -> None:
+        """Raises Stopped if a stop was asked for before training."""
+        if self.requested and not self.training:
+            raise Stopped()
 
 
 def complete_checkpoints(output_dir) -> list[Path]:
@@ -149,18 +172,31 @@ def register_lora_hooks(accelerator, transformer, lora_config, trained_on=None, 
 
 def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None,
                     record: run_record.RunRecord | None = None, losses: dict | None = None,
-                    keep: int | None = None) -> Path:
+                    keep: int | None = None, next_step: int | None = None) -> Path:
     """Every process must call this: each writes its own RNG state into the folder. record: what the run trains
     with, which a resume is checked against; losses: written into it as RECORD_NAME; keep: the step of a
-    checkpoint that pruning leaves (the best one)."""
+    checkpoint that pruning leaves (the best one).
+
+    A full disk raises DiskFull (nothing is left under the checkpoint's name); with next_step, so does a disk
+    without room for that checkpoint as large as this one, before the steps up to it are trained and lost.
+    """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)  # left by a run killed while saving
     accelerator.wait_for_everyone()
-    # The DeepSpeed engine would otherwise write the frozen transformer too (twice under ZeRO-2).
-    accelerator.save_state(str(partial), **({"exclude_frozen_parameters": True} if _deepspeed(accelerator) else {}))
+    needed = checkpoint_size(output_dir)
+    try:
+        # torch's zip writer loses the errno of a full disk ('unexpected pos'): a failure with less free than
+        # the last checkpoint took (or 1 MB before the first) is taken for one.
+        with disk.writing(output_dir, final.name, needed, nearly_full=needed or 1_000_000):
+            # The DeepSpeed engine would otherwise write the frozen transformer too (twice under ZeRO-2).
+            accelerator.save_state(str(partial),
+                                   **({"exclude_frozen_parameters": True} if _deepspeed(accelerator) else {}))
+    except disk.DiskFull:
+        shutil.rmtree(partial, ignore_errors=True)  # its space, for whatever the user saves next
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if record is not None:
@@ -173,6 +209,8 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None,
             for old in older[: max(0, len(older) - (total_limit - 1))]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    if next_step is not None:
+        check_room(output_dir, next_step)
     return final
 
 
@@ -200,6 +238,18 @@ class CheckpointClock:
 
 def now() -> float:
     return time.monotonic()
+def checkpoint_size(output_dir) -> int | None:
+    """The bytes of the newest checkpoint in output_dir (None before the first): what the next one will take."""
+    found = complete_checkpoints(output_dir)
+    return disk.folder_size(found[-1]) if found else None
+
+
+def check_room(output_dir, step: int) -> None:
+    """Raises DiskFull if checkpoint-{step} would not fit beside what output_dir holds (once one is known)."""
+    needed = checkpoint_size(output_dir)
+    free = disk.free_bytes(output_dir)
+    if needed is not None and free is not None and free < needed:
+        raise disk.DiskFull(output_dir, f"checkpoint-{step}", needed, ahead=True)
 
 
 def _deepspeed(accelerator) -> bool:

@@ -261,6 +261,17 @@ def _probe(path: Path, settings: FrameSettings) -> tuple[int, int, int]:
     return len(indices), video.height, round(video.width * video.pixel_aspect)
 
 
+def _known_probe(path: Path, settings: FrameSettings, index) -> tuple[int, int, int]:
+    """_probe's results, from the index where the file is unchanged since it was probed at these settings."""
+    known = index.probe(path, settings) if index is not None else None
+    if known is not None:
+        return tuple(known)
+    found = _probe(path, settings)
+    if index is not None:
+        index.set_probe(path, settings, found)
+    return found
+
+
 def _unreadable(clip: Clip, error: Exception) -> str:
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return (f"{clip.where}: {clip.video} cannot be decoded ({reason}): re-encode it "
@@ -292,11 +303,13 @@ def _too_short(clip: Clip, settings: FrameSettings, got: int, needed: int, flag:
 
 
 def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = False,
-                buckets: Buckets | None = None) -> tuple[list[Clip], list[str]]:
+                buckets: Buckets | None = None, index=None, stop=None) -> tuple[list[Clip], list[str]]:
     """Opens every clip once; returns the usable clips and the problems of the others.
 
     Raises DatasetError with all problems unless skip_bad, in which case the problems are returned
     for a warning and the clips that have them are left out. With buckets, a clip must fill the shortest.
+    index (a ClipIndex) gives what an unchanged clip was found to hold before, instead of decoding it again;
+    stop() is called between clips, to raise if the run is asked to stop.
     """
     needed, flag = settings.max_num_frames, "--max_num_frames"
     if buckets is not None:
@@ -305,6 +318,8 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
     good, problems = [], []
     started = time.perf_counter()
     for clip in clips:
+        if stop is not None:
+            stop()
         problem = None
         if clip.video.is_dir():
             problem = f"{clip.where}: {clip.video} is a folder, not a clip: list the clip files in it, one a line."
@@ -312,7 +327,7 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
             problem = f"{clip.where}: {clip.video} does not exist: fix the path (relative to the dataset folder)."
         else:
             try:
-                got, height, width = _probe(clip.video, settings)
+                got, height, width = _known_probe(clip.video, settings, index)
             except Exception as e:  # decord and Pillow raise their own error types for every kind of bad file
                 problem = _unreadable(clip, e)
             else:
@@ -324,7 +339,8 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
             problems.append(problem)
         else:
             good.append(replace(clip, probe=(got, height, width)))
-    logger.info("Checked %d clip(s), decoding every frame that training reads, in %.1f s.", len(clips),
+    logger.info("Checked %d clip(s) (every frame that training reads, decoded now or unchanged since an earlier "
+                "check) in %.1f s.", len(clips),
                 time.perf_counter() - started)
     if problems and not skip_bad:
         raise DatasetError(problems)
@@ -335,7 +351,7 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
 
 def check_dataset(root, caption_column: str, video_column: str, dataset_file: str | None, id_token: str | None,
                   image_column: str | None, settings: FrameSettings, skip_bad: bool = False,
-                  buckets: Buckets | None = None) -> tuple[list[Clip], list[str]]:
+                  buckets: Buckets | None = None, index=None, stop=None) -> tuple[list[Clip], list[str]]:
     """The index and every clip it lists, checked at once: one DatasetError holds the problems of both.
 
     With skip_bad, unusable clips are left out and their problems returned; a wrong index is always an error.
@@ -344,7 +360,7 @@ def check_dataset(root, caption_column: str, video_column: str, dataset_file: st
     if not clips:
         raise DatasetError(problems)
     try:
-        good, skipped = check_clips(clips, settings, skip_bad, buckets)
+        good, skipped = check_clips(clips, settings, skip_bad, buckets, index, stop)
     except DatasetError as e:
         raise DatasetError(problems + e.problems) from None
     if problems:
@@ -355,11 +371,18 @@ def check_dataset(root, caption_column: str, video_column: str, dataset_file: st
 def long_prompts(clips: list[Clip], tokenizer, max_length: int) -> list[str]:
     """Where a prompt has more tokens than the text encoder takes (the rest is cut), once per prompt line."""
     found = {}
-    for clip in clips:
-        count = len(tokenizer(clip.prompt, add_special_tokens=True, verbose=False).input_ids)
-        if count > max_length:
-            found.setdefault(clip.prompt_where or clip.where, f"{count} tokens, {count - max_length} cut")
+    # One call for all: a fast tokenizer takes the batch at once (20,000 prompts one by one took 2 s).
+    counts = tokenizer([clip.prompt for clip in clips], add_special_tokens=True, verbose=False).input_ids
+    for clip, ids in zip(clips, counts):
+        if len(ids) > max_length:
+            found.setdefault(clip.prompt_where or clip.where, f"{len(ids)} tokens, {len(ids) - max_length} cut")
     return [f"{where}: {what}" for where, what in found.items()]
+
+
+def first_few(lines: list[str], shown: int = 5) -> str:
+    """The first `shown` lines and a count of the others: a warning about 2,000 clips stays a few lines long."""
+    rest = len(lines) - shown
+    return "\n  ".join(lines[:shown] + ([f"... and {rest} more"] if rest > 0 else []))
 
 
 def clip_settings(clips: list[Clip], settings: FrameSettings, buckets: Buckets | None = None) -> list[FrameSettings]:
@@ -469,3 +492,17 @@ def epoch_batches(shapes: list[tuple], global_batch_size: int, seed: int, epoch:
             batches.append(batch)
             filling[shapes[i]] = []
     return batches
+
+
+class EpochOrder:
+    """epoch_batches of the epoch asked for, computed once an epoch: a step costs a lookup, not a shuffle of the
+    whole dataset (138 ms a step at 100,000 clips), and the order stays a function of (seed, epoch)."""
+
+    def __init__(self, shapes: list[tuple], global_batch_size: int, seed: int):
+        self.shapes, self.global_batch_size, self.seed = shapes, global_batch_size, seed
+        self._epoch, self._batches = None, None
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(self.shapes, self.global_batch_size, self.seed, epoch)
+        return self._batches

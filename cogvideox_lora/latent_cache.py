@@ -1,11 +1,14 @@
 """Encode once: VAE latents of clips (and of their I2V images) and T5 embeddings of prompts, kept on disk
-between runs.
+between runs, and read from there when their batch comes.
 
 Entries are named by a hash of everything that decides their content (the clip's bytes, the frame
 settings, the encoder's identity and dtype), so a later run on the same clips and settings reuses
 them whatever its --output_dir, and a changed clip or setting simply misses and is encoded again.
+Runs sharing the folder share the encoding: an entry is encoded under a claim (a lock that dies with its
+process), so what one run is encoding another waits for, and what a killed run left it takes over.
 """
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -13,7 +16,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
@@ -21,15 +23,16 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import disk
+from .clip_index import file_digest
 from .data import Clip, ClipFrames, DatasetError, FrameSettings
 from .distributed import wait_for_everyone_without_deadline
 
 logger = logging.getLogger(__name__)
 
-
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+VERIFIED_FILE = "verified.json"
+# Entries encoded between two looks for other runs' claims: a DataLoader is started for each such batch.
+CLAIM_BATCH = 32
 
 
 def entry_key(kind: str, **identity) -> str:
@@ -45,17 +48,28 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _identity(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 class LatentCache:
     """A folder of safetensors files, one per entry, each carrying a checksum of its tensors.
 
     Files are written under a temporary name and renamed, so a reader (another process, a later run
     after a kill) sees a whole file or none; a file that is damaged anyway fails its checksum and is
-    treated as missing, so it is encoded again rather than trained on.
+    treated as missing, so it is encoded again rather than trained on. Which files passed their checksum is
+    kept (verified.json, by size, modification time and inode), so a warm start reads no entry whole.
     """
 
     def __init__(self, root):
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._verified = json.loads((self.root / VERIFIED_FILE).read_text())
+        except (OSError, ValueError):
+            self._verified = {}
+        self._verified_changed = False
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
@@ -79,42 +93,143 @@ class LatentCache:
             return None
         return tensors
 
-    def save(self, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Writes the entry; returns its tensors as load() gives them (on the host, contiguous)."""
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
-        os.close(fd)
+    def is_whole(self, key: str) -> bool:
+        """Whether the entry is there and passes its checksum: read whole only if the file changed since it last
+        passed."""
         try:
-            save_file(tensors, tmp, metadata={"sha256": _checksum(tensors)})
-            os.replace(tmp, self.path(key))
+            identity = _identity(self.path(key))
+        except OSError:
+            return False
+        if self._verified.get(key) == identity:
+            return True
+        if self.load(key) is None:
+            return False
+        self._verify(key)
+        return True
+
+    def _verify(self, key: str) -> None:
+        self._verified[key] = _identity(self.path(key))
+        self._verified_changed = True
+
+    def save_verified(self) -> None:
+        if self._verified_changed:
+            disk.write_text(self.root / VERIFIED_FILE, json.dumps(self._verified), "the latent cache's index")
+            self._verified_changed = False
+
+    def shapes(self, key: str) -> dict[str, tuple]:
+        """The entry's tensor shapes, from its header alone (safetensors: 8 bytes of length, then JSON)."""
+        with open(self.path(key), "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        return {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        disk.replace_atomically(self.path(key), lambda tmp: save_file(tensors, tmp,
+                                                                      metadata={"sha256": _checksum(tensors)}),
+                                "a latent cache entry", size)
+        self._verify(key)
+
+    def claim(self, key: str, wait: bool) -> int | None:
+        """A claim on the entry (a file descriptor to close when done), waiting for it if wait; None if another
+        process holds it. The lock is released on closing, and by the system if the process dies, so a killed
+        run's claims are free to take."""
+        folder = self.root / "claims"
+        folder.mkdir(exist_ok=True)
+        fd = os.open(folder / key, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+
+class Entries:
+    """The cache entries of some items, read from disk each time one is asked for, so that host memory holds
+    keys and not tensors (4.5 MB a clip for 2B at 49x480x720). An item may have several entries (a clip and
+    its I2V image): their tensors are merged. names: the items' names, to ask for an item by name."""
+
+    def __init__(self, cache: LatentCache, keys: list[tuple[str, ...]], names: list | None = None):
+        self.cache, self.keys = cache, keys
+        self._index = {name: i for i, name in enumerate(names)} if names is not None else None
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, item) -> "dict[str, torch.Tensor] | Entries":
+        if isinstance(item, slice):
+            return Entries(self.cache, self.keys[item])
+        i = self._index[item] if self._index is not None else item
+        merged = {}
+        for key in self.keys[i]:
+            tensors = self.cache.load(key)
+            if tensors is None:
+                raise DatasetError([f"Latent cache entry {self.cache.path(key)} went missing or was damaged during "
+                                    f"the run: run the same command again with --resume_from_checkpoint latest; "
+                                    f"it is encoded again."])
+            merged.update(tensors)
+        return merged
+
+    def shape(self, i: int, name: str = "latent_params") -> tuple:
+        return self.cache.shapes(self.keys[i][0])[name]
+
+    def joined(self, other: "Entries") -> "Entries":
+        return Entries(self.cache, [a + b for a, b in zip(self.keys, other.keys)])
+
+
+def _encode_claimed(cache, keys, indices, encode_mine, stop) -> int:
+    """Encodes the entries at indices that are not whole, each under its claim; returns how many it encoded.
+
+    What another run holds is left for later; once nothing else can be claimed, this waits for a held claim,
+    then encodes the entry only if its holder died without writing it.
+    """
+    encoded, waiting, wait = 0, list(indices), False
+    while waiting:
+        held, left = {}, []
+        try:
+            for i in waiting:
+                fd = cache.claim(keys[i], wait) if len(held) < CLAIM_BATCH else None
+                if fd is None:
+                    left.append(i)
+                elif cache.is_whole(keys[i]):  # written meanwhile by the claim's holder
+                    os.close(fd)
+                else:
+                    held[i], wait = fd, False
+            claimed = bool(held)
+            for i, tensors in (encode_mine(list(held)) if held else ()):
+                cache.save(keys[i], tensors)
+                os.close(held.pop(i))
+                encoded += 1
+                if stop is not None:
+                    stop()
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return tensors
+            for fd in held.values():
+                os.close(fd)
+        wait, waiting = not claimed, left
+    return encoded
 
 
-def _fill(cache, keys, accelerator, encode_mine, name: str):
-    """Loads every entry; this process encodes the missing ones of its share, then reads the others'.
+def _fill(cache, keys, accelerator, encode_mine, name: str, stop=None) -> tuple[Entries, int]:
+    """Every entry made whole in the cache; this process encodes the missing ones of its share, then checks the
+    others'. Returns the entries (read when asked for) and how many this process encoded.
 
     A process may have nothing to encode while another loads an encoder and works for minutes, so the
     wait between the two has no deadline.
     """
-    entries = [cache.load(k) for k in keys]
-    mine = [i for i, e in enumerate(entries)
-            if e is None and i % accelerator.num_processes == accelerator.process_index]
-    if mine:
-        for i, tensors in encode_mine(mine):
-            # The host's copy, as a run with the cache warm loads it: the encoder's output left on the GPU would
-            # stay there through training (a cold 1.5-5B run peaked 0.09 GiB above a warm one, BENCHMARKS.md).
-            entries[i] = cache.save(keys[i], tensors)
+    missing = [i for i, k in enumerate(keys) if not cache.is_whole(k)]
+    mine = [i for i in missing if i % accelerator.num_processes == accelerator.process_index]
+    try:
+        encoded = _encode_claimed(cache, keys, mine, encode_mine, stop)
+    finally:
+        cache.save_verified()
     wait_for_everyone_without_deadline(accelerator, f"encoded-{name}")
-    for i, e in enumerate(entries):
-        if e is None:
-            entries[i] = cache.load(keys[i])
-            if entries[i] is None:
-                raise RuntimeError(f"Latent cache entry {cache.path(keys[i])} was not written by the process that "
-                                   f"encodes it; is --latent_cache_dir on a disk that all processes share?")
-    return entries, len(mine)
+    for i in missing:
+        if not cache.is_whole(keys[i]):
+            raise RuntimeError(f"Latent cache entry {cache.path(keys[i])} was not written by the process that "
+                               f"encodes it; is --latent_cache_dir on a disk that all processes share?")
+    cache.save_verified()
+    return Entries(cache, [(k,) for k in keys]), encoded
 
 
 # The I2V image is noised in pixel space before encoding, as CogVideoX I2V was trained: the noise's standard
@@ -124,14 +239,17 @@ IMAGE_NOISE = {"log_sigma_mean": -3.0, "log_sigma_std": 0.5}
 
 @torch.no_grad()
 def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: list[FrameSettings],
-                  encoder_id: dict, with_flipped: bool, with_images: bool, load_vae, num_workers: int = 0):
+                  encoder_id: dict, with_flipped: bool, with_images: bool, load_vae, num_workers: int = 0,
+                  digest=file_digest, stop=None):
     """Latent distribution parameters [2C, F, H, W] of each clip (and of its mirror image if with_flipped),
     with the same of its I2V image ([2C, 1, H, W], "image_latent_params…") if with_images; settings are per clip.
 
-    Returns (entries, clips and images this process encoded). load_vae is only called if something is missing.
+    Returns (Entries, read from the cache when asked for; clips and images this process encoded). load_vae is
+    only called if something is missing. digest(path): a file's content hash (a ClipIndex's, which hashes only
+    what changed); stop(): raises to stop the run between two entries.
     """
     load_vae = functools.cache(load_vae)
-    keys = [entry_key("video", clip=file_digest(c.video), frames=s, encoder=encoder_id, flipped=with_flipped)
+    keys = [entry_key("video", clip=digest(c.video), frames=s, encoder=encoder_id, flipped=with_flipped)
             for c, s in zip(clips, settings)]
     # A per-clip seed keeps the random crop the same for a clip however the work is shared out, and the
     # image's crop the clip's.
@@ -158,14 +276,14 @@ def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: 
 
         return encode_mine
 
-    entries, encoded = _fill(cache, keys, accelerator, encoder(False, "", "Encoding clips"), "videos")
+    entries, encoded = _fill(cache, keys, accelerator, encoder(False, "", "Encoding clips"), "videos", stop)
     if not with_images:
         return entries, encoded, 0
-    image_keys = [entry_key("image", video_key=k, image=c.image and file_digest(c.image), noise=IMAGE_NOISE)
+    image_keys = [entry_key("image", video_key=k, image=c.image and digest(c.image), noise=IMAGE_NOISE)
                   for k, c in zip(keys, clips)]
     images, encoded_images = _fill(cache, image_keys, accelerator, encoder(True, "image_", "Encoding images"),
-                                   "images")
-    return [{**e, **i} for e, i in zip(entries, images)], encoded, encoded_images
+                                   "images", stop)
+    return entries.joined(images), encoded, encoded_images
 
 
 def _add_pixel_noise(image: torch.Tensor, key: str) -> torch.Tensor:
@@ -178,7 +296,7 @@ def _add_pixel_noise(image: torch.Tensor, key: str) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_prompts(accelerator, cache: LatentCache, prompts: list[str], max_sequence_length: int, encoder_id: dict,
-                   load_text_encoder):
+                   load_text_encoder, stop=None):
     """T5 embeddings [max_sequence_length, D] of each prompt, padded as the pipeline pads them."""
     keys = [entry_key("prompt", prompt=p, length=max_sequence_length, encoder=encoder_id) for p in prompts]
 
@@ -189,4 +307,5 @@ def encode_prompts(accelerator, cache: LatentCache, prompts: list[str], max_sequ
                             add_special_tokens=True, return_tensors="pt").input_ids
             yield i, {"prompt_embeds": text_encoder(ids.to(text_encoder.device))[0][0]}
 
-    return _fill(cache, keys, accelerator, encode_mine, "prompts")
+    entries, encoded = _fill(cache, keys, accelerator, encode_mine, "prompts", stop)
+    return Entries(cache, entries.keys, names=prompts), encoded

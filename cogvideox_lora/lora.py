@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from . import comfyui
+from . import comfyui, disk
 from .settings import DEFAULT_LORA_TARGETS
 
 TARGET_MODULES = list(DEFAULT_LORA_TARGETS)
@@ -164,14 +165,19 @@ def save_lora(transformer, directory, config: LoraConfig, trained_on: TrainedOn 
     per-layer alpha instead, which its copy has.
     """
     state_dict = lora_state_dict(transformer)
-    CogVideoXPipeline.save_lora_weights(
-        directory,
-        transformer_lora_layers=state_dict,
-        transformer_lora_adapter_metadata=config.to_dict(),
-    )
     path = Path(directory) / LORA_WEIGHTS_NAME
-    if trained_on is not None:
-        _add_metadata(path, TRAINED_ON_KEY, json.dumps(dataclasses.asdict(trained_on)))
+
+    def write(tmp):
+        # diffusers names the file itself: it is written into a folder of its own beside the final one.
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".lora-") as folder:
+            CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=state_dict,
+                                                transformer_lora_adapter_metadata=config.to_dict())
+            written = Path(folder) / LORA_WEIGHTS_NAME
+            if trained_on is not None:
+                _add_metadata(written, TRAINED_ON_KEY, json.dumps(dataclasses.asdict(trained_on)))
+            os.replace(written, tmp)
+
+    disk.replace_atomically(path, write, f"the LoRA weights ({LORA_WEIGHTS_NAME})")
     if comfyui_copy:
         comfyui.save_beside(state_dict, config.to_dict(), directory)
     return path
@@ -184,6 +190,6 @@ def _add_metadata(path: Path, key: str, value: str) -> None:
 
     with safe_open(str(path), framework="pt") as f:
         metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(path.name + ".partial")  # the tensors may still map the file being replaced
     save_file(tensors, str(partial), metadata={**metadata, key: value})
     os.replace(partial, path)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from . import disk
 from .comfyui import COMFYUI_LORA_NAME
 from .hub import CARD_FILE
 from .lora import LORA_WEIGHTS_NAME
@@ -172,6 +173,7 @@ def write_model_card(run: Settings, family, steps: int, videos: list[Path], resu
     if path.exists() and MARKER_TAG not in (ModelCard.load(path).data.tags or []):
         logger.warning("%s is not a model card of this trainer: left as it is, no card written.", path)
         return None
-    ModelCard(card_text(run, family, steps, videos, results, processes)).save(path)
+    card = ModelCard(card_text(run, family, steps, videos, results, processes))
+    disk.replace_atomically(path, card.save, "the model card (README.md)")
     logger.info("Model card written to %s", path)
     return path

@@ -1,0 +1,379 @@
+"""Issue 25, thousands of clips, stopped and started again: a warm start does work only for what changed,
+latents are read when their batch comes, two runs share a cache's encoding, a signal before training stops
+at once, a full disk says so in one line."""
+
+import errno
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, SCRIPT, lora, max_abs_diff, run_main, subprocess_env, summary, train_argv
+from test_robustness import exit_message
+from cogvideox_lora import clip_index, data as data_module, disk
+from cogvideox_lora.data import EpochOrder, epoch_batches, first_few
+from cogvideox_lora.latent_cache import LatentCache, _fill
+from cogvideox_lora.synthetic import write_clips
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A warm start
+
+
+def test_a_warm_start_decodes_and_hashes_only_what_changed(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    dataset = tmp_path / "data"
+    shutil.copytree(tiny_dataset_dir, dataset)
+    cache = tmp_path / "cache"
+    probed, hashed = [], []
+    probe, digest = data_module._probe, clip_index.file_digest
+    monkeypatch.setattr(data_module, "_probe", lambda path, s: probed.append(path.name) or probe(path, s))
+    monkeypatch.setattr(clip_index, "file_digest", lambda path: hashed.append(path.name) or digest(path))
+
+    def run(name):
+        probed.clear()
+        hashed.clear()
+        run_main(train_argv(tiny_model_dir, dataset, tmp_path / name, cache, "--max_train_steps", 2))
+        return sorted(probed), sorted(hashed), summary(tmp_path / name)["encoded_clips"]
+
+    clips = sorted(p.name for p in (dataset / "videos").iterdir())
+    assert run("cold") == (clips, clips, 4)
+    assert run("warm") == ([], [], 0)
+    assert max_abs_diff(lora(tmp_path / "cold"), lora(tmp_path / "warm")) == 0  # bit for bit
+
+    # A clip replaced by another (same name): it alone is checked, hashed and encoded again.
+    write_clips(tmp_path / "other", num_clips=1, num_frames=25, fps=8, id_offset=5)
+    shutil.copy(tmp_path / "other" / "videos" / "clip_005.mp4", dataset / "videos" / "clip_002.mp4")
+    assert run("changed") == (["clip_002.mp4"], ["clip_002.mp4"], 1)
+
+
+def test_a_damaged_clip_index_only_costs_a_cold_check(tmp_path, tiny_dataset_dir, caplog):
+    from cogvideox_lora.data import FrameSettings, check_clips
+    from helpers import load_clips
+
+    clips = load_clips(tiny_dataset_dir, "prompts.txt", "videos.txt")
+    settings = FrameSettings(48, 64, 8, 9, 0, 0, "center")
+    index = clip_index.ClipIndex(tmp_path)
+    good, _ = check_clips(clips, settings, index=index)
+    index.save()
+    (tmp_path / clip_index.FILE_NAME).write_text("{not json")
+    again, _ = check_clips(clips, settings, index=clip_index.ClipIndex(tmp_path))
+    assert [c.probe for c in again] == [c.probe for c in good]
+    assert "is unreadable" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The data order
+
+
+def test_the_data_order_is_computed_once_an_epoch(monkeypatch):
+    shapes = [(3, 6, 8)] * 50 + [(5, 6, 8)] * 30
+    calls = []
+    monkeypatch.setattr(data_module, "epoch_batches", lambda *a: calls.append(a) or epoch_batches(*a))
+    order = EpochOrder(shapes, 4, seed=7)
+    for epoch in (0, 0, 0, 1, 1, 2):
+        assert order.batches(epoch) == epoch_batches(shapes, 4, 7, epoch)  # the same order as before
+    assert [a[-1] for a in calls] == [0, 1, 2]
+
+
+def test_the_long_prompt_warning_names_a_few_and_counts_the_rest():
+    lines = [f"prompts.txt:{n}: 300 tokens, 74 cut" for n in range(1, 2001)]
+    shown = [line.strip() for line in first_few(lines).splitlines()]
+    assert shown[:5] == lines[:5] and len(shown) == 6 and "1995 more" in shown[-1]
+    assert [line.strip() for line in first_few(lines[:3]).splitlines()] == lines[:3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs sharing a cache
+
+
+def _fill_in_child(root, keys, log, start):
+    def encode(indices):
+        for i in indices:
+            with open(log, "a") as f:
+                f.write(keys[i] + "\n")
+            time.sleep(0.01)
+            yield i, {"latent_params": torch.full((2, 2), float(i))}
+
+    start.wait()
+    entries, _ = _fill(LatentCache(root), keys, Namespace(num_processes=1, process_index=0), encode, "test")
+    assert all(entries[i]["latent_params"][0, 0].item() == i for i in range(len(keys)))
+
+
+def test_two_runs_sharing_a_cache_encode_each_entry_once(tmp_path, monkeypatch):
+    import cogvideox_lora.latent_cache as latent_cache
+
+    monkeypatch.setattr(latent_cache, "CLAIM_BATCH", 8)  # several rounds of claims in each run
+    keys = [f"entry{i:03d}" for i in range(60)]
+    log = tmp_path / "encoded.txt"
+    context = multiprocessing.get_context("fork")
+    start = context.Event()
+    runs = [context.Process(target=_fill_in_child, args=(tmp_path / "cache", keys, log, start)) for _ in range(2)]
+    for run in runs:
+        run.start()
+    start.set()
+    for run in runs:
+        run.join(60)
+    assert [run.exitcode for run in runs] == [0, 0]
+    encoded = log.read_text().split()
+    assert sorted(encoded) == keys  # each once, by one run or the other
+
+
+def _hold_claim_then_die(root, key, held):
+    LatentCache(root).claim(key, wait=False)
+    held.set()
+    time.sleep(1)
+    os._exit(1)  # killed before writing the entry
+
+
+def test_a_claim_left_by_a_dead_run_is_taken_over(tmp_path):
+    context = multiprocessing.get_context("fork")
+    held = context.Event()
+    holder = context.Process(target=_hold_claim_then_die, args=(tmp_path, "a", held))
+    holder.start()
+    held.wait(10)
+    encoded = []
+
+    def encode(indices):
+        encoded.extend(indices)
+        return ((i, {"latent_params": torch.ones(2)}) for i in indices)
+
+    entries, count = _fill(LatentCache(tmp_path), ["a", "b"], Namespace(num_processes=1, process_index=0), encode,
+                           "test")
+    holder.join()
+    assert encoded == [1, 0] and count == 2  # "b" at once, "a" once its holder was gone
+    assert torch.equal(entries[0]["latent_params"], torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A signal before training
+
+SLOW_ENCODING = """\
+import os, runpy, sys, time
+from pathlib import Path
+
+from cogvideox_lora import latent_cache, models
+
+save, load = latent_cache.LatentCache.save, models.load_transformer
+
+
+def slow_save(self, key, tensors):
+    save(self, key, tensors)
+    Path(os.environ["SAVED"]).touch()
+    time.sleep(0.5)
+
+
+def announce(*args, **kwargs):
+    print("TRANSFORMER LOADED", flush=True)
+    return load(*args, **kwargs)
+
+
+latent_cache.LatentCache.save, models.load_transformer = slow_save, announce
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _interrupt(command, saved: Path, **env) -> tuple[int, str, int]:
+    """Runs command in a process group of its own, sends the group SIGINT (as a terminal's Ctrl-C does) once an
+    entry is encoded; returns its exit status, its output, and the group's id."""
+    process = subprocess.Popen(command, cwd=REPO, env={**subprocess_env(), "PYTHONPATH": str(REPO), **env},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not saved.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-6000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    output = process.communicate(timeout=120)[0]  # to its end: every process holding the pipe is gone
+    return process.returncode, output, process.pid
+
+
+def _group_is_gone(pgid: int, within: float = 0) -> bool:
+    """Whether no process of the group is left (within some seconds: one whose parent died is reaped later)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("launcher", [False, True], ids=["python", "accelerate-launch"])
+def test_a_signal_before_training_stops_keeping_what_is_encoded(tmp_path, tiny_model_dir, tiny_dataset_dir, launcher):
+    wrapper, saved, cache, out = tmp_path / "slow_encoding.py", tmp_path / "saved", tmp_path / "cache", tmp_path / "out"
+    wrapper.write_text(SLOW_ENCODING)
+    argv = train_argv(tiny_model_dir, tiny_dataset_dir, out, cache, "--max_train_steps", 2)
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"] if launcher else [sys.executable]
+    status, output, pgid = _interrupt([*prefix, str(wrapper), str(SCRIPT), *argv], saved, SAVED=str(saved))
+    assert "Stopped by a signal before training" in output, output[-6000:]
+    if not launcher:
+        assert status == 1 and output.strip().splitlines()[-1].startswith("Stopped by a signal before training")
+    assert "TRANSFORMER LOADED" not in output and "saving a checkpoint" not in output
+    assert not list(out.glob("checkpoint-*"))
+    kept = len(list(cache.glob("*.safetensors")))
+    assert 1 <= kept < 4
+    # accelerate's single-process launcher dies at once of the terminal's SIGINT (KeyboardInterrupt): its child
+    # stops on its own, within seconds, and leaves nothing behind.
+    assert _group_is_gone(pgid, within=10)
+
+    run_main(argv)  # the same command continues: only what was not kept is encoded
+    assert summary(out)["encoded_clips"] == 4 - kept
+
+
+def test_ctrl_c_through_the_wrapper_script_returns_once_the_trainer_has_stopped(tmp_path, tiny_model_dir):
+    dataset = tmp_path / "data"
+    write_clips(dataset, num_clips=24, num_frames=9, fps=8)
+    out = tmp_path / "out"
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "ACCELERATE_USE_CPU": "1",
+           "MODEL_PATH": str(tiny_model_dir), "DATA_ROOT": str(dataset), "OUTPUT_DIR": str(out)}
+    argv = train_argv(tiny_model_dir, dataset, out, tmp_path / "cache", "--max_train_steps", 2,
+                      "--mixed_precision", "no")
+    process = subprocess.Popen(["bash", "finetune_single_rank.sh", *argv], cwd=REPO, env={**subprocess_env(), **env},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    chunks = []
+    while b"Encoding clips" not in b"".join(chunks):
+        chunk = os.read(process.stdout.fileno(), 65536)
+        assert chunk, b"".join(chunks).decode()[-6000:]
+        chunks.append(chunk)
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(120)
+    gone = _group_is_gone(process.pid)  # at the moment the script returned
+    output = (b"".join(chunks) + process.stdout.read()).decode(errors="replace")
+    assert gone, output[-6000:]
+    assert process.returncode == 1
+    assert output.strip().splitlines()[-1].startswith("Stopped by a signal before training"), output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+
+
+def test_a_wrapper_script_error_is_the_last_thing_on_screen(tmp_path, tiny_model_dir):
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "ACCELERATE_USE_CPU": "1",
+           "MODEL_PATH": str(tiny_model_dir), "DATA_ROOT": str(tmp_path / "missing"), "OUTPUT_DIR": str(tmp_path)}
+    result = subprocess.run(["bash", "finetune_single_rank.sh", "--mixed_precision", "no"], cwd=REPO,
+                            env={**subprocess_env(), **env}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()
+    assert "missing: --instance_data_root is not a folder" in last[-1], result.stderr[-3000:]
+    assert "CalledProcessError" not in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A full disk
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_encoding_is_one_line_and_leaves_nothing_half_written(tmp_path, tiny_model_dir,
+                                                                                tiny_dataset_dir, monkeypatch):
+    import cogvideox_lora.latent_cache as latent_cache
+
+    monkeypatch.setattr(latent_cache, "save_file", _no_space)
+    cache = tmp_path / "cache"
+    message = exit_message(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", cache))
+    assert message.startswith(f"error: no space left in {cache} while writing a latent cache entry (it needs ")
+    assert "free)" in message and "\n" not in message
+    assert not list(cache.glob("*.tmp")) and not list(cache.glob("*.safetensors"))
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_checkpoint(tmp_path, tiny_model_dir,
+                                                                               tiny_dataset_dir, monkeypatch):
+    import accelerate.accelerator
+
+    def torn(*args, **kwargs):  # what torch's zip writer raises on a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3988")
+
+    monkeypatch.setattr(accelerate.accelerator, "save_accelerator_state", torn)
+    monkeypatch.setattr(disk, "free_bytes", lambda folder: 4096)
+    out = tmp_path / "out"
+    message = exit_message(train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache",
+                                      "--max_train_steps", 4, "--checkpointing_steps", 2))
+    assert message == (f"error: no space left in {out} while writing checkpoint-2 (4.1 KB free): Free some space or "
+                       f"choose a folder on another disk, then run the same command again with "
+                       f"--resume_from_checkpoint latest.")
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing under a checkpoint's name, nor a partial one
+
+
+def test_a_run_that_cannot_write_its_next_checkpoint_stops_before_training_for_it(tmp_path, tiny_model_dir,
+                                                                                   tiny_dataset_dir, monkeypatch):
+    import cogvideox_lora.checkpoints as checkpoints
+
+    out = tmp_path / "out"
+    saved = []
+    save = checkpoints.save_checkpoint
+
+    def record(accelerator, output_dir, step, *args):
+        saved.append(step)
+        # Once checkpoint-2 is written, the disk has room for half of another.
+        monkeypatch.setattr(disk, "free_bytes", lambda folder: 1)
+        return save(accelerator, output_dir, step, *args)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", record)
+    message = exit_message(train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache",
+                                      "--max_train_steps", 6, "--checkpointing_steps", 2))
+    assert message.startswith(f"error: no space left in {out} for checkpoint-4 (it needs ")
+    assert message.endswith("1 bytes free): stopping before training the steps it would save. Free some space or "
+                            "choose a folder on another disk, then run the same command again with "
+                            "--resume_from_checkpoint latest.")
+    assert saved == [2] and sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+
+
+def test_a_full_disk_at_the_summary_leaves_no_empty_file(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    write_text = Path.write_text
+
+    def full_for_the_summary(self, *args, **kwargs):
+        if self.name.startswith(".train_summary.json"):
+            write_text(self, "")  # what a full disk leaves: an empty file
+            _no_space()
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_for_the_summary)
+    out = tmp_path / "out"
+    message = exit_message(train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache",
+                                      "--max_train_steps", 2))
+    assert message.startswith(f"error: no space left in {out} while writing {out / 'train_summary.json'} (")
+    assert not (out / "train_summary.json").exists() and not list(out.glob(".*tmp"))
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_ctrl_c_of_a_two_process_run_through_the_wrapper_saves_one_checkpoint(tmp_path, tiny_model_dir,
+                                                                               tiny_dataset_dir):
+    """The terminal's SIGINT and torch's agent's closing signal reach each worker within milliseconds: one request,
+    a checkpoint after the step, the trainer's message last, and nothing left running."""
+    from test_multi_process import free_port
+
+    out = tmp_path / "out"
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "ACCELERATE_USE_CPU": "1",
+           "GPUS_PER_MACHINE": "2", "MAIN_PROCESS_PORT": str(free_port()), "MODEL_PATH": str(tiny_model_dir),
+           "DATA_ROOT": str(tiny_dataset_dir), "OUTPUT_DIR": str(out)}
+    argv = train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache", "--max_train_steps", 40,
+                      "--checkpointing_steps", 100, "--mixed_precision", "no")
+    process = subprocess.Popen(["bash", "finetune_multi_rank.sh", "0", "127.0.0.1", "1", *argv], cwd=REPO,
+                               env={**subprocess_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    chunks = []
+    while not re.search(rb"\| *[2-9]/40", b"".join(chunks)):
+        chunk = os.read(process.stdout.fileno(), 65536)
+        assert chunk, b"".join(chunks).decode()[-6000:]
+        chunks.append(chunk)
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(300)
+    gone = _group_is_gone(process.pid)
+    output = (b"".join(chunks) + process.stdout.read()).decode(errors="replace")
+    assert gone and process.returncode == 1, output[-6000:]
+    stopped = re.findall(r"Stopped by a signal after step (\d+); checkpoint-\1 is saved", output)
+    assert len(set(stopped)) == 1 and [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{stopped[0]}"]
+    assert output.strip().splitlines()[-1].startswith(f"Stopped by a signal after step {stopped[0]}")
