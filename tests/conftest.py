@@ -18,13 +18,15 @@ from helpers import load_tiny
 # The CI and dev machines have 2 cores; more threads only oversubscribe them.
 torch.set_num_threads(2)
 
-# Every test in these files trains or launches the trainer.
+# The end-to-end files: most of their tests train or launch the trainer, and each file's fixtures train once for
+# many tests, so the whole file is slow.
 END_TO_END = {"test_train.py", "test_robustness.py", "test_families.py", "test_multi_process.py",
               "test_diffusers_example.py", "test_cli_demo.py"}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: trains or launches processes; make test-fast leaves it out")
+    config.addinivalue_line("markers", "slow: trains, compiles blocks or launches processes; make test-fast "
+                                       "leaves it out")
 
 
 def pytest_collection_modifyitems(items):

@@ -59,12 +59,17 @@ def _reset_accelerate():
 
 def run_main(argv) -> None:
     """train_cogvideox_lora.main(argv) in this process (no import cost); accelerate's singletons are reset
-    afterwards so that the next run may choose another precision. A refusal raises SystemExit."""
+    afterwards so that the next run may choose another precision. A refusal raises SystemExit, whose message is
+    on stderr as the interpreter prints it when the script exits with it."""
     import train_cogvideox_lora
 
     _reset_accelerate()
     try:
         train_cogvideox_lora.main([str(a) for a in argv])
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        raise
     finally:
         _reset_accelerate()
 

@@ -239,6 +239,7 @@ def test_the_kernel_computes_in_the_autocast_dtype_and_sdpa_takes_the_others(pla
     assert_same_steps([reference], [got], rtol=3e-2)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_with_the_custom_op_give_the_plain_step(plain_steps):
     """As the trainer runs them with everything on: keep_attention checkpointing around compiled blocks, the
     checkpointed inputs offloaded and every block's frozen weights swapped through two slots (fp32, so the

@@ -1,14 +1,19 @@
-"""Model parts (models.py): compiled blocks and float8 base weights compute the plain path's step."""
+"""Model parts (models.py): the family read from the configs, and compiled blocks and float8 base weights, which
+compute the plain path's step."""
 
 import copy
 
+import pytest
 import torch
+from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
 from cogvideox_lora import models
+from cogvideox_lora.settings import ModelSource
 from cogvideox_lora.lora import lora_state_dict, load_lora_state_dict
 from helpers import BF16, assert_same_step, load_tiny, step
 
 
+@pytest.mark.slow
 def test_compiled_blocks_give_the_plain_step(plain, batch):
     compiled = copy.deepcopy(plain)
     models.compile_blocks(compiled)
@@ -16,6 +21,7 @@ def test_compiled_blocks_give_the_plain_step(plain, batch):
     assert_same_step(step(plain, batch), step(compiled, batch, uncast=True), tolerance=1e-2)
 
 
+@pytest.mark.slow
 def test_float8_base_weights_stay_close_to_bf16(tiny_model_dir, plain, batch):
     fp8 = load_tiny(tiny_model_dir, fp8=True)
     load_lora_state_dict(fp8, lora_state_dict(plain))
@@ -35,3 +41,18 @@ def test_float8_base_weights_stay_close_to_bf16(tiny_model_dir, plain, batch):
     compiled = copy.deepcopy(fp8)
     models.compile_blocks(compiled)
     assert_same_step(step(fp8, batch, uncast=True), step(compiled, batch, uncast=True), tolerance=1e-2)
+
+
+def test_the_family_is_read_from_the_configs(tiny_model_dir, tiny_5b_model_dir):
+    transformer, vae, text_encoder, family = models.read_configs(ModelSource(str(tiny_model_dir)))
+    assert family.pipeline_class is CogVideoXPipeline and family.name == "CogVideoX T2V"
+    assert not family.image_to_video and not family.trained_in_bf16 and family.patch_size_t is None
+    assert (family.native_frames, family.native_height, family.native_width) == (49, 48, 64)
+    assert text_encoder["d_model"] == 32
+    # Rotary position embeddings mark the 5B family, trained in bf16.
+    assert models.read_configs(ModelSource(str(tiny_5b_model_dir)))[3].trained_in_bf16
+    # Twice the input channels is image-to-video, whatever model_index.json says.
+    with pytest.raises(models.ModelError, match="which is a CogVideoXImageToVideoPipeline model"):
+        models.Family.from_configs({**transformer, "in_channels": 8}, vae, "CogVideoXPipeline", "here")
+    i2v = models.Family.from_configs({**transformer, "in_channels": 8}, vae, "CogVideoXImageToVideoPipeline", "here")
+    assert i2v.image_to_video and i2v.pipeline_class is CogVideoXImageToVideoPipeline

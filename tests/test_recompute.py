@@ -1,13 +1,16 @@
-"""Gradient checkpointing (recompute.py): what each block keeps for its backward pass, inside compiled blocks."""
+"""Gradient checkpointing (recompute.py): where the checkpoint goes, and what each block keeps for its backward
+pass inside compiled blocks."""
 
 import copy
 
+import pytest
 from torch._dynamo.utils import counters
 
-from cogvideox_lora import attention, profiling, recompute
-from helpers import STAND_IN_CALLS, assert_same_step, register_stand_in, step
+from cogvideox_lora import attention, offload, profiling, recompute
+from helpers import STAND_IN_CALLS, assert_same_step, register_stand_in, step, tiny_transformer
 
 
+@pytest.mark.slow
 def test_checkpointed_compiled_blocks_give_the_plain_step(plain, batch):
     """recompute.enable puts each block's checkpoint inside its compiled graph: the same step as the plain path,
     keeping a small part of what the plain path keeps; keep_attention also keeps the attention output (the
@@ -31,3 +34,16 @@ def test_checkpointed_compiled_blocks_give_the_plain_step(plain, batch):
         assert STAND_IN_CALLS == {"forward": layers * forwards, "backward": layers}, policy
         assert_same_step(reference, result, tolerance=1e-2)
     assert kept["full"] < kept["keep_attention"] < kept_plain / 3, (kept, kept_plain)
+
+
+
+def test_the_checkpoint_goes_inside_the_blocks_unless_offloading_hooks_must_run_around_them():
+    inside = tiny_transformer(2)
+    recompute.enable(inside, "full")
+    # Inside: each block's own forward is checkpointed, where a compiled block traces it into its graph.
+    assert all("forward" in vars(block) for block in inside.transformer_blocks)
+    assert not inside.is_gradient_checkpointing
+    around = tiny_transformer(2)
+    recompute.enable(around, "full", offload.ActivationOffload("cpu"))
+    assert not any("forward" in vars(block) for block in around.transformer_blocks)
+    assert around.is_gradient_checkpointing
