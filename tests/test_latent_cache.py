@@ -13,7 +13,8 @@ def test_entries_round_trip_and_a_damaged_one_reads_as_missing(tmp_path):
     assert key != entry_key("flipped", digest="abc", height=48, width=64)
     cache = LatentCache(tmp_path / "cache")
     assert cache.load(key) is None
-    tensors = {"latent_params": torch.randn(8, 6, 3, 8).transpose(1, 2), "prompt_embeds": torch.randn(16, 32).bfloat16()}
+    tensors = {"latent_params": torch.randn(8, 6, 3, 8).transpose(1, 2),  # not contiguous
+               "prompt_embeds": torch.randn(16, 32).bfloat16()}
     saved = cache.save(key, tensors)
     loaded = cache.load(key)
     assert loaded.keys() == tensors.keys()

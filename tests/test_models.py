@@ -5,9 +5,10 @@ import copy
 
 import pytest
 import torch
-from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
 
-from cogvideox_lora import models
+from cogvideox_lora import models, synthetic
+from cogvideox_lora.models import Family, ModelError
 from cogvideox_lora.settings import ModelSource
 from cogvideox_lora.lora import lora_state_dict, load_lora_state_dict
 from helpers import BF16, assert_same_step, load_tiny, step
@@ -56,3 +57,25 @@ def test_the_family_is_read_from_the_configs(tiny_model_dir, tiny_5b_model_dir):
         models.Family.from_configs({**transformer, "in_channels": 8}, vae, "CogVideoXPipeline", "here")
     i2v = models.Family.from_configs({**transformer, "in_channels": 8}, vae, "CogVideoXImageToVideoPipeline", "here")
     assert i2v.image_to_video and i2v.pipeline_class is CogVideoXImageToVideoPipeline
+
+
+@pytest.mark.parametrize("size, image_to_video, patch_size_t, ofs, learned", [
+    ("5b", False, None, False, False), ("5b-i2v", True, None, False, True), ("1.5-5b", False, 2, False, False),
+    ("1.5-5b-i2v", True, 2, True, False)])
+def test_real_size_families(size, image_to_video, patch_size_t, ofs, learned):
+    # On the meta device nothing is allocated: the real sizes are checked without their memory.
+    spec = synthetic.SPECS[size]
+    with torch.device("meta"):
+        transformer = CogVideoXTransformer3DModel(**spec["transformer"])
+    assert sum(p.numel() for p in transformer.parameters()) == pytest.approx(5.57e9, rel=0.01)
+    vae = {"block_out_channels": (128, 256, 256, 512), "scaling_factor": 0.7, **spec["vae"]}
+    pipeline = "CogVideoXImageToVideoPipeline" if image_to_video else "CogVideoXPipeline"
+    family = Family.from_configs(dict(transformer.config), vae, pipeline, size)
+    assert (family.image_to_video, family.patch_size_t, family.ofs, family.learned_positions) == (
+        image_to_video, patch_size_t, ofs, learned)
+    assert family.image_latent_scale == pytest.approx(1 / 0.7 if patch_size_t else 0.7)
+    if learned:
+        assert (family.native_frames, family.native_height, family.native_width) == (49, 480, 720)
+    with pytest.raises(ModelError, match="model_index.json names"):
+        Family.from_configs(dict(transformer.config), vae, "CogVideoXPipeline" if image_to_video else
+                            "CogVideoXImageToVideoPipeline", size)

@@ -1,10 +1,13 @@
 """The optimizer and learning-rate schedule (optim.py), from the settings the command line gives."""
 
+import sys
+import types
+
 import pytest
 import torch
 
 from cogvideox_lora import settings
-from cogvideox_lora.args import parse_args
+from cogvideox_lora.args import build_parser, parse_args
 from cogvideox_lora.optim import make_optimizer, make_schedule
 from cogvideox_lora.settings import OptimizerSettings
 
@@ -37,3 +40,15 @@ def test_the_schedule_warms_up_then_follows_its_shape(scheduler):
         assert rates[3:] == pytest.approx([1e-3] * 7)
     else:  # decays to zero at the last step
         assert all(a > b for a, b in zip(rates[2:], rates[3:])) and schedule.get_last_lr()[0] == pytest.approx(0.0)
+
+
+def test_prodigy_settings_reach_prodigy(monkeypatch):
+    made = {}
+    # prodigyopt is not a dependency: a stand-in records what the trainer would construct it with.
+    monkeypatch.setitem(sys.modules, "prodigyopt", types.SimpleNamespace(Prodigy=lambda params, **kw: made.update(kw)))
+    args = build_parser().parse_args(["--pretrained_model_name_or_path", "m", "--optimizer", "prodigy",
+                                      "--prodigy_beta3", "0.9", "--prodigy_decouple", "--prodigy_use_bias_correction",
+                                      "--prodigy_safeguard_warmup", "--learning_rate", "0.5"])
+    make_optimizer([torch.nn.Parameter(torch.zeros(2))], settings.from_args(args).optimizer)
+    assert made == {"lr": 0.5, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 1e-4, "beta3": 0.9,
+                    "decouple": True, "use_bias_correction": True, "safeguard_warmup": True}

@@ -49,3 +49,12 @@ def test_a_folder_dataset_reads_prompts_and_videos_files_and_buckets_take_the_tr
     assert run.buckets.frames == (9, 17)
     assert (run.buckets.heights, run.buckets.widths) == ((args.height,), (args.width,))
     assert run.memory.plan == Plan()
+
+
+def test_scale_lr_multiplies_by_accumulation_batch_and_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path), "--report_to", "none",
+            "--learning_rate", "1e-4", "--train_batch_size", "2", "--gradient_accumulation_steps", "3"]
+    assert settings.from_args(parse_args(argv)).optimizer.learning_rate == pytest.approx(1e-4)
+    scaled = settings.from_args(parse_args(argv + ["--scale_lr"])).optimizer.learning_rate
+    assert scaled == pytest.approx(1e-4 * 3 * 2 * 2)
