@@ -2,7 +2,6 @@
 makes room for validation videos (guidance one sample at a time, tiles, frozen weights on the host)."""
 
 import pytest
-import torch
 
 from cogvideox_lora import placement
 from cogvideox_lora.memory import Plan
