@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Every module's own tests, without those that train or launch processes (marked slow): under 2 minutes.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(DEMO) $(VENV)

@@ -268,7 +268,7 @@ def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: 
                                         f"of this one was written: run again once it is fixed."])
                 video = frames.to(accelerator.device, vae.dtype).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
                 if images:
-                    video = _add_pixel_noise(video, keys[indices[j]])
+                    video = add_pixel_noise(video, keys[indices[j]])
                 tensors = {f"{prefix}latent_params": vae.encode(video).latent_dist.parameters[0]}
                 if with_flipped:
                     tensors[f"{prefix}latent_params_flipped"] = vae.encode(video.flip(-1)).latent_dist.parameters[0]
@@ -286,7 +286,7 @@ def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: 
     return entries.joined(images), encoded, encoded_images
 
 
-def _add_pixel_noise(image: torch.Tensor, key: str) -> torch.Tensor:
+def add_pixel_noise(image: torch.Tensor, key: str) -> torch.Tensor:
     """The image with Gaussian noise of a drawn strength, both drawn from the clip's key (the same every run)."""
     rng = random.Random(key)
     sigma = math.exp(rng.gauss(IMAGE_NOISE["log_sigma_mean"], IMAGE_NOISE["log_sigma_std"]))

@@ -86,7 +86,7 @@ def _choices(seed: int, random_flip: float, num_timesteps: int, image_dropout: f
     return flipped, timestep, image_dropout > 0 and rng.random() < image_dropout
 
 
-def _sample(params: torch.Tensor, generator, device) -> torch.Tensor:
+def sample_latent(params: torch.Tensor, generator, device) -> torch.Tensor:
     """A draw from the VAE's diagonal Gaussian, given its cached [2C, F, H, W] parameters, as [F, C, H, W]."""
     mean, logvar = params.to(device, non_blocking=True).float().chunk(2, dim=0)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -102,7 +102,7 @@ def draw_batch(videos, prompts, seeds, scaling_factor: float, random_flip: float
     for video, seed in zip(videos, seeds):
         flipped, timestep, _ = _choices(seed, random_flip, num_timesteps, 0.0)
         generator = torch.Generator(device).manual_seed(seed)
-        latent = _sample(video["latent_params_flipped" if flipped else "latent_params"], generator, device)
+        latent = sample_latent(video["latent_params_flipped" if flipped else "latent_params"], generator, device)
         latents.append(pad_frames(latent * scaling_factor, patch_size_t))
         noise.append(torch.randn(latents[-1].shape, generator=generator, device=device))
         timesteps.append(timestep)
@@ -124,7 +124,7 @@ def draw_image_latents(images, seeds, image_scale: float, random_flip: float, nu
         flipped, _, dropped = _choices(seed, random_flip, num_timesteps, image_dropout)
         # A stream of its own: the video's generator draws its latent and noise from `seed`.
         generator = torch.Generator(device).manual_seed(seed + _IMAGE_STREAM)
-        latent = _sample(image["image_latent_params_flipped" if flipped else "image_latent_params"], generator,
+        latent = sample_latent(image["image_latent_params_flipped" if flipped else "image_latent_params"], generator,
                          device) * image_scale
         padded = latent.new_zeros(latent_frames, *latent.shape[1:])
         if not dropped:

@@ -97,7 +97,7 @@ class Placement:
         def decode_latents(latents):
             with self.peaks.part("decoding"):
                 room, scale = contextlib.nullcontext(), None  # as it is, where there is no GPU to make room on
-                held = _gpu_held_gib()
+                held = gpu_held_gib()
                 if held is not None:
                     latent = (latents.shape[1], *latents.shape[3:])
                     configured = 1.0 if vae.use_tiling else untiled_scale(latent)
@@ -127,7 +127,7 @@ def hold_to(allocator_gib: float | None, device) -> None:
                                                    torch.cuda.current_device())
 
 
-def _gpu_held_gib() -> float | None:
+def gpu_held_gib() -> float | None:
     """What the GPU holds now, or None without one (no room to make)."""
     return torch.cuda.memory_allocated() / GIB if torch.cuda.is_available() else None
 

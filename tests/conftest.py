@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random-init CogVideoX model folders and a small clip dataset."""
+"""Shared fixtures (tiny random-init CogVideoX model folders, a small clip dataset, a tiny transformer and a batch
+for one step), and the `slow` marker: `pytest -m "not slow"` (make test-fast) leaves out what trains or launches
+processes."""
 
 import os
 
@@ -11,9 +13,27 @@ import torch
 
 from cogvideox_lora import models
 from cogvideox_lora.synthetic import build_model_folder, write_clips
+from helpers import load_tiny
 
 # The CI and dev machines have 2 cores; more threads only oversubscribe them.
 torch.set_num_threads(2)
+
+# The end-to-end files: most of their tests train or launch the trainer, and each file's fixtures train once for
+# many tests, so the whole file is slow.
+END_TO_END = {"test_train.py", "test_robustness.py", "test_families.py", "test_multi_process.py",
+              "test_diffusers_example.py", "test_cli_demo.py"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains, compiles blocks or launches processes; make test-fast "
+                                       "leaves it out")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in END_TO_END:
+            item.add_marker(pytest.mark.slow)
+
 
 DATASET_PROMPTS = [
     "a red square drifting across a grey background",
@@ -50,3 +70,25 @@ def no_models(monkeypatch):
 
     for name in ("load_transformer", "load_vae", "load_text_encoder"):
         monkeypatch.setattr(models, name, refuse)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir):
+    """The plain path's transformer, with a non-zero adapter so that every LoRA weight gets a gradient."""
+    torch.manual_seed(0)
+    transformer = load_tiny(tiny_model_dir)
+    for name, param in transformer.named_parameters():
+        if param.requires_grad:
+            param.data = torch.randn_like(param) * 0.05
+    return transformer
+
+
+@pytest.fixture(scope="module")
+def batch(plain):
+    config = plain.config
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 3, config.in_channels, config.sample_height, config.sample_width, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    prompt_embeds = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=generator)
+    alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
+    return (latents, noise, torch.tensor([100, 700]), prompt_embeds), alphas_cumprod

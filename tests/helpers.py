@@ -1,4 +1,5 @@
-"""Running the trainer from tests: through its command line in a subprocess or in this process."""
+"""What several test files share: running the trainer (through its command line in a subprocess or in this
+process), and tiny transformers with one training step of them."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -57,12 +59,17 @@ def _reset_accelerate():
 
 def run_main(argv) -> None:
     """train_cogvideox_lora.main(argv) in this process (no import cost); accelerate's singletons are reset
-    afterwards so that the next run may choose another precision. A refusal raises SystemExit."""
+    afterwards so that the next run may choose another precision. A refusal raises SystemExit, whose message is
+    on stderr as the interpreter prints it when the script exits with it."""
     import train_cogvideox_lora
 
     _reset_accelerate()
     try:
         train_cogvideox_lora.main([str(a) for a in argv])
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        raise
     finally:
         _reset_accelerate()
 
@@ -173,7 +180,7 @@ STAND_IN = "stand-in-math"
 STAND_IN_CALLS = {"forward": 0, "backward": 0}
 
 
-def _stand_in_forward(q, k, v, scale):
+def stand_in_forward(q, k, v, scale):
     STAND_IN_CALLS["forward"] += 1
     qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))
     scores = qh @ kh.transpose(-1, -2) * scale
@@ -182,7 +189,7 @@ def _stand_in_forward(q, k, v, scale):
     return out.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
-def _stand_in_backward(grad_out, q, k, v, out, lse, scale):
+def stand_in_backward(grad_out, q, k, v, out, lse, scale):
     STAND_IN_CALLS["backward"] += 1
     qh, kh, vh, oh, doh = (t.transpose(1, 2).float() for t in (q, k, v, out, grad_out))
     p = ((qh @ kh.transpose(-1, -2)) * scale - lse[..., None]).exp()
@@ -196,7 +203,7 @@ def register_stand_in() -> str:
     """Registers the stand-in kernel (fp32 and bf16) and zeroes its call counts; returns its name."""
     from cogvideox_lora import attention
 
-    attention.register_kernel(STAND_IN, _stand_in_forward, _stand_in_backward, (torch.float32, torch.bfloat16))
+    attention.register_kernel(STAND_IN, stand_in_forward, stand_in_backward, (torch.float32, torch.bfloat16))
     STAND_IN_CALLS.update(forward=0, backward=0)
     return STAND_IN
 
@@ -258,3 +265,45 @@ def random_lora_b(transformer, seed=0) -> None:
         for name, param in transformer.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+# One step of the tiny model's transformer in bf16 (the trainer's fast paths are compared with it).
+BF16 = torch.bfloat16
+
+
+def load_tiny(model_dir, fp8: bool = False):
+    """The tiny model's transformer as the trainer builds it in bf16, with a rank-4 adapter (float8 weights if fp8)."""
+    from cogvideox_lora.memory import Plan
+    from cogvideox_lora.placement import Placement
+    from cogvideox_lora.settings import ModelSource
+    from cogvideox_lora.transformer import TransformerSpec, build
+
+    spec = TransformerSpec(BF16, rank=4, alpha=4, fp8_base_weights=fp8)
+    return build(ModelSource(str(model_dir)), spec, Placement(Plan(), "cpu"))[0]
+
+
+def step(transformer, batch, uncast: bool = False):
+    """One bf16-autocast training step: the loss and the LoRA gradients by name."""
+    from cogvideox_lora.lora import uncast_adapter_inputs
+    from cogvideox_lora.loss import compute_loss, transformer_inputs
+
+    (latents, noise, timesteps, prompt_embeds), alphas_cumprod = batch
+    transformer.zero_grad(set_to_none=True)
+    uncast_adapter_inputs(transformer, BF16 if uncast else torch.float32)
+    with torch.autocast("cpu", dtype=BF16):
+        inputs = transformer_inputs(transformer.config, *latents.shape[1:2], *latents.shape[3:], "cpu")
+        loss = compute_loss(transformer, (latents, noise, timesteps, prompt_embeds), alphas_cumprod, BF16, inputs)
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in transformer.named_parameters() if p.requires_grad}
+
+
+def relative_error(a: dict, b: dict) -> float:
+    """The norm of the difference over the norm of the reference, over all LoRA gradients together."""
+    assert a.keys() == b.keys()
+    diff = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt()
+    return (diff / sum((a[k] ** 2).sum() for k in a).sqrt()).item()
+
+
+def assert_same_step(reference, other, tolerance):
+    (loss_a, grads_a), (loss_b, grads_b) = reference, other
+    assert all(g.abs().max() > 0 for g in grads_a.values()), "every LoRA weight should have a gradient"
+    assert loss_b == pytest.approx(loss_a, rel=tolerance)
+    assert relative_error(grads_a, grads_b) < tolerance

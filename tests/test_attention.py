@@ -225,9 +225,9 @@ def test_the_kernel_computes_in_the_autocast_dtype_and_sdpa_takes_the_others(pla
 
     def forward(q, k, v, scale):
         seen.append((q.dtype, k.dtype, v.dtype))
-        return helpers._stand_in_forward(q, k, v, scale)
+        return helpers.stand_in_forward(q, k, v, scale)
 
-    attention.register_kernel("bf16-only", forward, helpers._stand_in_backward, (torch.bfloat16,))
+    attention.register_kernel("bf16-only", forward, helpers.stand_in_backward, (torch.bfloat16,))
     with_kernel, with_sdpa = (tiny_transformer(num_layers=LAYERS, kernel=k) for k in ("bf16-only", None))
     # fp32, which the kernel does not take: SDPA runs instead, the same step.
     assert_same_steps([lora_step(with_sdpa, inputs[0])], [lora_step(with_kernel, inputs[0])], rtol=1e-6)
@@ -239,6 +239,7 @@ def test_the_kernel_computes_in_the_autocast_dtype_and_sdpa_takes_the_others(pla
     assert_same_steps([reference], [got], rtol=3e-2)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_with_the_custom_op_give_the_plain_step(plain_steps):
     """As the trainer runs them with everything on: keep_attention checkpointing around compiled blocks, the
     checkpointed inputs offloaded and every block's frozen weights swapped through two slots (fp32, so the

@@ -1,13 +1,16 @@
-"""What a checkpoint records of its run, and the resumes that record refuses or warns about."""
+"""Resumable checkpoints (checkpoints.py): which one a run continues from, and what it refuses to overwrite."""
 
 import logging
 from dataclasses import replace
 
+import pytest
 import torch
 from diffusers import CogVideoXPipeline
 
 from cogvideox_lora import run_record
+from cogvideox_lora.checkpoints import CheckpointError, checkpoint_to_resume, complete_checkpoints
 from cogvideox_lora.run_record import RunRecord
+
 
 RECORD = RunRecord(model="CogVideoX T2V, 2 blocks of 4", size="9x48x64", rank=4, lora_alpha=4.0, processes=2,
                    batch_size=1, gradient_accumulation_steps=2,
@@ -108,3 +111,24 @@ def test_buckets_are_part_of_the_size():
     auto = run_record.describe_size(9, 48, 64, Buckets((48,), (64,), (9,), 48 * 64))
     assert len({plain, listed, auto}) == 3
     assert listed == "9x48x64 with buckets of frames 5,9, heights 48,64, widths 64"
+
+
+def test_latest_is_the_newest_complete_checkpoint_and_nothing_is_overwritten(tmp_path):
+    out = tmp_path / "out"
+    assert checkpoint_to_resume(out, None) is None and checkpoint_to_resume(out, "latest") is None  # a new run
+    for step in (2, 10, 4):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+    (out / ".checkpoint-12.partial").mkdir()  # what a kill while saving leaves
+    # By step, not by name (checkpoint-10 sorts before checkpoint-2), and never the partial one.
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-10"]
+    assert checkpoint_to_resume(out, "latest") == out / "checkpoint-10"
+    assert checkpoint_to_resume(out, str(out / "checkpoint-10")) == out / "checkpoint-10"
+    with pytest.raises(CheckpointError, match=r"newer than checkpoint-4 \(checkpoint-10\)"):
+        checkpoint_to_resume(out, str(out / "checkpoint-4"))
+    with pytest.raises(CheckpointError, match="Continue it with --resume_from_checkpoint latest"):
+        checkpoint_to_resume(out, None)
+    elsewhere = tmp_path / "elsewhere" / "checkpoint-3"
+    elsewhere.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="choose an empty --output_dir"):
+        checkpoint_to_resume(out, str(elsewhere))
+    assert checkpoint_to_resume(tmp_path / "new", str(elsewhere)) == elsewhere

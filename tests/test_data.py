@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from helpers import load_clips  # also puts the repository on sys.path
-from cogvideox_lora import settings as run_settings
 from cogvideox_lora.args import parse_args
+from cogvideox_lora.settings import from_args
 from cogvideox_lora.data import (Clip, DatasetError, FrameSettings, check_clips, epoch_batches, frames_at_times,
                                  read_frames, resize_and_crop, unfillable_batch)
 from cogvideox_lora.synthetic import frame_index_from_pixels, write_clips
@@ -128,11 +128,11 @@ def test_jsonl_dataset_file_with_named_columns(tmp_path):
 
 def test_dataset_file_columns_default_to_caption_and_video(tmp_path):
     common = ["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path)]
-    data = run_settings.from_args(parse_args(common + ["--dataset_file", "meta.csv"])).data
+    data = from_args(parse_args(common + ["--dataset_file", "meta.csv"])).data
     assert (data.caption_column, data.video_column) == ("caption", "video")
-    data = run_settings.from_args(parse_args(common)).data
+    data = from_args(parse_args(common)).data
     assert (data.caption_column, data.video_column) == ("prompts.txt", "videos.txt")
-    data = run_settings.from_args(parse_args(common + ["--dataset_file", "meta.jsonl", "--caption_column", "text"])).data
+    data = from_args(parse_args(common + ["--dataset_file", "meta.jsonl", "--caption_column", "text"])).data
     assert (data.caption_column, data.video_column) == ("text", "video")
 
 
@@ -348,7 +348,7 @@ def test_clip_is_hashable_and_frame_settings_from_args(tmp_path):
     args = parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path), "--height",
                        "64", "--width", "96", "--fps", "12", "--max_num_frames", "13", "--skip_frames_start", "2",
                        "--skip_frames_end", "3", "--video_reshape_mode", "none"])
-    assert run_settings.from_args(args).frames == FrameSettings(64, 96, 12, 13, 2, 3, "none", 4)
+    assert from_args(args).frames == FrameSettings(64, 96, 12, 13, 2, 3, "none", 4)
     assert len({Clip("a", Path("x"), "w:1"), Clip("a", Path("x"), "w:1")}) == 1
 
 

@@ -1,9 +1,6 @@
 """Commands written for diffusers' examples/cogvideo/train_cogvideox_lora.py and its image-to-video sibling run
 here: every flag of both, the example README's command, and the LoRA it gives in stock pipelines both ways."""
 
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -11,9 +8,7 @@ from diffusers import CogVideoXPipeline
 from huggingface_hub import ModelCard
 
 from helpers import check, hub_dataset, lora, max_abs_diff, run_main, run_script, summary, train_argv
-from cogvideox_lora import settings
-from cogvideox_lora.args import build_parser, parse_args
-from cogvideox_lora.optim import make_optimizer
+from cogvideox_lora.args import build_parser
 
 # Every flag of the two example scripts (diffusers main, examples/cogvideo/): the flag, a value of the type the
 # example gives it (None: a store_true flag) and what it parses to here, which is the example's meaning.
@@ -67,27 +62,6 @@ def test_every_flag_of_the_example_scripts_is_accepted_with_its_meaning(flag, va
 def test_all_the_example_flags_together_parse():
     args = build_parser().parse_args([a for flag, value, _ in EXAMPLE_FLAGS for a in _argv(flag, value)])
     assert args.optimizer == "adam" and args.random_flip == 0.5 and args.nccl_timeout == 600
-
-
-def test_scale_lr_multiplies_by_accumulation_batch_and_processes(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    argv = ["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path), "--report_to", "none",
-            "--learning_rate", "1e-4", "--train_batch_size", "2", "--gradient_accumulation_steps", "3"]
-    assert settings.from_args(parse_args(argv)).optimizer.learning_rate == pytest.approx(1e-4)
-    scaled = settings.from_args(parse_args(argv + ["--scale_lr"])).optimizer.learning_rate
-    assert scaled == pytest.approx(1e-4 * 3 * 2 * 2)
-
-
-def test_prodigy_settings_reach_prodigy(monkeypatch):
-    made = {}
-    # prodigyopt is not a dependency: a stand-in records what the trainer would construct it with.
-    monkeypatch.setitem(sys.modules, "prodigyopt", types.SimpleNamespace(Prodigy=lambda params, **kw: made.update(kw)))
-    args = build_parser().parse_args(["--pretrained_model_name_or_path", "m", "--optimizer", "prodigy",
-                                      "--prodigy_beta3", "0.9", "--prodigy_decouple", "--prodigy_use_bias_correction",
-                                      "--prodigy_safeguard_warmup", "--learning_rate", "0.5"])
-    make_optimizer([torch.nn.Parameter(torch.zeros(2))], settings.from_args(args).optimizer)
-    assert made == {"lr": 0.5, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 1e-4, "beta3": 0.9,
-                    "decouple": True, "use_bias_correction": True, "safeguard_warmup": True}
 
 
 @pytest.mark.parametrize("report_to, packages", [("wandb", ["wandb"]), ("comet_ml", ["comet_ml"]),

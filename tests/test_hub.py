@@ -29,6 +29,7 @@ def hub_argv(model_dir, output_dir, cache_dir, hub_cache, *extra) -> list:
             "--output_dir", output_dir, "--latent_cache_dir", cache_dir, "--report_to", "none", *TINY_FLAGS, *extra]
 
 
+@pytest.mark.slow
 def test_a_cached_hub_dataset_trains_offline_exactly_like_the_local_folder(tmp_path, tiny_model_dir,
                                                                            tiny_dataset_dir):
     assert constants.HF_HUB_OFFLINE  # conftest: nothing can reach the Hub
@@ -160,6 +161,7 @@ def pushed(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     return tmp_path / "out", fake, records, argv
 
 
+@pytest.mark.slow
 def test_push_uploads_the_lora_card_and_videos_not_the_checkpoints(pushed):
     output_dir, fake, records, argv = pushed
     assert (output_dir / "checkpoint-1").is_dir()

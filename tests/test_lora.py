@@ -1,5 +1,4 @@
-"""--lora_target_modules: names and the all-linear preset, through training, the memory estimate, float8 storage, the
-saved file in a stock pipeline and cli_demo's loader."""
+"""LoRA adapters (lora.py): their inputs left uncast in half precision, as the trainer's fast path runs them."""
 
 import inspect
 
@@ -7,13 +6,14 @@ import pytest
 import torch
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-from helpers import load_lora_and_collect_warnings, lora, run_main, train_argv
 from cogvideox_lora import inference, memory, models
-from cogvideox_lora.lora import ALL_LINEAR, adapter_features, block_linear_layers, config_linear_layers
+from cogvideox_lora.lora import (ALL_LINEAR, adapter_features, add_lora, block_linear_layers, config_linear_layers,
+                                 uncast_adapter_inputs)
 from cogvideox_lora.memory import Plan
 from cogvideox_lora.placement import Placement
 from cogvideox_lora.settings import DEFAULT_LORA_TARGETS, ModelSource
 from cogvideox_lora.transformer import TransformerSpec, build
+from helpers import BF16, assert_same_step, load_lora_and_collect_warnings, lora, run_main, step, train_argv
 
 
 def test_all_linear_trains_and_loads_in_a_stock_pipeline(tmp_path, tiny_model_dir, tiny_dataset_dir):
@@ -77,3 +77,22 @@ def test_float8_storage_keeps_an_all_linear_adapter_fp32(tiny_model_dir):
     assert isinstance(block.ff.net[2].base_layer, models.Float8Linear)
     assert block.ff.net[2].base_layer.weight.dtype == torch.float8_e4m3fn
     assert block.norm1.linear.base_layer.weight.dtype == torch.bfloat16
+
+
+def test_uncast_adapter_inputs_give_the_plain_step(plain, batch):
+    assert_same_step(step(plain, batch), step(plain, batch, uncast=True), tolerance=1e-2)
+
+
+def test_adapter_inputs_are_uncast_only_in_half_precision():
+    from peft.tuners.lora import LoraLayer
+
+    from cogvideox_lora import synthetic
+
+    transformer = CogVideoXTransformer3DModel(**{**synthetic.SPECS["tiny"]["transformer"], "num_layers": 1})
+    add_lora(transformer, 4, 4)
+    layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 4 and all(m.cast_input_dtype_enabled for m in layers)
+    uncast_adapter_inputs(transformer, BF16)
+    assert not any(m.cast_input_dtype_enabled for m in layers)
+    uncast_adapter_inputs(transformer, torch.float32)
+    assert all(m.cast_input_dtype_enabled for m in layers)

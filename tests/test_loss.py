@@ -1,10 +1,11 @@
-"""The loss and what feeds it: v-prediction loss, batch draws, rotary embeddings."""
+"""The loss and what feeds it (loss.py): v-prediction loss, batch draws, image latents, rotary embeddings."""
 
 import pytest
 import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
 import helpers  # noqa: F401  (puts the repository on sys.path)
+from cogvideox_lora import loss
 from cogvideox_lora.loss import draw_batch, rotary_embeddings, sample_seed, v_prediction_loss
 
 
@@ -148,3 +149,26 @@ def test_rotary_embeddings_of_the_5b_style_model(tiny_5b_model_dir):
     assert out.shape == hidden.shape
     assert torch.isfinite(out).all()
     assert not torch.allclose(out, without)  # the embeddings are used
+
+
+def test_image_dropout_zeroes_the_image_latent_and_shares_the_flip():
+    g = torch.Generator().manual_seed(0)
+    entry = {"image_latent_params": torch.randn(8, 1, 6, 8, generator=g),
+             "image_latent_params_flipped": torch.randn(8, 1, 6, 8, generator=g)}
+    entry["image_latent_params"][4:] = entry["image_latent_params_flipped"][4:] = -30.0  # sample = mean
+    videos = {"latent_params": torch.randn(8, 3, 6, 8, generator=g)}
+    videos["latent_params"][4:] = -30.0
+    videos["latent_params_flipped"] = videos["latent_params"].flip(-1)
+    kept = dropped = 0
+    for seed in range(40):
+        images = loss.draw_image_latents([entry], [seed], 0.7, 0.5, 1000, 0.5, 4, "cpu")[0]
+        assert images.shape == (4, 4, 6, 8) and images[1:].abs().max() == 0
+        latent = loss.draw_batch([videos], [{"prompt_embeds": torch.zeros(2, 2)}], [seed], 1.0, 0.5, 1000, "cpu")[0]
+        flipped = torch.allclose(latent[0], videos["latent_params_flipped"][:4].permute(1, 0, 2, 3), atol=1e-5)
+        if images.abs().max() == 0:
+            dropped += 1
+            continue
+        kept += 1
+        key = "image_latent_params_flipped" if flipped else "image_latent_params"
+        torch.testing.assert_close(images[0], entry[key][:4, 0] * 0.7, atol=1e-5, rtol=0)
+    assert kept and dropped

@@ -1,7 +1,9 @@
 """The trainer end to end, through its command line, on the tiny random models and generated clips."""
 
-import re
+import os
 import shutil
+import subprocess
+import sys
 import time
 
 import decord
@@ -11,13 +13,10 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline
 from transformers import T5EncoderModel
 
-from helpers import (check, load_lora_and_collect_warnings, lora, max_abs_diff, run_main, run_script, summary,
+from helpers import (REPO, check, load_lora_and_collect_warnings, lora, max_abs_diff, run_main, run_script, summary,
                      train_argv, tree_state)
 from cogvideox_lora import models
-from cogvideox_lora import settings
-from cogvideox_lora.args import build_parser, parse_args
 from cogvideox_lora.comfyui import COMFYUI_LORA_NAME
-from cogvideox_lora.optim import make_optimizer
 from cogvideox_lora.synthetic import write_clips
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -321,41 +320,6 @@ def test_checkpoints_total_limit_keeps_the_newest(tmp_path, tiny_model_dir, tiny
 # The command line
 
 
-HELP_FLAGS = """--pretrained_model_name_or_path --cache_dir --enable_tiling --enable_slicing --instance_data_root
---caption_column --video_column --validation_prompt --validation_prompt_separator --num_validation_videos
---validation_epochs --seed --rank --mixed_precision --output_dir --height --width --fps --max_num_frames
---skip_frames_start --skip_frames_end --train_batch_size --num_train_epochs --checkpointing_steps
---gradient_accumulation_steps --learning_rate --optimizer --adam_beta1 --adam_beta2 --use_8bit_adam --id_token
---lora_alpha --max_train_steps --resume_from_checkpoint --checkpoints_total_limit --gradient_checkpointing
---lr_scheduler --lr_warmup_steps --max_grad_norm --adam_weight_decay --adam_epsilon --report_to --allow_tf32
---dataloader_num_workers --video_reshape_mode --random_flip --revision --variant --guidance_scale
---use_dynamic_cfg --validation_steps --logging_dir""".split()
-
-
-def test_help_mentions_every_flag(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        run_main(["--help"])
-    assert exit_.value.code == 0
-    text = capsys.readouterr().out
-    missing = [f for f in HELP_FLAGS if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", text)]
-    assert not missing
-    # Each flag has its own help line, not only a place in the usage summary.
-    options = {a for action in build_parser()._actions for a in action.option_strings}
-    assert set(HELP_FLAGS) <= options
-
-
-@pytest.mark.parametrize("spelling, expected", [("AdamW", torch.optim.AdamW), ("adamw", torch.optim.AdamW),
-                                                ("Adam", torch.optim.Adam)])
-def test_optimizer_spelling(tmp_path, spelling, expected):
-    args = parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path),
-                       "--optimizer", spelling])
-    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(2))], settings.from_args(args).optimizer)
-    assert type(optimizer) is expected
-    with pytest.raises(SystemExit):
-        parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_root", str(tmp_path),
-                    "--optimizer", "SGD"])
-
-
 def test_bad_dataset_stops_early_naming_file_and_line(tmp_path, tiny_model_dir, tiny_dataset_dir):
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset_dir, data)
@@ -376,11 +340,24 @@ def test_bad_dataset_stops_early_naming_file_and_line(tmp_path, tiny_model_dir, 
     assert elapsed < 30, elapsed  # most of it importing torch: no model is loaded
 
 
-def test_bad_arguments_are_all_reported(tmp_path, tiny_model_dir, tiny_dataset_dir, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
-                            "--height", 50, "--max_num_frames", 10))
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "--height 50 is not a multiple of 16" in err and "--max_num_frames 10 is not 4k+1" in err
-    assert not (tmp_path / "out").exists()
+# ---------------------------------------------------------------------------------------------------------------
+# The benchmark of the trainer, in tiny mode
+
+
+def test_benchmark_runs_in_tiny_mode(tmp_path):
+    # On one process and on two, as on two GPUs (ACCELERATE_USE_CPU=1: gloo on the CPU).
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--tiny", "--rows",
+                             "2b,2b-x2", "--steps", "2", "--workdir", str(tmp_path)],
+                            cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| row")).strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines
+            if line.startswith("| 2b")]
+    assert [(r["row"], r["GPUs"]) for r in rows] == [("2b", "1"), ("2b-x2", "2")], result.stdout
+    (one, two) = rows
+    # Median step times measured, the first on a fresh cache, and samples/s on two against one.
+    assert float(one["median step (s)"]) > 0 and one["cache"] == "cold" and two["cache"] == "warm"
+    assert float(two["scaling (x)"]) > 0 and float(one["estimate (GiB)"]) > 0
+    assert summary(tmp_path / "out-2b")["steps"] == 2 and summary(tmp_path / "out-2b-x2")["processes"] == 2

@@ -1,0 +1,34 @@
+"""Validation videos (validation.py): made with the transformer being trained, one file per prompt and video."""
+
+from types import SimpleNamespace
+
+import decord
+import torch
+from diffusers import CogVideoXPipeline
+
+from cogvideox_lora import synthetic
+from cogvideox_lora.memory import Plan
+from cogvideox_lora.placement import Placement
+from cogvideox_lora.settings import ValidationSettings
+from cogvideox_lora.validation import PipelineParts, Validator
+
+
+def test_each_prompt_gets_its_videos_at_the_validation_size(tmp_path):
+    pipe = synthetic.build_pipeline("tiny", text_encoder=False)
+    config = pipe.transformer.config
+    generator = torch.Generator().manual_seed(0)
+    prompt_embeds = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=generator)
+    chosen = ValidationSettings(prompts=("a red square", "A brown bear!"), images=(), num_videos=2,
+                                num_inference_steps=2, guidance_scale=6.0, use_dynamic_cfg=False, num_frames=9,
+                                height=48, width=64, fps=8, seed=0, output_dir=str(tmp_path))
+    parts = PipelineParts(CogVideoXPipeline, pipe.scheduler.config, lambda: pipe.vae, torch.float32)
+    validator = Validator(chosen, prompt_embeds, torch.zeros_like(prompt_embeds[0]), parts, Placement(Plan(), "cpu"))
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True, device=torch.device("cpu"),
+                                  unwrap_model=lambda model: model, trackers=[])
+    paths = validator.run(accelerator, pipe.transformer, step=3)
+    assert [p.name for p in paths] == ["step-000003_p0_v0_a-red-square.mp4", "step-000003_p0_v1_a-red-square.mp4",
+                                       "step-000003_p1_v0_a-brown-bear.mp4", "step-000003_p1_v1_a-brown-bear.mp4"]
+    frames = [decord.VideoReader(str(path)).get_batch(list(range(9))).asnumpy() for path in paths]
+    assert all(f.shape == (9, 48, 64, 3) for f in frames)
+    # Video v of each prompt starts from seed + v: the two videos of a prompt differ, and so do the prompts.
+    assert all((a.astype(int) - b.astype(int)).any() for a, b in ((frames[0], frames[1]), (frames[0], frames[2])))
