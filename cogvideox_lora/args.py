@@ -166,13 +166,14 @@ def _add_validation_flags(p: argparse.ArgumentParser) -> None:
                      help="Held-out loss: the denoising loss on clips the LoRA does not train on, every this many "
                           "optimizer steps, at every checkpoint and at the end (and the base model's once at the "
                           "start), at fixed timesteps with fixed noise, so values compare across steps and runs. "
-                          "Needs --validation_dataset or --validation_split.")
+                          "Needs --validation_dataset or --validation_split. Default: no held-out loss.")
     val.add_argument("--validation_dataset", default=None,
                      help="Folder of held-out clips in the training data's format (prompts.txt and videos.txt, or "
-                          "--dataset_file with the same columns), checked and encoded as the training clips are.")
+                          "--dataset_file with the same columns), checked and encoded as the training clips are "
+                          "(default: none).")
     val.add_argument("--validation_split", type=float, default=None,
                      help="Hold out this share of the training clips (chosen by --seed, listed in the log, not "
-                          "trained on) for the held-out loss.")
+                          "trained on) for the held-out loss (default: none).")
     val.add_argument("--validation_loss_timesteps", type=int, default=4,
                      help="Timesteps, spread evenly over the schedule, at which each held-out clip is evaluated.")
 
@@ -274,7 +275,7 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
                       help="Save a resumable checkpoint every this many optimizer steps.")
     ckpt.add_argument("--checkpointing_minutes", type=float, default=None,
                       help="Also save a checkpoint when this many minutes have passed since the last one (for "
-                           "preemptible machines).")
+                           "preemptible machines). Default: by steps alone.")
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None,
                       help="Keep at most this many checkpoints; older ones of this run are removed (default: "
                            "keep all; the best by held-out loss, with --validation_loss_steps, is kept).")

@@ -166,6 +166,7 @@ def save_lora(transformer, directory, config: LoraConfig, trained_on: TrainedOn 
     """
     state_dict = lora_state_dict(transformer)
     path = Path(directory) / LORA_WEIGHTS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)  # as diffusers' save_lora_weights makes it
 
     def write(tmp):
         # diffusers names the file itself: it is written into a folder of its own beside the final one.

@@ -53,8 +53,9 @@ def test_validation_is_turned_off_by_an_empty_prompt_or_no_videos(capsys):
 def test_the_wrapper_scripts_validation_is_turned_off_by_a_flag_after_it():
     """finetune_single_rank.sh passes its flags, then the user's ("$@"), which win."""
     script = (REPO / "finetune_single_rank.sh").read_text()
-    command = script[script.index("train_cogvideox_lora.py"):script.index('"$@"')].replace("\\\n", " ")
-    flags = shlex.split(command)[1:]
+    start = script.index("train_cogvideox_lora.py") + len('train_cogvideox_lora.py"')
+    command = script[start:script.index('"$@"')].replace("\\\n", " ")
+    flags = shlex.split(command)
     assert validation(*flags).prompts  # the script validates...
     assert validation(*flags, "--validation_prompt", "").prompts == ()  # ...unless told not to
     assert validation(*flags, "--num_validation_videos", "0").prompts == ()

@@ -317,12 +317,12 @@ def test_each_checkpoint_holds_both_files_unless_asked_not_to(tmp_path, tiny_mod
         accelerator = Accelerator(cpu=True)
         try:
             transformer = accelerator.prepare(transformer)
-            register_lora_hooks(accelerator, transformer, config, comfyui_copy)
+            register_lora_hooks(accelerator, transformer, config, comfyui_copy=comfyui_copy)
             accelerator.save_state(str(tmp_path / str(comfyui_copy)))
         finally:
             _reset_accelerate()
         assert sorted(p.name for p in (tmp_path / str(comfyui_copy)).glob("*.safetensors")) == sorted(expected)
-        save_lora(transformer, tmp_path / f"final-{comfyui_copy}", config, comfyui_copy)
+        save_lora(transformer, tmp_path / f"final-{comfyui_copy}", config, comfyui_copy=comfyui_copy)
         assert sorted(p.name for p in (tmp_path / f"final-{comfyui_copy}").iterdir()) == sorted(expected)
 
 

@@ -9,12 +9,15 @@ from cogvideox_lora import attention, inference
 from cogvideox_lora.lora import add_lora, save_lora
 
 
-def test_a_missing_local_lora_fails_at_once_and_a_hub_id_is_left_to_the_loader(tmp_path):
+def test_a_missing_local_lora_fails_at_once_and_a_hub_id_is_left_to_the_hub(tmp_path, monkeypatch):
     for missing in (str(tmp_path / "nothing"), "me/lora.safetensors", "weights.safetensors"):
-        with pytest.raises(FileNotFoundError, match=f"LoRA not found: {missing} is neither"):
-            inference.check_lora_path(missing)
-    inference.check_lora_path("me/my-lora")
-    inference.check_lora_path(str(tmp_path))
+        with pytest.raises(inference.InputError, match=f"LoRA not found: {missing} is neither"):
+            inference.resolve_lora(missing)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(inference.InputError, match="could not be fetched from the Hugging Face Hub"):
+        inference.resolve_lora("me/my-lora")
+    with pytest.raises(inference.InputError, match="holds no LoRA"):
+        inference.resolve_lora(str(tmp_path))
 
 
 def test_the_lora_loads_at_its_trained_strength_times_the_scale(tmp_path, tiny_model_dir):

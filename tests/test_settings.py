@@ -15,7 +15,7 @@ def test_from_args_builds_every_setting_and_leaves_the_command_line_as_it_was(tm
     (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
     args = parse_args(["--pretrained_model_name_or_path", "m", "--revision", "r1", "--instance_data_root",
                        str(tmp_path), "--dataset_file", "meta.csv", "--output_dir", str(tmp_path / "out"),
-                       "--height", "64", "--width", "96", "--max_num_frames", "13", "--rank", "8", "--lora_alpha", "16",
+                       "--height", "64", "--width", "96", "--max_num_frames", "17", "--rank", "8", "--lora_alpha", "16",
                        "--learning_rate", "2e-4", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3",
                        "--validation_prompt", "a red square:::a brown bear", "--gradient_checkpointing",
                        "--checkpointing_policy", "keep_attention", "--offload", "activations", "--blocks_to_swap", "2",
@@ -27,12 +27,12 @@ def test_from_args_builds_every_setting_and_leaves_the_command_line_as_it_was(tm
     assert run.model == ModelSource("m", "r1")
     assert (run.data.root, run.data.dataset_file) == (str(tmp_path), "meta.csv")
     assert (run.data.caption_column, run.data.video_column) == ("caption", "video")  # a table's default columns
-    assert (run.frames.height, run.frames.width, run.frames.max_num_frames) == (64, 96, 13)
+    assert (run.frames.height, run.frames.width, run.frames.max_num_frames) == (64, 96, 17)
     assert run.buckets is None
     assert run.lora == LoraSettings(8, 16)
     assert (run.optimizer.learning_rate, run.optimizer.scheduler, run.optimizer.warmup_steps) == (2e-4, "cosine", 3)
     assert run.validation.prompts == ("a red square", "a brown bear")
-    assert (run.validation.num_frames, run.validation.height, run.validation.width) == (13, 64, 96)
+    assert (run.validation.num_frames, run.validation.height, run.validation.width) == (17, 64, 96)
     assert run.memory.plan == Plan("keep_attention", offload_activations=True, blocks_to_swap=2)
     # The diffusers example's form of --resume_from_checkpoint: a name inside --output_dir.
     assert run.output.resume_from_checkpoint == str(tmp_path / "out" / "checkpoint-2")

@@ -359,5 +359,5 @@ def test_benchmark_runs_in_tiny_mode(tmp_path):
     (one, two) = rows
     # Median step times measured, the first on a fresh cache, and samples/s on two against one.
     assert float(one["median step (s)"]) > 0 and one["cache"] == "cold" and two["cache"] == "warm"
-    assert float(two["scaling (x)"]) > 0 and float(one["estimate (GiB)"]) > 0
+    assert float(two["scaling (x)"]) > 0 and float(one["estimate, on the card (GiB)"]) > 0
     assert summary(tmp_path / "out-2b")["steps"] == 2 and summary(tmp_path / "out-2b-x2")["processes"] == 2

@@ -7,6 +7,7 @@ import torch
 from diffusers import CogVideoXPipeline
 
 from cogvideox_lora import synthetic
+from cogvideox_lora.lora import add_lora
 from cogvideox_lora.memory import Plan
 from cogvideox_lora.placement import Placement
 from cogvideox_lora.settings import ValidationSettings
@@ -15,6 +16,7 @@ from cogvideox_lora.validation import PipelineParts, Validator
 
 def test_each_prompt_gets_its_videos_at_the_validation_size(tmp_path):
     pipe = synthetic.build_pipeline("tiny", text_encoder=False)
+    add_lora(pipe.transformer, 4, 4)  # the transformer being trained; its first validation also makes the base's
     config = pipe.transformer.config
     generator = torch.Generator().manual_seed(0)
     prompt_embeds = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=generator)
