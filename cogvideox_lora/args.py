@@ -470,7 +470,7 @@ TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("w
 ALL_TRACKERS = ("tensorboard", "wandb", "comet_ml")
 
 
-def _gpu_available() -> bool:
+def gpu_available() -> bool:
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return False
     return torch.cuda.is_available() or torch.backends.mps.is_available() or \
@@ -493,7 +493,7 @@ def example_problems(args) -> list[str]:
                                 f"pip install {TRACKER_PACKAGES[name][0]}, or report to another tracker "
                                 f"(e.g. --report_to tensorboard) or none.")
     precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if precision == "fp16" and not _gpu_available():
+    if precision == "fp16" and not gpu_available():
         problems.append("--mixed_precision fp16 needs a GPU (on a CPU there is no fp16 autocast): use "
                         "--mixed_precision bf16 or no.")
     return problems

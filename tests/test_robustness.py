@@ -158,7 +158,7 @@ def test_output_dir_below_a_file_is_refused(tmp_path, capsys):
                                                       ("2b", "fp16", False)])
 def test_fp16_with_a_5b_model_warns(tmp_path, tiny_model_dir, tiny_5b_model_dir, tiny_dataset_dir, caplog, no_models,
                                     model, precision, warned, monkeypatch):
-    monkeypatch.setattr(args_module, "_gpu_available", lambda: True)  # fp16 is refused on a CPU before this
+    monkeypatch.setattr(args_module, "gpu_available", lambda: True)  # fp16 is refused on a CPU before this
     caplog.set_level(logging.WARNING)
     run_main(train_argv(tiny_5b_model_dir if model == "5b" else tiny_model_dir, tiny_dataset_dir, tmp_path / "out",
                         tmp_path / "cache", "--mixed_precision", precision, "--dry_run"))
