@@ -32,6 +32,12 @@ def training_problem(flag: str, frames: int, temporal_compression: int = 4) -> s
     return f"{flag} {frames} is not {temporal_compression}k+1: use {_around(frames, temporal_compression)}."
 
 
+def generated_at_most(frames: int, temporal_compression: int = 4) -> int:
+    """The most frames, up to `frames`, that the pipelines generate exactly (8k+1)."""
+    step = 2 * temporal_compression
+    return max(1, (frames - 1) // step * step + 1)
+
+
 def generation_problem(flag: str, frames: int, temporal_compression: int = 4) -> str | None:
     """None where the pipelines generate exactly `frames` frames; else what they would make and what to use."""
     step = 2 * temporal_compression

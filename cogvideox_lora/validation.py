@@ -20,6 +20,7 @@ from diffusers.utils import export_to_video
 from .data import resize_and_crop
 from .images import open_image
 from .distributed import wait_for_everyone_without_deadline
+from .video import open_video
 from .lora import adapter_disabled
 from .placement import Placement
 from .settings import ValidationSettings
@@ -71,12 +72,11 @@ def _tensorboard_video(writer, tag: str, path: Path, step: int, fps: int) -> Non
     # TensorBoard shows videos as animated GIFs in its image tab (what SummaryWriter.add_video does
     # through moviepy); Pillow writes the GIF without that extra dependency. The frames are read back
     # from the file, as another process may have made it.
-    import decord
     from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    reader = decord.VideoReader(str(path), num_threads=1)
-    frames = reader.get_batch(list(range(len(reader)))).asnumpy()
+    video = open_video(path)  # decord pads some widths' rows: open_video's frames are [H, W, 3] whatever the width
+    frames = np.stack(list(video.frames(list(range(len(video.starts))))))
     images = [Image.fromarray(frame) for frame in frames]
     gif = io.BytesIO()
     images[0].save(gif, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)

@@ -4,7 +4,7 @@ from huggingface_hub import ModelCard
 
 from cogvideox_lora import models, settings
 from cogvideox_lora.args import parse_args
-from cogvideox_lora.model_card import MARKER_TAG, write_model_card
+from cogvideox_lora.model_card import MARKER_TAG, card_text, write_model_card
 
 
 def test_the_card_says_how_to_load_the_lora_and_leaves_the_users_readme_alone(tmp_path, tiny_model_dir):
@@ -31,3 +31,12 @@ def test_the_card_says_how_to_load_the_lora_and_leaves_the_users_readme_alone(tm
     # A later run (a resume) replaces this trainer's own card.
     assert write_model_card(run, family, 9, videos) == out / "README.md"
     assert "| optimizer steps | 9 |" in (out / "README.md").read_text()
+
+
+def test_the_cards_code_asks_for_a_frame_count_the_pipelines_make(tmp_path, tiny_model_dir):
+    # 13 frames train (4k+1) without validation videos, but a pipeline asked for 13 returns 16: the card asks for 9.
+    run = settings.from_args(parse_args([
+        "--pretrained_model_name_or_path", str(tiny_model_dir), "--instance_data_root", str(tmp_path),
+        "--output_dir", str(tmp_path / "out"), "--max_num_frames", "13"]))
+    text = card_text(run, models.read_configs(run.model)[3], 3, [])
+    assert "num_frames=9," in text and "num_frames=13" not in text

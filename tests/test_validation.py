@@ -34,3 +34,22 @@ def test_each_prompt_gets_its_videos_at_the_validation_size(tmp_path):
     assert all(f.shape == (9, 48, 64, 3) for f in frames)
     # Video v of each prompt starts from seed + v: the two videos of a prompt differ, and so do the prompts.
     assert all((a.astype(int) - b.astype(int)).any() for a, b in ((frames[0], frames[1]), (frames[0], frames[2])))
+
+
+def test_videos_of_a_width_decord_pads_are_logged_to_tensorboard(tmp_path):
+    # decord returns 72-wide frames with padded rows: the GIF must still hold the picture, 72 wide.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from cogvideox_lora.validation import log_videos
+
+    synthetic.write_clips(tmp_path / "clips", num_clips=1, height=48, width=72, num_frames=5, fps=8)
+    writer = SummaryWriter(str(tmp_path / "logs"))
+    accelerator = SimpleNamespace(trackers=[SimpleNamespace(name="tensorboard", writer=writer)])
+    log_videos(accelerator, [("validation/p0_v0", "a red square", tmp_path / "clips" / "videos" / "clip_000.mp4")],
+               step=2, fps=8)
+    writer.flush()
+    events = EventAccumulator(str(tmp_path / "logs"))
+    events.Reload()
+    image = events.Images("validation/p0_v0")[0]
+    assert (image.step, image.width, image.height) == (2, 72, 48)
