@@ -127,11 +127,11 @@ import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
 from argparse import Namespace
 from cogvideox_lora.data import EpochOrder
-from cogvideox_lora.latent_cache import LatentCache, _fill
+from cogvideox_lora.latent_cache import LatentCache, fill
 from cogvideox_lora.loss import draw_batch
 cache = LatentCache(sys.argv[2])
 keys = [f"e{i:05d}" for i in range(int(sys.argv[3]))]
-entries, _ = _fill(cache, keys, Namespace(num_processes=1, process_index=0), None, "rss")
+entries, _ = fill(cache, keys, Namespace(num_processes=1, process_index=0), None, "rss")
 order = EpochOrder([entries.shape(i) for i in range(len(entries))], 1, 7)
 prompt = {"prompt_embeds": torch.zeros(226, 4096, dtype=torch.bfloat16)}
 for step in range(50):

@@ -210,7 +210,7 @@ def _encode_claimed(cache, keys, indices, encode_mine, stop) -> int:
     return encoded
 
 
-def _fill(cache, keys, accelerator, encode_mine, name: str, stop=None) -> tuple[Entries, int]:
+def fill(cache, keys, accelerator, encode_mine, name: str, stop=None) -> tuple[Entries, int]:
     """Every entry made whole in the cache; this process encodes the missing ones of its share, then checks the
     others'. Returns the entries (read when asked for) and how many this process encoded.
 
@@ -276,12 +276,12 @@ def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: 
 
         return encode_mine
 
-    entries, encoded = _fill(cache, keys, accelerator, encoder(False, "", "Encoding clips"), "videos", stop)
+    entries, encoded = fill(cache, keys, accelerator, encoder(False, "", "Encoding clips"), "videos", stop)
     if not with_images:
         return entries, encoded, 0
     image_keys = [entry_key("image", video_key=k, image=c.image and digest(c.image), noise=IMAGE_NOISE)
                   for k, c in zip(keys, clips)]
-    images, encoded_images = _fill(cache, image_keys, accelerator, encoder(True, "image_", "Encoding images"),
+    images, encoded_images = fill(cache, image_keys, accelerator, encoder(True, "image_", "Encoding images"),
                                    "images", stop)
     return entries.joined(images), encoded, encoded_images
 
@@ -307,5 +307,5 @@ def encode_prompts(accelerator, cache: LatentCache, prompts: list[str], max_sequ
                             add_special_tokens=True, return_tensors="pt").input_ids
             yield i, {"prompt_embeds": text_encoder(ids.to(text_encoder.device))[0][0]}
 
-    entries, encoded = _fill(cache, keys, accelerator, encode_mine, "prompts", stop)
+    entries, encoded = fill(cache, keys, accelerator, encode_mine, "prompts", stop)
     return Entries(cache, entries.keys, names=prompts), encoded

@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 # The end-to-end files: most of their tests train or launch the trainer, and each file's fixtures train once for
 # many tests, so the whole file is slow.
 END_TO_END = {"test_train.py", "test_robustness.py", "test_families.py", "test_multi_process.py",
-              "test_diffusers_example.py", "test_cli_demo.py"}
+              "test_diffusers_example.py", "test_cli_demo.py", "test_scale.py"}
 
 
 def pytest_configure(config):

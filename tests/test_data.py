@@ -13,8 +13,9 @@ import torch
 from helpers import load_clips  # also puts the repository on sys.path
 from cogvideox_lora.args import parse_args
 from cogvideox_lora.settings import from_args
-from cogvideox_lora.data import (Clip, DatasetError, FrameSettings, check_clips, epoch_batches, frames_at_times,
-                                 read_frames, resize_and_crop, unfillable_batch)
+from cogvideox_lora import data as data_module
+from cogvideox_lora.data import (Clip, DatasetError, EpochOrder, FrameSettings, check_clips, epoch_batches, first_few,
+                                 frames_at_times, read_frames, resize_and_crop, unfillable_batch)
 from cogvideox_lora.synthetic import frame_index_from_pixels, write_clips
 
 
@@ -493,3 +494,24 @@ def test_clips_too_few_for_a_batch_are_counted_per_size():
     # The same verdict as the batches themselves.
     shapes = [(s.max_num_frames, s.height, s.width) for s in [small] * 2 + [large] * 2]
     assert epoch_batches(shapes, 4, seed=0, epoch=0) == [] and epoch_batches(shapes, 2, seed=0, epoch=0) != []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The data order
+
+
+def test_the_data_order_is_computed_once_an_epoch(monkeypatch):
+    shapes = [(3, 6, 8)] * 50 + [(5, 6, 8)] * 30
+    calls = []
+    monkeypatch.setattr(data_module, "epoch_batches", lambda *a: calls.append(a) or epoch_batches(*a))
+    order = EpochOrder(shapes, 4, seed=7)
+    for epoch in (0, 0, 0, 1, 1, 2):
+        assert order.batches(epoch) == epoch_batches(shapes, 4, 7, epoch)  # the same order as before
+    assert [a[-1] for a in calls] == [0, 1, 2]
+
+
+def test_the_long_prompt_warning_names_a_few_and_counts_the_rest():
+    lines = [f"prompts.txt:{n}: 300 tokens, 74 cut" for n in range(1, 2001)]
+    shown = [line.strip() for line in first_few(lines).splitlines()]
+    assert shown[:5] == lines[:5] and len(shown) == 6 and "1995 more" in shown[-1]
+    assert [line.strip() for line in first_few(lines[:3]).splitlines()] == lines[:3]

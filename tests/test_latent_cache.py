@@ -1,9 +1,15 @@
 """The latent cache (latent_cache.py): entries named by what decides them, read back exactly, and a damaged one
 read as missing (encoded again) rather than trained on."""
 
+import multiprocessing
+import os
+import time
+from argparse import Namespace
+
 import torch
 
-from cogvideox_lora.latent_cache import LatentCache, entry_key
+from cogvideox_lora import latent_cache
+from cogvideox_lora.latent_cache import LatentCache, entry_key, fill
 
 
 def test_entries_round_trip_and_a_damaged_one_reads_as_missing(tmp_path):
@@ -29,3 +35,63 @@ def test_entries_round_trip_and_a_damaged_one_reads_as_missing(tmp_path):
     assert cache.load(key) is None
     cache.path(key).write_bytes(data[:20])  # truncated
     assert cache.load(key) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs sharing a cache
+
+
+def _fill_in_child(root, keys, log, start):
+    def encode(indices):
+        for i in indices:
+            with open(log, "a") as f:
+                f.write(keys[i] + "\n")
+            time.sleep(0.01)
+            yield i, {"latent_params": torch.full((2, 2), float(i))}
+
+    start.wait()
+    entries, _ = fill(LatentCache(root), keys, Namespace(num_processes=1, process_index=0), encode, "test")
+    assert all(entries[i]["latent_params"][0, 0].item() == i for i in range(len(keys)))
+
+
+def test_two_runs_sharing_a_cache_encode_each_entry_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(latent_cache, "CLAIM_BATCH", 8)  # several rounds of claims in each run
+    keys = [f"entry{i:03d}" for i in range(60)]
+    log = tmp_path / "encoded.txt"
+    context = multiprocessing.get_context("fork")
+    start = context.Event()
+    runs = [context.Process(target=_fill_in_child, args=(tmp_path / "cache", keys, log, start)) for _ in range(2)]
+    for run in runs:
+        run.start()
+    start.set()
+    for run in runs:
+        run.join(60)
+    assert [run.exitcode for run in runs] == [0, 0]
+    encoded = log.read_text().split()
+    assert sorted(encoded) == keys  # each once, by one run or the other
+
+
+def _hold_claim_then_die(root, key, held):
+    LatentCache(root).claim(key, wait=False)
+    held.set()
+    time.sleep(1)
+    os._exit(1)  # killed before writing the entry
+
+
+def test_a_claim_left_by_a_dead_run_is_taken_over(tmp_path):
+    context = multiprocessing.get_context("fork")
+    held = context.Event()
+    holder = context.Process(target=_hold_claim_then_die, args=(tmp_path, "a", held))
+    holder.start()
+    held.wait(10)
+    encoded = []
+
+    def encode(indices):
+        encoded.extend(indices)
+        return ((i, {"latent_params": torch.ones(2)}) for i in indices)
+
+    entries, count = fill(LatentCache(tmp_path), ["a", "b"], Namespace(num_processes=1, process_index=0), encode,
+                           "test")
+    holder.join()
+    assert encoded == [1, 0] and count == 2  # "b" at once, "a" once its holder was gone
+    assert torch.equal(entries[0]["latent_params"], torch.ones(2))

@@ -1,9 +1,7 @@
-"""Issue 25, thousands of clips, stopped and started again: a warm start does work only for what changed,
-latents are read when their batch comes, two runs share a cache's encoding, a signal before training stops
-at once, a full disk says so in one line."""
+"""Issue 25, thousands of clips, stopped and started again, end to end: a warm start does work only for what
+changed, a signal before training stops at once, a full disk says so in one line."""
 
 import errno
-import multiprocessing
 import os
 import re
 import shutil
@@ -11,17 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import REPO, SCRIPT, lora, max_abs_diff, run_main, subprocess_env, summary, train_argv
 from test_robustness import exit_message
 from cogvideox_lora import clip_index, data as data_module, disk
-from cogvideox_lora.data import EpochOrder, epoch_batches, first_few
-from cogvideox_lora.latent_cache import LatentCache, _fill
 from cogvideox_lora.synthetic import write_clips
 
 
@@ -53,104 +47,6 @@ def test_a_warm_start_decodes_and_hashes_only_what_changed(tmp_path, tiny_model_
     write_clips(tmp_path / "other", num_clips=1, num_frames=25, fps=8, id_offset=5)
     shutil.copy(tmp_path / "other" / "videos" / "clip_005.mp4", dataset / "videos" / "clip_002.mp4")
     assert run("changed") == (["clip_002.mp4"], ["clip_002.mp4"], 1)
-
-
-def test_a_damaged_clip_index_only_costs_a_cold_check(tmp_path, tiny_dataset_dir, caplog):
-    from cogvideox_lora.data import FrameSettings, check_clips
-    from helpers import load_clips
-
-    clips = load_clips(tiny_dataset_dir, "prompts.txt", "videos.txt")
-    settings = FrameSettings(48, 64, 8, 9, 0, 0, "center")
-    index = clip_index.ClipIndex(tmp_path)
-    good, _ = check_clips(clips, settings, index=index)
-    index.save()
-    (tmp_path / clip_index.FILE_NAME).write_text("{not json")
-    again, _ = check_clips(clips, settings, index=clip_index.ClipIndex(tmp_path))
-    assert [c.probe for c in again] == [c.probe for c in good]
-    assert "is unreadable" in caplog.text
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The data order
-
-
-def test_the_data_order_is_computed_once_an_epoch(monkeypatch):
-    shapes = [(3, 6, 8)] * 50 + [(5, 6, 8)] * 30
-    calls = []
-    monkeypatch.setattr(data_module, "epoch_batches", lambda *a: calls.append(a) or epoch_batches(*a))
-    order = EpochOrder(shapes, 4, seed=7)
-    for epoch in (0, 0, 0, 1, 1, 2):
-        assert order.batches(epoch) == epoch_batches(shapes, 4, 7, epoch)  # the same order as before
-    assert [a[-1] for a in calls] == [0, 1, 2]
-
-
-def test_the_long_prompt_warning_names_a_few_and_counts_the_rest():
-    lines = [f"prompts.txt:{n}: 300 tokens, 74 cut" for n in range(1, 2001)]
-    shown = [line.strip() for line in first_few(lines).splitlines()]
-    assert shown[:5] == lines[:5] and len(shown) == 6 and "1995 more" in shown[-1]
-    assert [line.strip() for line in first_few(lines[:3]).splitlines()] == lines[:3]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Runs sharing a cache
-
-
-def _fill_in_child(root, keys, log, start):
-    def encode(indices):
-        for i in indices:
-            with open(log, "a") as f:
-                f.write(keys[i] + "\n")
-            time.sleep(0.01)
-            yield i, {"latent_params": torch.full((2, 2), float(i))}
-
-    start.wait()
-    entries, _ = _fill(LatentCache(root), keys, Namespace(num_processes=1, process_index=0), encode, "test")
-    assert all(entries[i]["latent_params"][0, 0].item() == i for i in range(len(keys)))
-
-
-def test_two_runs_sharing_a_cache_encode_each_entry_once(tmp_path, monkeypatch):
-    import cogvideox_lora.latent_cache as latent_cache
-
-    monkeypatch.setattr(latent_cache, "CLAIM_BATCH", 8)  # several rounds of claims in each run
-    keys = [f"entry{i:03d}" for i in range(60)]
-    log = tmp_path / "encoded.txt"
-    context = multiprocessing.get_context("fork")
-    start = context.Event()
-    runs = [context.Process(target=_fill_in_child, args=(tmp_path / "cache", keys, log, start)) for _ in range(2)]
-    for run in runs:
-        run.start()
-    start.set()
-    for run in runs:
-        run.join(60)
-    assert [run.exitcode for run in runs] == [0, 0]
-    encoded = log.read_text().split()
-    assert sorted(encoded) == keys  # each once, by one run or the other
-
-
-def _hold_claim_then_die(root, key, held):
-    LatentCache(root).claim(key, wait=False)
-    held.set()
-    time.sleep(1)
-    os._exit(1)  # killed before writing the entry
-
-
-def test_a_claim_left_by_a_dead_run_is_taken_over(tmp_path):
-    context = multiprocessing.get_context("fork")
-    held = context.Event()
-    holder = context.Process(target=_hold_claim_then_die, args=(tmp_path, "a", held))
-    holder.start()
-    held.wait(10)
-    encoded = []
-
-    def encode(indices):
-        encoded.extend(indices)
-        return ((i, {"latent_params": torch.ones(2)}) for i in indices)
-
-    entries, count = _fill(LatentCache(tmp_path), ["a", "b"], Namespace(num_processes=1, process_index=0), encode,
-                           "test")
-    holder.join()
-    assert encoded == [1, 0] and count == 2  # "b" at once, "a" once its holder was gone
-    assert torch.equal(entries[0]["latent_params"], torch.ones(2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
