@@ -8,10 +8,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import inspect
+
 import pytest
 import torch
+from diffusers import CogVideoXTransformer3DModel
 
-from cogvideox_lora import models
+from cogvideox_lora import memory, models
 from cogvideox_lora.synthetic import build_model_folder, write_clips
 from helpers import load_tiny
 
@@ -92,3 +95,13 @@ def batch(plain):
     prompt_embeds = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=generator)
     alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
     return (latents, noise, torch.tensor([100, 700]), prompt_embeds), alphas_cumprod
+
+
+@pytest.fixture
+def val_2b():
+    """CogVideoX-2B (the class defaults) at 49x480x720, compiled blocks, bf16, rank 128, AdamW, a validation video
+    at the training size."""
+    config = {name: p.default for name, p in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
+              if p.default is not inspect.Parameter.empty}
+    return memory.Workload(config, (13, 60, 90), batch_size=1, rank=128, compiled=True, weight_bytes=2,
+                           optimizer_state_bytes=8, validation_latent=(13, 60, 90))

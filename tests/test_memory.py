@@ -16,16 +16,6 @@ from helpers import run_main, run_script, train_argv
 FULL = memory.Plan("full")
 
 
-@pytest.fixture
-def val_2b():
-    """CogVideoX-2B (the class defaults) at 49x480x720, compiled blocks, bf16, rank 128, AdamW, a validation video
-    at the training size."""
-    config = {name: p.default for name, p in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
-              if p.default is not inspect.Parameter.empty}
-    return memory.Workload(config, (13, 60, 90), batch_size=1, rank=128, compiled=True, weight_bytes=2,
-                           optimizer_state_bytes=8, validation_latent=(13, 60, 90))
-
-
 def test_the_estimate_is_the_cards_peak_with_the_overhead_beside_the_tensors(val_2b):
     tensors = memory.estimate(val_2b, FULL)
     on_card = memory.estimate(replace(val_2b, overhead_gib=1.25), FULL)
@@ -92,43 +82,6 @@ def test_recheck_after_the_first_step(val_2b):
     # A plan that never fitted was warned about at the start: the check leaves it be.
     over = budget_around(work, plan, planned, room=-1.0)
     assert memory.recheck(work, memory.Plan(), plan, over, planned + 0.6) == memory.Recheck()
-
-
-def test_host_memory_of_a_plan(val_2b):
-    swap = memory.Plan("full", True, 10)
-    needed = memory.estimate(val_2b, swap)
-    host = host_memory.estimate(val_2b, swap, needed, text_encoder_gib=8.9)
-    activations, swapped = (b / memory.GIB for b in memory.pinned_bytes(val_2b, swap))
-    assert host.pinned_gib == pytest.approx(activations + swapped) and activations > 0 and swapped > 0
-    assert host.encoding_gib == 8.9 and host.peak_gib == max(host.encoding_gib, host.loading_gib, host.training_gib)
-    assert host.training_gib > host.pinned_gib  # the VAE and the optimizer's state wait there while validating
-    assert host_memory.estimate(val_2b, swap, needed, 8.9, processes=2).peak_gib == pytest.approx(2 * host.peak_gib)
-    assert host_memory.refusal(val_2b, swap, needed, 8.9, available=None) is None
-    assert host_memory.refusal(val_2b, swap, needed, 8.9, available=host.peak_gib) is None
-
-
-def test_a_plan_the_host_cannot_hold_is_refused_with_what_would_fit(val_2b):
-    layers = val_2b.config["num_layers"]
-    heavy = memory.Plan("full", True, layers)
-    hosts = {p: host_memory.estimate(val_2b, p, memory.estimate(val_2b, p), 0.0)
-             for p in memory.ladder(memory.Plan("full"), layers)}
-    available = (hosts[heavy].peak_gib + hosts[memory.Plan("full", True, layers // 2)].peak_gib) / 2
-    message = host_memory.refusal(val_2b, heavy, memory.estimate(val_2b, heavy), 0.0, available)
-    assert "MemAvailable" in message and "would fit it" in message and "\n" not in message
-    flags = message.split(": ")[-1].split(" would fit")[0]
-    named = next(p for p in hosts if p.flags() == flags)
-    assert hosts[named].peak_gib <= available < hosts[heavy].peak_gib
-    assert all(hosts[p].peak_gib > available for p in hosts if p.blocks_to_swap > named.blocks_to_swap)
-    # T5 on the CPU alone is more than the host has: the prompts must be encoded elsewhere.
-    t5 = host_memory.refusal(val_2b, memory.Plan("full"), memory.estimate(val_2b, memory.Plan("full")), 50.0, 20.0)
-    assert "T5 encodes the prompts on the CPU" in t5
-
-
-def test_available_host_memory_reads_meminfo(tmp_path):
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       16384000 kB\nMemAvailable:    2097152 kB\n")
-    assert host_memory.available_gib(meminfo) == 2.0
-    assert host_memory.available_gib(tmp_path / "none") is None
 
 
 def test_the_trainer_refuses_before_loading_what_the_host_cannot_hold(tmp_path, tiny_model_dir, tiny_dataset_dir,
