@@ -6,6 +6,7 @@ import os
 import time
 from argparse import Namespace
 
+import pytest
 import torch
 
 from cogvideox_lora import latent_cache
@@ -95,3 +96,24 @@ def test_a_claim_left_by_a_dead_run_is_taken_over(tmp_path):
     holder.join()
     assert encoded == [1, 0] and count == 2  # "b" at once, "a" once its holder was gone
     assert torch.equal(entries[0]["latent_params"], torch.ones(2))
+
+
+def test_freshly_encoded_entries_are_read_back_as_a_warm_cache_reads_them(tmp_path):
+    """A cold run trains on the host copies it wrote, not on the encoder's outputs (on a GPU, they would stay
+    there through training), and neither run holds the tensors: each is read from disk when asked for."""
+    import gc
+    import weakref
+
+    cache = LatentCache(tmp_path)
+    accelerator = Namespace(num_processes=1, process_index=0)
+    encoded = {i: {"latent_params": torch.randn(4, 3, 5).transpose(0, 2)} for i in range(2)}
+    alive = [weakref.ref(encoded[i]["latent_params"]) for i in range(2)]
+    cold, count = fill(cache, ["a", "b"], accelerator, lambda mine: ((i, encoded.pop(i)) for i in mine), "test")
+    gc.collect()
+    assert count == 2 and not any(ref() is not None for ref in alive)  # nothing of the encoder's output is kept
+    warm, _ = fill(cache, ["a", "b"], accelerator, lambda mine: pytest.fail("nothing is left to encode"), "test")
+    for i in range(2):
+        fresh, loaded = cold[i]["latent_params"], warm[i]["latent_params"]
+        assert fresh.is_contiguous() and fresh.device.type == "cpu"
+        assert torch.equal(fresh, loaded) and fresh.stride() == loaded.stride()
+        assert cold[i]["latent_params"] is not fresh  # read again, not held

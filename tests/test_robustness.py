@@ -22,7 +22,7 @@ from helpers import (REPO, SCRIPT, check, lora, max_abs_diff, run_main, run_scri
 from cogvideox_lora import args as args_module, models
 from cogvideox_lora.args import parse_args, tracker_config
 from cogvideox_lora.data import epoch_batches
-from cogvideox_lora.latent_cache import LatentCache, fill
+from cogvideox_lora.latent_cache import LatentCache
 from cogvideox_lora.synthetic import write_clips
 
 STEPS, EVERY = 12, 4
@@ -535,27 +535,6 @@ def test_damaged_cache_files_are_encoded_again(tmp_path, tiny_model_dir, tiny_da
     assert any(str(flipped) in m and "fails its checksum" in m for m in messages)
     assert any(str(garbage) in m for m in messages)
     assert all(LatentCache(cache).load(p.stem) is not None for p in cache.glob("*.safetensors"))
-
-
-def test_freshly_encoded_entries_are_read_back_as_a_warm_cache_reads_them(tmp_path):
-    """A cold run trains on the host copies it wrote, not on the encoder's outputs (on a GPU, they would stay
-    there through training), and neither run holds the tensors: each is read from disk when asked for."""
-    import gc
-    import weakref
-
-    cache = LatentCache(tmp_path)
-    accelerator = Namespace(num_processes=1, process_index=0)
-    encoded = {i: {"latent_params": torch.randn(4, 3, 5).transpose(0, 2)} for i in range(2)}
-    alive = [weakref.ref(encoded[i]["latent_params"]) for i in range(2)]
-    cold, count = fill(cache, ["a", "b"], accelerator, lambda mine: ((i, encoded.pop(i)) for i in mine), "test")
-    gc.collect()
-    assert count == 2 and not any(ref() is not None for ref in alive)  # nothing of the encoder's output is kept
-    warm, _ = fill(cache, ["a", "b"], accelerator, lambda mine: pytest.fail("nothing is left to encode"), "test")
-    for i in range(2):
-        fresh, loaded = cold[i]["latent_params"], warm[i]["latent_params"]
-        assert fresh.is_contiguous() and fresh.device.type == "cpu"
-        assert torch.equal(fresh, loaded) and fresh.stride() == loaded.stride()
-        assert cold[i]["latent_params"] is not fresh  # read again, not held
 
 
 def _write_repeatedly(root, tensor):
