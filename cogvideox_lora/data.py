@@ -248,7 +248,7 @@ def _image_problem(clip: Clip) -> str | None:
     return None
 
 
-def _probe(path: Path, settings: FrameSettings) -> tuple[int, int, int]:
+def probe_clip(path: Path, settings: FrameSettings) -> tuple[int, int, int]:
     """(frames it gives at settings, display height, display width), decoding every frame that training reads;
     raises if one cannot be decoded."""
     if is_single_image(path):
@@ -262,11 +262,11 @@ def _probe(path: Path, settings: FrameSettings) -> tuple[int, int, int]:
 
 
 def _known_probe(path: Path, settings: FrameSettings, index) -> tuple[int, int, int]:
-    """_probe's results, from the index where the file is unchanged since it was probed at these settings."""
+    """probe_clip's results, from the index where the file is unchanged since it was probed at these settings."""
     known = index.probe(path, settings) if index is not None else None
     if known is not None:
         return tuple(known)
-    found = _probe(path, settings)
+    found = probe_clip(path, settings)
     if index is not None:
         index.set_probe(path, settings, found)
     return found

@@ -28,8 +28,8 @@ def test_a_warm_start_decodes_and_hashes_only_what_changed(tmp_path, tiny_model_
     shutil.copytree(tiny_dataset_dir, dataset)
     cache = tmp_path / "cache"
     probed, hashed = [], []
-    probe, digest = data_module._probe, clip_index.file_digest
-    monkeypatch.setattr(data_module, "_probe", lambda path, s: probed.append(path.name) or probe(path, s))
+    probe, digest = data_module.probe_clip, clip_index.file_digest
+    monkeypatch.setattr(data_module, "probe_clip", lambda path, s: probed.append(path.name) or probe(path, s))
     monkeypatch.setattr(clip_index, "file_digest", lambda path: hashed.append(path.name) or digest(path))
 
     def run(name):
