@@ -3,7 +3,7 @@ holding only the LoRA.
 
 A checkpoint is accelerate's state (optimizer, lr scheduler, RNG) plus the LoRA in diffusers format,
 so any checkpoint folder also loads in a stock pipeline (and, by default, in core ComfyUI's format beside it);
-beside them RECORD_NAME holds the checkpoint's losses (its held-out loss and the curves up to its step), which a
+beside them LOSSES_NAME holds the checkpoint's losses (its held-out loss and the curves up to its step), which a
 resumed run reads back, and run_record's file what the run trains with, which a resume is checked against. It is
 written as `.checkpoint-N.partial` and renamed to `checkpoint-N` once complete: a kill at any moment leaves no
 folder that `latest` picks. Under DeepSpeed the engine writes its own model and optimizer state (pytorch_model/)
@@ -27,7 +27,7 @@ from .comfyui import COMFYUI_LORA_NAME
 from .lora import LORA_WEIGHTS_NAME, load_lora_state_dict, save_lora
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-RECORD_NAME = "losses.json"  # a checkpoint's losses: its held-out loss and the curves up to its step
+LOSSES_NAME = "losses.json"  # a checkpoint's losses: its held-out loss and the curves up to its step
 logger = logging.getLogger(__name__)
 
 
@@ -174,7 +174,7 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None,
                     record: run_record.RunRecord | None = None, losses: dict | None = None,
                     keep: int | None = None, next_step: int | None = None) -> Path:
     """Every process must call this: each writes its own RNG state into the folder. record: what the run trains
-    with, which a resume is checked against; losses: written into it as RECORD_NAME; keep: the step of a
+    with, which a resume is checked against; losses: written into it as LOSSES_NAME; keep: the step of a
     checkpoint that pruning leaves (the best one).
 
     A full disk raises DiskFull (nothing is left under the checkpoint's name); with next_step, so does a disk
@@ -202,7 +202,7 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None,
         if record is not None:
             run_record.write(record, partial)
         if losses is not None:
-            (partial / RECORD_NAME).write_text(json.dumps(losses))
+            (partial / LOSSES_NAME).write_text(json.dumps(losses))
         partial.rename(final)
         if total_limit is not None:
             older = [p for p in complete_checkpoints(output_dir) if step_of(p) < step and step_of(p) != keep]
@@ -214,10 +214,10 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None,
     return final
 
 
-def read_record(checkpoint: Path) -> dict | None:
-    """The RECORD_NAME a checkpoint holds, or None (one written before records, or damaged)."""
+def read_losses(checkpoint: Path) -> dict | None:
+    """The losses a checkpoint holds (LOSSES_NAME), or None (one written before they were kept, or damaged)."""
     try:
-        return json.loads((Path(checkpoint) / RECORD_NAME).read_text())
+        return json.loads((Path(checkpoint) / LOSSES_NAME).read_text())
     except (OSError, ValueError):
         return None
 

@@ -153,17 +153,17 @@ class LossHistory:
         back from their records."""
         if checkpoint is None:
             return cls()
-        record = checkpoints.read_record(checkpoint) or {}
+        record = checkpoints.read_losses(checkpoint) or {}
         best = None
         for found in checkpoints.complete_checkpoints(output_dir):
-            loss = (checkpoints.read_record(found) or {}).get("heldout_loss")
+            loss = (checkpoints.read_losses(found) or {}).get("heldout_loss")
             if loss is not None and (best is None or loss < best[1]):
                 best = (checkpoints.step_of(found), loss)
         return cls([tuple(p) for p in record.get("train", [])], [tuple(p) for p in record.get("heldout", [])],
                    record.get("base_heldout_loss"), best)
 
     def checkpointed(self, step: int) -> dict:
-        """The record of checkpoint-`step` (checkpoints.RECORD_NAME); it becomes the best if its loss is lowest."""
+        """The record of checkpoint-`step` (checkpoints.LOSSES_NAME); it becomes the best if its loss is lowest."""
         loss = self.heldout[-1][1] if self.heldout and self.heldout[-1][0] == step else None
         if loss is not None and (self.best is None or loss < self.best[1]):
             self.best = (step, loss)

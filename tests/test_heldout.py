@@ -132,7 +132,7 @@ def test_heldout_loss_falls_below_the_base_models(runs, heldout_dir):
     assert info["heldout_loss"] == losses[-1]
     assert info["heldout_clips"] == [str(heldout_dir / "videos" / f"clip_00{i}.mp4") for i in (4, 5)]
     # Every checkpoint records its held-out loss; the best is the lowest of them.
-    records = {s: checkpoints.read_record(runs / "A" / f"checkpoint-{s}") for s in (4, 8)}
+    records = {s: checkpoints.read_losses(runs / "A" / f"checkpoint-{s}") for s in (4, 8)}
     assert {s: r["heldout_loss"] for s, r in records.items()} == {4: losses[1], 8: losses[3]}
     assert info["best_checkpoint"] == "checkpoint-8" and info["best_heldout_loss"] == losses[3]
     card = (runs / "A" / "README.md").read_text()
@@ -161,8 +161,8 @@ def test_resume_keeps_the_best_checkpoint(tmp_path, tiny_dataset_dir):
     run(4)
     first = summary(out)
     # checkpoint-2 made the best on record: the resumed run must read it back, and pruning must leave it.
-    record = checkpoints.read_record(out / "checkpoint-2")
-    (out / "checkpoint-2" / checkpoints.RECORD_NAME).write_text(json.dumps({**record, "heldout_loss": -1.0}))
+    record = checkpoints.read_losses(out / "checkpoint-2")
+    (out / "checkpoint-2" / checkpoints.LOSSES_NAME).write_text(json.dumps({**record, "heldout_loss": -1.0}))
     run(8, "--resume_from_checkpoint", "latest")
     info = summary(out)
     assert info["resumed_at_step"] == 4
