@@ -27,8 +27,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from cogvideox_lora import (attention, charts, checkpoints, device_memory, disk, distributed, heldout, host_memory,
-                            hub, launcher, lora, memory, models, run_record, settings, transformer, writable)
+from cogvideox_lora import (attention, charts, checkpoints, device_memory, disk, distributed, fp8_compute, heldout,
+                            host_memory, hub, launcher, lora, memory, models, run_record, settings, transformer,
+                            writable)
 from cogvideox_lora.args import parse_args, tracker_config
 from cogvideox_lora.clip_index import ClipIndex
 from cogvideox_lora.data import (DatasetError, EpochOrder, FrameSettings, check_dataset, clip_settings, first_few,
@@ -224,6 +225,12 @@ def plan_memory(inputs: Inputs, accelerator) -> MemoryPlan:
                        "is known to give NaN losses: use --mixed_precision bf16.")
     kernel = attention.choose(run.attention_backend, config["attention_head_dim"], weight_dtype)
     logger.info("Attention: %s", kernel.description)
+    if run.memory.fp8_linear:
+        unable = fp8_compute.problem(device)
+        if unable:
+            sys.exit(f"error: {unable}")
+        logger.info("Compute: float8 products for the frozen attention and feed-forward weights (--fp8_compute "
+                    "linear); the adapter, norms and attention in %s.", accelerator.mixed_precision)
     compile_blocks = torch.cuda.is_available() if run.memory.compile_blocks is None else run.memory.compile_blocks
     card = device_memory.budget(run.memory.max_gpu_memory, device)
     budget = None if card is None else card.limit_gib
@@ -354,7 +361,8 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
     loading = time.perf_counter()
     spec = transformer.TransformerSpec(
         plan.weight_dtype, run.lora.rank, run.lora.alpha, training.seed, run.memory.fp8_base_weights,
-        run.ignore_learned_positional_embeddings and inputs.family.learned_positions, plan.kernel.kernel,
+        run.memory.fp8_linear, run.ignore_learned_positional_embeddings and inputs.family.learned_positions,
+        plan.kernel.kernel,
         plan.compile_blocks, run.lora.target_modules)
     model, lora_config = transformer.build(run.model, spec, plan.placement)
     load_seconds = time.perf_counter() - loading

@@ -41,6 +41,7 @@ from cogvideox_lora import synthetic  # noqa: E402
 
 CKPT, KEEP, FP8 = ["--gradient_checkpointing"], ["--gradient_checkpointing", "--checkpointing_policy", "keep_attention"], \
     ["--base_weights_dtype", "fp8"]
+FP8_LINEAR = ["--fp8_compute", "linear"]
 # Offloaded rows make a validation video at the training size inside the run, under a cap of the card size they
 # claim (--max_gpu_memory holds the process to it).
 VALIDATE = ["--validation_prompt", "a red square moving on grey", "--validation_num_inference_steps", "2"]
@@ -60,13 +61,17 @@ ROWS = {  # name: (model size, extra trainer flags)
     "2b": ("2b", []),
     "2b-keep": ("2b", KEEP),
     "2b-ckpt": ("2b", CKPT),
+    "2b-fp8c": ("2b", FP8_LINEAR),
+    "2b-ckpt-fp8c": ("2b", [*CKPT, *FP8_LINEAR]),
     "5b": ("5b", []),
     "5b-keep": ("5b", KEEP),
     "5b-ckpt": ("5b", CKPT),
     "5b-ckpt-fp8": ("5b", [*CKPT, *FP8]),
+    "5b-ckpt-fp8c": ("5b", [*CKPT, *FP8_LINEAR]),
     "5b-i2v-ckpt": ("5b-i2v", CKPT),
     "1.5-5b-ckpt": ("1.5-5b", CKPT),
     "1.5-5b-i2v-ckpt": ("1.5-5b-i2v", CKPT),
+    "1.5-5b-ckpt-fp8c": ("1.5-5b", [*CKPT, *FP8_LINEAR]),
     "2b-offload-8gb": ("2b", _offloaded(8, "--blocks_to_swap", "12")),
     "5b-offload-16gb": ("5b", _offloaded(16)),
     "5b-fp8-offload-12gb": ("5b", _offloaded(12, *FP8)),
@@ -283,12 +288,12 @@ def main():
             continue
         result = run_row(name, model_dir, data_dir, workdir, shape, fps, args.steps, args.resume_steps, args.extra)
         results.append({**result, "scaling": scaling(result, results, workdir)})
+        if args.out:  # after each row, so that a call cut short keeps the rows it ran
+            Path(args.out).write_text(json.dumps({"environment": describe_environment(), "rows": results}, indent=2))
 
     if args.build_only:
         return
     environment = describe_environment()
-    if args.out:
-        Path(args.out).write_text(json.dumps({"environment": environment, "rows": results}, indent=2))
     print("\n" + ", ".join(f"{k} {v}" for k, v in environment.items()))
     print("\n| row | GPUs | median step (s) | samples/s | scaling (x) | peak alloc per GPU (GiB) "
           "| peak reserved, max (GiB) | validation peak (GiB) | on the card: training / validation (GiB) "

@@ -52,7 +52,8 @@ def build(size: str, checkpointing: str | None, options: set, rank: int, kernel:
     config = synthetic.SPECS[size]["transformer"]
     with torch.device(DEVICE):
         model = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
-    spec = TransformerSpec(torch.bfloat16, rank, rank, fp8_base_weights="fp8" in options, kernel=kernel,
+    spec = TransformerSpec(torch.bfloat16, rank, rank, fp8_base_weights=bool({"fp8", "fp8c"} & options),
+                           fp8_linear="fp8c" in options, kernel=kernel,
                            compile="compile" in options)
     prepare(model, spec, Placement(Plan(checkpointing), DEVICE))
     return model
@@ -143,7 +144,7 @@ def main():
     parser.add_argument("--variants", default="cudnn,flash",
                         help="comma-separated; each joins with '+' an attention backend (flash4, cudnn, flash, "
                              "efficient, math) and optionally 'compile' (torch.compile each block) and 'fp8' (float8 "
-                             "base weights)")
+                             "base weights) or 'fp8c' (and float8 products: --fp8_compute linear)")
     parser.add_argument("--checkpointing", choices=recompute.POLICIES, default=None,
                         help="gradient checkpointing with this policy (default: none)")
     parser.add_argument("--frames", type=int, default=49)

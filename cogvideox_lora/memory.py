@@ -85,6 +85,7 @@ class Request:
     max_gpu_memory: float | None = None
     compile_blocks: bool | None = None  # None: on with a GPU
     fp8_base_weights: bool = False
+    fp8_linear: bool = False  # --fp8_compute linear (which stores the weights as fp8_base_weights does)
     use_8bit_adam: bool = False
     tiled_vae: bool = False
     sliced_vae: bool = False
@@ -103,6 +104,7 @@ class Workload:
     weight_bytes: float
     optimizer_state_bytes: float  # per adapter weight: 8 for Adam, 2 for 8-bit Adam
     float8_blocks: bool = False  # the attention and feed-forward weights (12 w^2 a block) take one byte each
+    float8_products: bool = False  # and their products run in float8 (fp8_compute): no bf16 copy of them is made
     validation_latent: tuple[int, int, int] | None = None
     tiled_vae: bool = True
     overhead_gib: float = 0.0  # what the card holds beyond the tensors: context, kernels, the allocator's slack
@@ -197,8 +199,9 @@ def estimate(work: Workload, plan: Plan) -> MemoryEstimate:
         layers * (work.weight_bytes * _block_parameters(config) - one_block))
     swapped = min(plan.blocks_to_swap, layers)
     weights -= (swapped - min(2, swapped)) * one_block  # two slots stay on the GPU
-    # With fp8 storage, the dequantized weights of the block being run, in training and in validation alike.
-    dequantized = 12 * width**2 * work.weight_bytes if work.float8_blocks else 0
+    # With fp8 storage, the dequantized weights of the block being run, in training and in validation alike;
+    # with fp8 products, the backward's transposed float8 copies of them instead.
+    dequantized = 12 * width**2 * (1 if work.float8_products else work.weight_bytes) if work.float8_blocks else 0
     activations += dequantized
     adapter = layers * (work.adapter_features or 4 * 2 * width) * work.rank  # A and B of each targeted layer
     adapter_gib = adapter * (4 + 4 + work.optimizer_state_bytes) / GIB
@@ -265,6 +268,7 @@ def plan_for(request: "Request", config: dict, latent, validation_latent, batch_
     budget_gib); adapter_features: Workload's."""
     work = Workload(config, latent, batch_size, rank, compiled, weight_bytes=weight_bytes,
                     optimizer_state_bytes=2 if request.use_8bit_adam else 8, float8_blocks=request.fp8_base_weights,
+                    float8_products=request.fp8_linear,
                     validation_latent=validation_latent, tiled_vae=request.tiled_vae, overhead_gib=overhead_gib,
                     adapter_features=adapter_features)
     plan, needed = fit(work, request.plan, budget_gib, auto=request.auto)

@@ -230,6 +230,7 @@ def from_args(args) -> Settings:
     separator = args.validation_prompt_separator
     # --num_validation_videos 0 turns validation off, as --validation_prompt "" does (the wrapper scripts' way).
     validates = args.num_validation_videos > 0
+    fp8_compute = split(args.fp8_compute, ",")
     return Settings(
         model=ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir),
         data=_data(args),
@@ -251,7 +252,8 @@ def from_args(args) -> Settings:
         memory=Request(
             Plan(args.checkpointing_policy if args.gradient_checkpointing else None, args.offload == "activations",
                  args.blocks_to_swap),
-            args.offload == "auto", args.max_gpu_memory, args.compile_blocks, args.base_weights_dtype == "fp8",
+            args.offload == "auto", args.max_gpu_memory, args.compile_blocks,
+            args.base_weights_dtype == "fp8" or "linear" in fp8_compute, "linear" in fp8_compute,
             args.use_8bit_adam, args.enable_tiling, args.enable_slicing),
         output=OutputSettings(args.output_dir, args.logging_dir, args.report_to, args.tracker_name,
                               resume_path(args.resume_from_checkpoint, args.output_dir),

@@ -9,7 +9,7 @@ import torch
 from accelerate.utils import set_seed
 from peft import LoraConfig
 
-from . import attention, models
+from . import attention, fp8_compute, models
 from .lora import add_lora, uncast_adapter_inputs
 from .placement import Placement
 from .settings import DEFAULT_LORA_TARGETS, ModelSource
@@ -25,6 +25,7 @@ class TransformerSpec:
     alpha: float
     seed: int = 0  # of the adapter's initial weights
     fp8_base_weights: bool = False
+    fp8_linear: bool = False  # their products in float8 too (needs fp8_base_weights)
     drop_learned_positions: bool = False
     kernel: str | None = None
     compile: bool = False
@@ -36,8 +37,8 @@ def prepare(transformer, spec: TransformerSpec, placement: Placement) -> LoraCon
 
     The order is the only one that works:
     1. the learned positional table goes first, while nothing refers to it;
-    2. the frozen Linear weights become float8 before the adapter wraps them (peft's layers are no plain Linear,
-       and the adapter's own weights must stay fp32);
+    2. the frozen Linear weights become float8 (with float8 products where asked) before the adapter wraps them
+       (peft's layers are no plain Linear, and the adapter's own weights must stay fp32);
     3. the adapter, seeded, so every process and every run with this seed starts from the same one;
     4. its inputs left uncast (peft's fp32 cast), which needs the adapter's layers;
     5. the attention processor, before checkpointing, whose keep_attention policy names its ops;
@@ -50,6 +51,8 @@ def prepare(transformer, spec: TransformerSpec, placement: Placement) -> LoraCon
         models.drop_learned_positional_embeddings(transformer)
     if spec.fp8_base_weights:
         models.store_base_weights_in_fp8(transformer, spec.dtype, placement.device)
+    if spec.fp8_linear:
+        fp8_compute.use_for_linears(transformer)
     set_seed(spec.seed)
     lora_config = add_lora(transformer, spec.rank, spec.alpha, spec.lora_targets)
     uncast_adapter_inputs(transformer, spec.dtype)

@@ -14,13 +14,14 @@ from helpers import max_abs_diff, run_script, summary, train_argv
 
 
 @pytest.mark.slow
-def test_float8_compiled_run_trains_and_validates(tmp_path, tiny_model_dir, tiny_dataset_dir):
+@pytest.mark.parametrize("float8", [["--base_weights_dtype", "fp8"], ["--fp8_compute", "linear"]])
+def test_float8_compiled_run_trains_and_validates(tmp_path, tiny_model_dir, tiny_dataset_dir, float8):
     out = tmp_path / "out"
     result = run_script(train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache",
-                                    "--max_train_steps", 2, "--mixed_precision", "bf16",
-                                    "--base_weights_dtype", "fp8", "--compile_blocks",
+                                    "--max_train_steps", 2, "--mixed_precision", "bf16", *float8, "--compile_blocks",
                                     "--validation_prompt", "a red square"))
     assert result.returncode == 0, result.stderr[-4000:]
+    assert ("Compute: float8 products" in result.stderr) == ("--fp8_compute" in float8)
     assert summary(out)["steps"] == 2 and len(summary(out)["validation_videos"]) == 1
     assert (out / "pytorch_lora_weights.safetensors").exists()
 
