@@ -27,9 +27,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from cogvideox_lora import (attention, charts, checkpoints, device_memory, disk, distributed, fp8_compute, heldout,
-                            host_memory, hub, launcher, lora, memory, models, run_record, settings, transformer,
-                            writable)
+from cogvideox_lora import (attention, charts, checkpoints, compile_cache, device_memory, disk, distributed,
+                            fp8_compute, heldout, host_memory, hub, launcher, lora, memory, models, run_record,
+                            settings, transformer, writable)
 from cogvideox_lora.args import parse_args, tracker_config
 from cogvideox_lora.clip_index import ClipIndex
 from cogvideox_lora.data import (DatasetError, EpochOrder, FrameSettings, check_dataset, clip_settings, first_few,
@@ -49,6 +49,7 @@ logger = logging.getLogger("train_cogvideox_lora")
 def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
+    compile_cache.keep_on_disk()
     device_memory.note_others()  # before this process's CUDA context: what the GPUs hold that is not this run's
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with launcher.last_words(), attention.preferred_sdpa(args.attention_backend), checkpoints.StopSignal() as stop:
@@ -225,13 +226,8 @@ def plan_memory(inputs: Inputs, accelerator) -> MemoryPlan:
                        "is known to give NaN losses: use --mixed_precision bf16.")
     kernel = attention.choose(run.attention_backend, config["attention_head_dim"], weight_dtype)
     logger.info("Attention: %s", kernel.description)
-    if run.memory.fp8_linear:
-        unable = fp8_compute.problem(device)
-        if unable:
-            sys.exit(f"error: {unable}")
-        logger.info("Compute: float8 products for the frozen attention and feed-forward weights (--fp8_compute "
-                    "linear); the adapter, norms and attention in %s.", accelerator.mixed_precision)
     compile_blocks = torch.cuda.is_available() if run.memory.compile_blocks is None else run.memory.compile_blocks
+    plan_compute(run.memory.fp8_linear, device, accelerator.mixed_precision, compile_blocks, kernel.kernel)
     card = device_memory.budget(run.memory.max_gpu_memory, device)
     budget = None if card is None else card.limit_gib
     validation = run.validation
@@ -260,6 +256,19 @@ def plan_memory(inputs: Inputs, accelerator) -> MemoryPlan:
     peaks = memory.Peaks(None if run.dry_run else device_memory.Sampler(device).start())
     return MemoryPlan(weight_dtype, kernel, compile_blocks, Placement(plan, device, peaks, card, work, run.memory.plan),
                       needed, budget, host)
+
+
+def plan_compute(fp8_linear: bool, device, mixed_precision: str, compile_blocks: bool, kernel: str | None) -> None:
+    """Logs what the step computes in float8 and when its kernels compile; float8 the GPU cannot run stops here."""
+    if fp8_linear:
+        unable = fp8_compute.problem(device)
+        if unable:
+            sys.exit(f"error: {unable}")
+        logger.info("Compute: float8 products for the frozen attention and feed-forward weights (--fp8_compute "
+                    "linear); the adapter, norms and attention in %s.", mixed_precision)
+    kernels = compile_cache.describe(compile_blocks, kernel == "flash4")
+    if kernels:
+        logger.info(kernels)
 
 
 def check_host_memory(inputs: Inputs, work, plan, needed, budget, weight_dtype) -> host_memory.HostEstimate:
