@@ -24,17 +24,13 @@ config=${ACCELERATE_CONFIG:-accelerate_config_machine_single.yaml}
 # Ctrl-C (or a SIGTERM to the whole group) is for the trainer alone, which checkpoints and stops: the launcher
 # inherits them ignored (Python keeps an ignored SIGINT), so it waits for the trainer and this script returns
 # only once the trainer is done. --quiet: a trainer's error is the last thing on screen, without the
-# launcher's traceback; under several processes torch's agent reports anyway, so the trainer's message is
-# shown again after it.
+# launcher's traceback; under several processes torch's agent reports anyway, and the trainer writes its
+# message again after that report (cogvideox_lora/launcher.py).
 trap '' INT TERM
 # (torch's elastic agent, for several processes, installs its own handlers: it passes the signal on to the
 # workers, which take it and the terminal's as one request, and waits up to 30 s for them before SIGKILL.)
-LAST_WORDS=$(mktemp)
-trap 'rm -f "$LAST_WORDS"' EXIT
-export COGVIDEOX_LORA_LAST_WORDS=$LAST_WORDS
-status=0
 # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
-accelerate launch --quiet --config_file "$config" ${LAUNCH_ARGS:-} \
+exec accelerate launch --quiet --config_file "$config" ${LAUNCH_ARGS:-} \
   "$here/train_cogvideox_lora.py" \
   --pretrained_model_name_or_path "$MODEL_PATH" \
   --cache_dir "$CACHE_DIR" \
@@ -66,8 +62,4 @@ accelerate launch --quiet --config_file "$config" ${LAUNCH_ARGS:-} \
   --optimizer AdamW \
   --adam_beta1 0.9 \
   --adam_beta2 0.95 \
-  "$@" || status=$?
-if [[ -s $LAST_WORDS ]]; then
-  cat "$LAST_WORDS" >&2
-fi
-exit "$status"
+  "$@"

@@ -48,6 +48,13 @@ logger = logging.getLogger("train_cogvideox_lora")
 
 def main(argv=None):
     started = time.perf_counter()
+    # First of all: under a single-process accelerate launch on a terminal, Ctrl-C reaches the trainer alone from
+    # here on, and the launcher waits for it to stop instead of dying of it.
+    with launcher.holding_the_terminal():
+        _main(argv, started)
+
+
+def _main(argv, started: float):
     args = parse_args(argv)
     compile_cache.keep_on_disk()
     device_memory.note_others()  # before this process's CUDA context: what the GPUs hold that is not this run's

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import frame_counts, text, writable
+from . import frame_counts, launcher, text, writable
 from .attention import BACKENDS
 from .images import image_problem
 from .recompute import POLICIES
@@ -28,8 +28,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """A refused command line is a closing message as the trainer's other refusals are: under accelerate launch it
+    is written again after the launcher's report."""
+
+    def exit(self, status=0, message=None):
+        if status and message:
+            launcher.repeat_after_launcher(message.rstrip("\n"))
+        super().exit(status, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Train a LoRA on a CogVideoX transformer from a folder of short clips.",
         formatter_class=HelpFormatter,
     )

@@ -132,7 +132,9 @@ def test_processes_that_each_believe_they_are_alone_refuse(tmp_path, tiny_model_
     result = launch(train_argv(tiny_model_dir, tiny_dataset_dir, output_dir, tmp_path / "cache",
                                "--max_train_steps", 2), cpu=False)
     assert result.returncode != 0
-    assert result.stderr.count("error: WORLD_SIZE is 2 but this process runs alone") == 2
+    # Each process's refusal, and once more after torch's failure report: the last thing on screen.
+    assert result.stderr.count("error: WORLD_SIZE is 2 but this process runs alone") == 3
+    assert result.stderr.strip().splitlines()[-1].startswith("error: WORLD_SIZE is 2 but this process runs alone")
     assert not output_dir.exists()
 
 

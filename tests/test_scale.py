@@ -3,7 +3,9 @@ changed, a signal before training stops at once, a full disk says so in one line
 
 import errno
 import os
+import pty
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -152,6 +154,113 @@ def test_ctrl_c_through_the_wrapper_script_returns_once_the_trainer_has_stopped(
     assert process.returncode == 1
     assert output.strip().splitlines()[-1].startswith("Stopped by a signal before training"), output[-3000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
+
+
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines",
+                     "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _on_a_terminal(command, env: dict, interrupt_once: Path | None = None) -> tuple[int, str, dict]:
+    """Runs `accelerate launch` as an interactive shell runs a job: on a pseudo-terminal, the launcher in the
+    terminal's foreground process group. With interrupt_once: when that file exists, Ctrl-C, i.e. SIGINT to the
+    terminal's foreground group, as the terminal sends it. Returns the launcher's exit status, what the terminal
+    showed (read to its end: until the last process holding it is gone) and what was seen: the trainer's pid,
+    the group that got the SIGINT, and whether the trainer was still running when the launcher exited."""
+    launcher, terminal = pty.fork()
+    if launcher == 0:
+        try:
+            os.chdir(REPO)
+            os.execve(command[0], command, {**subprocess_env(), "PYTHONPATH": str(REPO), **env})
+        finally:
+            os._exit(127)
+    shown, seen, status, deadline = [], {}, None, time.monotonic() + 240
+    while True:
+        assert time.monotonic() < deadline, b"".join(shown).decode(errors="replace")[-6000:]
+        if select.select([terminal], [], [], 0.05)[0]:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # EIO: no process holds the terminal any more
+                break
+            shown.append(chunk)
+        if seen.get("trainer") is None:
+            seen["trainer"] = next(iter(_children(launcher)), None)
+        if interrupt_once is not None and "interrupted" not in seen and interrupt_once.exists():
+            seen["interrupted"] = os.tcgetpgrp(terminal)
+            os.killpg(seen["interrupted"], signal.SIGINT)
+        status = status if status is not None else _exited(launcher, seen)
+    os.close(terminal)
+    status = status if status is not None else _exited(launcher, seen, wait=True)
+    return status, b"".join(shown).decode(errors="replace").replace("\r\n", "\n"), seen
+
+
+def _exited(launcher: int, seen: dict, wait: bool = False) -> int | None:
+    """The launcher's exit status once it has exited (noting whether the trainer was still running then)."""
+    pid, code = os.waitpid(launcher, 0 if wait else os.WNOHANG)
+    if not pid:
+        return None
+    seen["trainer_running_at_launcher_exit"] = _running(seen["trainer"])
+    return os.waitstatus_to_exitcode(code)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def _running(pid: int | None) -> bool:
+    """Whether process pid exists and has not exited (a zombie, not yet reaped, has)."""
+    try:
+        return pid is not None and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """The command lines of running processes that hold text (a run's unique folder) in their arguments."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_text() and _running(int(cmdline.parent.name)):
+                found.append(cmdline.read_text().replace("\0", " "))
+        except OSError:
+            pass
+    return found
+
+
+def test_an_error_under_accelerate_launch_on_a_terminal_is_the_last_thing_on_screen(tmp_path, tiny_model_dir):
+    """accelerate's CalledProcessError traceback follows the trainer's error: the message comes again after it."""
+    argv = train_argv(tiny_model_dir, tmp_path / "missing", tmp_path / "out", tmp_path / "cache")
+    status, shown, _ = _on_a_terminal([*ACCELERATE_LAUNCH, str(SCRIPT), *argv], {})
+    assert status == 1, shown[-6000:]
+    after_the_launcher = shown[shown.rindex("CalledProcessError"):].strip().splitlines()[1:]
+    assert after_the_launcher and after_the_launcher[0].startswith("error: "), shown[-6000:]
+    assert "missing: --instance_data_root is not a folder" in after_the_launcher[-1]
+
+
+def test_ctrl_c_under_accelerate_launch_on_a_terminal_returns_once_the_trainer_has_stopped(tmp_path, tiny_model_dir,
+                                                                                          tiny_dataset_dir):
+    """The terminal's SIGINT reaches the trainer alone: the launcher waits for it to stop (no KeyboardInterrupt,
+    the prompt does not come back early), the trainer's message is last, and no process of the run is left."""
+    wrapper, saved, out = tmp_path / "slow_encoding.py", tmp_path / "saved", tmp_path / "out"
+    wrapper.write_text(SLOW_ENCODING)
+    argv = train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache", "--max_train_steps", 2)
+    status, shown, seen = _on_a_terminal([*ACCELERATE_LAUNCH, str(wrapper), str(SCRIPT), *argv],
+                                         {"SAVED": str(saved)}, interrupt_once=saved)
+    assert seen["interrupted"] == seen["trainer"], shown[-6000:]  # the trainer's own group is the foreground
+    assert seen["trainer_running_at_launcher_exit"] is False, shown[-6000:]
+    assert status == 1 and "KeyboardInterrupt" not in shown, shown[-6000:]
+    assert shown.strip().splitlines()[-1].startswith("Stopped by a signal before training"), shown[-6000:]
+    assert "TRANSFORMER LOADED" not in shown and not list(out.glob("checkpoint-*"))
+    deadline = time.monotonic() + 10  # a process whose parent has exited is reaped a moment later
+    while _processes_mentioning(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _processes_mentioning(str(out))
 
 
 def test_a_wrapper_script_error_is_the_last_thing_on_screen(tmp_path, tiny_model_dir):
