@@ -515,3 +515,18 @@ def test_the_long_prompt_warning_names_a_few_and_counts_the_rest():
     shown = [line.strip() for line in first_few(lines).splitlines()]
     assert shown[:5] == lines[:5] and len(shown) == 6 and "1995 more" in shown[-1]
     assert [line.strip() for line in first_few(lines[:3]).splitlines()] == lines[:3]
+
+
+def test_token_counts_are_the_tokenizers_whatever_its_truncation(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer")
+    prompts = ["a red square", "", "caf\u00e9 cr\u00e8me " * 200, "a brown bear walks through the forest"]
+    expected = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True, verbose=False).input_ids]
+    assert expected[2] > 226
+    tokenizer.backend_tokenizer.enable_truncation(16)  # as a tokenizer.json may come
+    assert data_module.token_counts(tokenizer, prompts) == expected
+    without_backend = lambda texts, **kwargs: SimpleNamespace(input_ids=[[0] * len(t) for t in texts])  # noqa: E731
+    assert data_module.token_counts(without_backend, ["ab", "abc"]) == [2, 3]
