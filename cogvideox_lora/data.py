@@ -431,13 +431,13 @@ def clip_settings(clips: list[Clip], settings: FrameSettings, buckets: Buckets |
 def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str, rng: random.Random,
                     pixel_aspect: float = 1.0) -> torch.Tensor:
     """[F, 3, H, W] float frames to [F, 3, height, width], keeping the displayed aspect ratio (pixels pixel_aspect
-    times as wide as high) unless mode is 'none'."""
+    times as wide as high) unless mode is 'none'. Frames already of the size are returned as they are."""
     if mode == "none":
-        return F.interpolate(frames, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        return _resized(frames, height, width)
     h, w = frames.shape[-2], frames.shape[-1] * pixel_aspect
     scale = max(height / h, width / w)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    frames = _resized(frames, new_h, new_w)
     if mode == "center":
         top, left = (new_h - height) // 2, (new_w - width) // 2
     else:
@@ -445,11 +445,21 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str, rn
     return frames[..., top: top + height, left: left + width]
 
 
+def _resized(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if frames.shape[-2:] == (height, width):
+        # Bilinear (antialiased) at scale 1 weighs each pixel 1 and its neighbour 0: the same values, exactly,
+        # without a pass over the frames (a clip trained at its own size, 480x720 at 480x720).
+        return frames
+    return F.interpolate(frames, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+
+
 def _as_model_input(frames: torch.Tensor, settings: FrameSettings, crop_seed: int,
                     pixel_aspect: float = 1.0) -> torch.Tensor:
     frames = resize_and_crop(frames.float(), settings.height, settings.width, settings.reshape_mode,
                              random.Random(crop_seed), pixel_aspect)
-    return (frames / 127.5 - 1.0).clamp(-1.0, 1.0)
+    # One new tensor (frames may be the caller's), then in place: the same values as three tensors made one after
+    # another, in a third of the time (each new 200 MB tensor of 49x480x720 costs its page faults).
+    return (frames / 127.5).sub_(1.0).clamp_(-1.0, 1.0)
 
 
 def read_frames(path: Path, settings: FrameSettings, crop_seed: int = 0, first_only: bool = False) -> torch.Tensor:

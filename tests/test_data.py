@@ -530,3 +530,21 @@ def test_token_counts_are_the_tokenizers_whatever_its_truncation(tiny_model_dir)
     assert data_module.token_counts(tokenizer, prompts) == expected
     without_backend = lambda texts, **kwargs: SimpleNamespace(input_ids=[[0] * len(t) for t in texts])  # noqa: E731
     assert data_module.token_counts(without_backend, ["ab", "abc"]) == [2, 3]
+
+
+def test_frames_of_the_size_asked_are_not_resized_and_scale_as_before(monkeypatch):
+    """At scale 1 bilinear resizing gives its input back exactly, so it is skipped; the scaling to [-1, 1], done in
+    place, gives the values of the formula and leaves the caller's frames alone."""
+    import torch.nn.functional as F
+
+    frames = torch.randint(0, 256, (3, 3, 48, 64), dtype=torch.uint8)
+    resized = F.interpolate(frames.float(), size=(48, 64), mode="bilinear", antialias=True, align_corners=False)
+    calls = []
+    monkeypatch.setattr(data_module.F, "interpolate", lambda *a, **k: calls.append(a))
+    for mode in ("center", "random", "none"):
+        assert torch.equal(resize_and_crop(frames.float(), 48, 64, mode, random.Random(0)), resized)
+    assert calls == []
+    kept = frames.float()
+    scaled = data_module._as_model_input(kept, FrameSettings(48, 64, 8, 9, 0, 0, "center"), 0)
+    assert torch.equal(scaled, (resized / 127.5 - 1.0).clamp(-1.0, 1.0))
+    assert torch.equal(kept, frames.float())
