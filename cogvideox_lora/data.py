@@ -1,6 +1,7 @@
 """The dataset folder: reading its index files, checking every clip, and turning a clip into frames."""
 
 import collections
+import errno
 import itertools
 import bisect
 import logging
@@ -279,11 +280,14 @@ def _known_probe(path: Path, found: os.stat_result, settings: FrameSettings, ind
 
 
 def _stat(path: Path) -> os.stat_result | None:
-    """The file's stat; None where nothing is there (as Path.is_file sees it: a broken link, a missing folder)."""
+    """The file's stat; None where Path.is_file sees nothing there (a missing file or folder, a broken link or a
+    loop of links)."""
     try:
         return os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            return None
+        raise
 
 
 def _unreadable(clip: Clip, error: Exception) -> str:

@@ -548,3 +548,11 @@ def test_frames_of_the_size_asked_are_not_resized_and_scale_as_before(monkeypatc
     scaled = data_module._as_model_input(kept, FrameSettings(48, 64, 8, 9, 0, 0, "center"), 0)
     assert torch.equal(scaled, (resized / 127.5 - 1.0).clamp(-1.0, 1.0))
     assert torch.equal(kept, frames.float())
+
+
+def test_a_loop_of_links_is_a_missing_clip(tmp_path):
+    (tmp_path / "a.mp4").symlink_to(tmp_path / "b.mp4")
+    (tmp_path / "b.mp4").symlink_to(tmp_path / "a.mp4")
+    clip = Clip("p", tmp_path / "a.mp4", "videos.txt:1")
+    with pytest.raises(DatasetError, match="does not exist"):
+        check_clips([clip], settings(fps=8, max_num_frames=9))
