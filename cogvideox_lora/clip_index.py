@@ -28,9 +28,14 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _identity(path: Path) -> list[int]:
-    st = os.stat(path)
+def identity(st: os.stat_result) -> list[int]:
+    """What the index knows a file by, from its stat (taken once a clip by the check, which needs it anyway)."""
     return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def settings_key(settings) -> str:
+    """The frame settings as the index files probes under them; made once a check, not once a clip."""
+    return json.dumps(dataclasses.asdict(settings), sort_keys=True)
 
 
 class ClipIndex:
@@ -49,27 +54,26 @@ class ClipIndex:
         except (OSError, ValueError, KeyError, AttributeError) as e:
             logger.warning("%s is unreadable (%s): every clip is checked again.", self.path, e)
 
-    def _record(self, path: Path) -> dict:
-        """The file's record, emptied if the file is not the one it describes."""
-        identity = _identity(path)
-        record = self._records.get(str(path))
+    def _record(self, path: Path, identity: list[int]) -> dict:
+        """The record of the file with this identity, emptied if the file is not the one it describes."""
+        name = str(path)
+        record = self._records.get(name)
         if record is None or record.get("identity") != identity:
-            record = self._records[str(path)] = {"identity": identity, "probes": {}}
+            record = self._records[name] = {"identity": identity, "probes": {}}
             self._changed = True
         return record
 
-    def probe(self, path: Path, settings) -> list | None:
-        try:
-            return self._record(path)["probes"].get(_settings_key(settings))
-        except OSError:
-            return None
+    def probe(self, path: Path, identity: list[int], settings_key: str) -> list | None:
+        """What the file was found to hold at the settings (settings_key's), if it is unchanged since."""
+        return self._record(path, identity)["probes"].get(settings_key)
 
-    def set_probe(self, path: Path, settings, probe) -> None:
-        self._record(path)["probes"][_settings_key(settings)] = list(probe)
+    def set_probe(self, path: Path, identity: list[int], settings_key: str, probe) -> None:
+        self._record(path, identity)["probes"][settings_key] = list(probe)
         self._changed = True
 
     def digest(self, path: Path) -> str:
-        record = self._record(path)
+        """The file's sha256, hashed only if it changed since it was: stat now, as encoding reads it now."""
+        record = self._record(path, identity(os.stat(path)))
         if "sha256" not in record:
             record["sha256"] = file_digest(path)
             self._changed = True
@@ -94,7 +98,3 @@ class ClipIndex:
         disk.write_text(self.path, json.dumps({"version": VERSION, "clips": self._records}),
                         "the index of checked clips")
         self._changed = False
-
-
-def _settings_key(settings) -> str:
-    return json.dumps(dataclasses.asdict(settings), sort_keys=True)

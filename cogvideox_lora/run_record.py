@@ -12,6 +12,7 @@ are said, as the resumed epochs then differ from the stopped run's.
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,9 +69,11 @@ def clip_digests(clips, root) -> dict:
     """Each clip's video (relative to the dataset root where it lies under it) -> a digest of its prompt and
     conditioning image, so that a changed caption shows as well as an added clip."""
     found = {}
+    # Paths compared as strings, as Path.relative_to compares their parts: no Path objects made for every clip.
+    under = os.path.join(Path(root), "") if root else None
     for clip in clips:
-        video = Path(clip.video)
-        name = str(video.relative_to(root)) if root and video.is_relative_to(root) else str(video)
+        video = str(clip.video)
+        name = video[len(under):] if under and video.startswith(under) else video
         found[name] = hashlib.sha256(f"{clip.prompt}\0{clip.image or ''}".encode()).hexdigest()[:16]
     return found
 

@@ -27,6 +27,8 @@ def lines(text: str) -> list[str]:
 def invisible(text: str) -> list[str]:
     """Each character of text that does not show where it is, as 'U+2028 LINE SEPARATOR at column 7': controls
     (a tab apart), line and paragraph separators, and format characters such as a BOM or a zero-width space."""
+    if text.isprintable():  # none of those categories (nor a tab) is printable: most texts need no walk
+        return []
     found = []
     for column, char in enumerate(text, start=1):
         category = unicodedata.category(char)

@@ -515,3 +515,44 @@ def test_the_long_prompt_warning_names_a_few_and_counts_the_rest():
     shown = [line.strip() for line in first_few(lines).splitlines()]
     assert shown[:5] == lines[:5] and len(shown) == 6 and "1995 more" in shown[-1]
     assert [line.strip() for line in first_few(lines[:3]).splitlines()] == lines[:3]
+
+
+def test_token_counts_are_the_tokenizers_whatever_its_truncation(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer")
+    prompts = ["a red square", "", "caf\u00e9 cr\u00e8me " * 200, "a brown bear walks through the forest"]
+    expected = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True, verbose=False).input_ids]
+    assert expected[2] > 226
+    tokenizer.backend_tokenizer.enable_truncation(16)  # as a tokenizer.json may come
+    assert data_module.token_counts(tokenizer, prompts) == expected
+    without_backend = lambda texts, **kwargs: SimpleNamespace(input_ids=[[0] * len(t) for t in texts])  # noqa: E731
+    assert data_module.token_counts(without_backend, ["ab", "abc"]) == [2, 3]
+
+
+def test_frames_of_the_size_asked_are_not_resized_and_scale_as_before(monkeypatch):
+    """At scale 1 bilinear resizing gives its input back exactly, so it is skipped; the scaling to [-1, 1], done in
+    place, gives the values of the formula and leaves the caller's frames alone."""
+    import torch.nn.functional as F
+
+    frames = torch.randint(0, 256, (3, 3, 48, 64), dtype=torch.uint8)
+    resized = F.interpolate(frames.float(), size=(48, 64), mode="bilinear", antialias=True, align_corners=False)
+    calls = []
+    monkeypatch.setattr(data_module.F, "interpolate", lambda *a, **k: calls.append(a))
+    for mode in ("center", "random", "none"):
+        assert torch.equal(resize_and_crop(frames.float(), 48, 64, mode, random.Random(0)), resized)
+    assert calls == []
+    kept = frames.float()
+    scaled = data_module._as_model_input(kept, FrameSettings(48, 64, 8, 9, 0, 0, "center"), 0)
+    assert torch.equal(scaled, (resized / 127.5 - 1.0).clamp(-1.0, 1.0))
+    assert torch.equal(kept, frames.float())
+
+
+def test_a_loop_of_links_is_a_missing_clip(tmp_path):
+    (tmp_path / "a.mp4").symlink_to(tmp_path / "b.mp4")
+    (tmp_path / "b.mp4").symlink_to(tmp_path / "a.mp4")
+    clip = Clip("p", tmp_path / "a.mp4", "videos.txt:1")
+    with pytest.raises(DatasetError, match="does not exist"):
+        check_clips([clip], settings(fps=8, max_num_frames=9))

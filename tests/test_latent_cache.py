@@ -1,23 +1,27 @@
 """The latent cache (latent_cache.py): entries named by what decides them, read back exactly, and a damaged one
 read as missing (encoded again) rather than trained on."""
 
+import hashlib
+import json
 import multiprocessing
 import os
 import time
 from argparse import Namespace
+from dataclasses import replace
 
 import pytest
 import torch
 
 from cogvideox_lora import latent_cache
-from cogvideox_lora.latent_cache import LatentCache, entry_key, fill
+from cogvideox_lora.data import FrameSettings
+from cogvideox_lora.latent_cache import Entries, LatentCache, entry_keys, fill
 
 
 def test_entries_round_trip_and_a_damaged_one_reads_as_missing(tmp_path):
-    key = entry_key("video", digest="abc", height=48, width=64)
-    assert key == entry_key("video", width=64, height=48, digest="abc")
-    assert key != entry_key("video", digest="abc", height=64, width=64)
-    assert key != entry_key("flipped", digest="abc", height=48, width=64)
+    [key] = entry_keys("video", [{"digest": "abc"}], height=48, width=64)
+    assert [key] == entry_keys("video", [{"width": 64, "height": 48}], digest="abc")
+    assert [key] != entry_keys("video", [{"digest": "abc"}], height=64, width=64)
+    assert [key] != entry_keys("flipped", [{"digest": "abc"}], height=48, width=64)
     cache = LatentCache(tmp_path / "cache")
     assert cache.load(key) is None
     tensors = {"latent_params": torch.randn(8, 6, 3, 8).transpose(1, 2),  # not contiguous
@@ -36,6 +40,44 @@ def test_entries_round_trip_and_a_damaged_one_reads_as_missing(tmp_path):
     assert cache.load(key) is None
     cache.path(key).write_bytes(data[:20])  # truncated
     assert cache.load(key) is None
+
+
+class Config:
+    """A part of an encoder's identity that counts how often it is serialised (json.dumps(default=str) calls str)."""
+
+    serialised = 0
+
+    def __str__(self):
+        Config.serialised += 1
+        return "config"
+
+
+def test_entry_keys_are_those_of_caches_written_before_and_serialise_what_is_shared_once():
+    frames = FrameSettings(48, 64, 8, 9, 0, 0, "center")
+    encoder = {"model": "m", "revision": None, "vae": {"block_out_channels": [8, 16], "scaling_factor": 1.15},
+               "tiling": False, "name": "caf\u00e9 \"x\""}
+    items = [{"clip": f"{i:064x}", "frames": replace(frames, height=48 + 16 * (i % 2))} for i in range(5)]
+    written_before = [hashlib.sha256(json.dumps({"kind": "video", **item, "encoder": encoder, "flipped": True},
+                                                sort_keys=True, default=str).encode()).hexdigest() for item in items]
+    assert entry_keys("video", items, encoder=encoder, flipped=True) == written_before
+
+    Config.serialised = 0
+    entry_keys("video", items, encoder={"vae": Config()}, flipped=False)
+    assert Config.serialised == 1  # not once a clip
+
+
+def test_entry_shapes_are_read_once_a_frame_setting(tmp_path, monkeypatch):
+    cache = LatentCache(tmp_path)
+    sizes = [(48, 64), (64, 48), (48, 64), (48, 64), (64, 48)]
+    for i, (h, w) in enumerate(sizes):
+        cache.save(f"e{i}", {"latent_params": torch.zeros(4, 3, h // 8, w // 8)})
+    read = []
+    shapes = LatentCache.shapes
+    monkeypatch.setattr(LatentCache, "shapes", lambda self, key: read.append(key) or shapes(self, key))
+    settings = [FrameSettings(h, w, 8, 9, 0, 0, "center") for h, w in sizes]
+    found = Entries(cache, [(f"e{i}",) for i in range(5)]).shapes_by(settings)
+    assert found == [(4, 3, h // 8, w // 8) for h, w in sizes]
+    assert read == ["e0", "e1"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

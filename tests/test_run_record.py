@@ -110,3 +110,14 @@ def test_buckets_are_part_of_the_size():
     auto = run_record.describe_size(9, 48, 64, Buckets((48,), (64,), (9,), 48 * 64))
     assert len({plain, listed, auto}) == 3
     assert listed == "9x48x64 with buckets of frames 5,9, heights 48,64, widths 64"
+
+
+def test_clips_are_named_relative_to_the_dataset_root_however_it_is_written(tmp_path):
+    from types import SimpleNamespace
+
+    clips = [SimpleNamespace(video=tmp_path / "data" / "videos" / "a.mp4", prompt="p", image=None),
+             SimpleNamespace(video=tmp_path / "database" / "b.mp4", prompt="p", image=None)]
+    for root in (tmp_path / "data", f"{tmp_path}/data/", str(tmp_path / "data")):
+        assert list(run_record.clip_digests(clips, root)) == ["videos/a.mp4", str(tmp_path / "database" / "b.mp4")]
+    assert list(run_record.clip_digests(clips, None)) == [str(c.video) for c in clips]
+    assert list(run_record.clip_digests(clips, "/")) == [str(c.video)[1:] for c in clips]

@@ -361,3 +361,13 @@ def test_benchmark_runs_in_tiny_mode(tmp_path):
     assert float(one["median step (s)"]) > 0 and one["cache"] == "cold" and two["cache"] == "warm"
     assert float(two["scaling (x)"]) > 0 and float(one["estimate, on the card (GiB)"]) > 0
     assert summary(tmp_path / "out-2b")["steps"] == 2 and summary(tmp_path / "out-2b-x2")["processes"] == 2
+
+
+def test_a_run_keeps_what_was_there_before_out_of_full_collections_and_gives_it_back():
+    import gc
+
+    import train_cogvideox_lora
+
+    with train_cogvideox_lora.objects_kept_out_of_full_collections():
+        assert gc.get_freeze_count() > 100_000  # torch, diffusers...: not walked by the run's full collections
+    assert gc.get_freeze_count() == 0
