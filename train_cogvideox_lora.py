@@ -34,6 +34,7 @@ from cogvideox_lora import (attention, charts, checkpoints, compile_cache, devic
                             settings, transformer, writable)
 from cogvideox_lora.args import parse_args, tracker_config
 from cogvideox_lora.clip_index import ClipIndex
+from cogvideox_lora.decoded import DecodedFrames
 from cogvideox_lora.data import (DatasetError, EpochOrder, FrameSettings, check_dataset, clip_settings, first_few,
                                  long_prompts, unfillable_batch)
 from cogvideox_lora.latent_cache import LatentCache, encode_prompts, encode_videos
@@ -116,6 +117,7 @@ class Inputs(NamedTuple):
     heldout_clips: list  # the held-out loss's clips (none without it)
     heldout_per_clip: list
     index: ClipIndex  # what earlier runs found of each unchanged clip, and its digest
+    decoded: DecodedFrames  # the check's frames of clips this process encodes, within a budget, for encoding
 
 
 def check_inputs(args, stop: checkpoints.StopSignal) -> Inputs:
@@ -130,11 +132,11 @@ def check_inputs(args, stop: checkpoints.StopSignal) -> Inputs:
         data = hub.resolve_dataset(run.data)
         frames = replace(run.frames, temporal_compression=model.vae["temporal_compression_ratio"]) if model \
             else run.frames
-        index = ClipIndex(run.latent_cache_dir)
+        index, decoded = ClipIndex(run.latent_cache_dir), DecodedFrames.for_this_process()
         with index.kept(create_on=checkpoints.Stopped):
             clips, bad_clips = check_dataset(data.root, data.caption_column, data.video_column, data.dataset_file,
                                              data.id_token, data.image_column, frames, skip_bad=data.skip_bad,
-                                             buckets=run.buckets, index=index, stop=stop.check)
+                                             buckets=run.buckets, index=index, stop=stop.check, decoded=decoded)
     except DatasetError as e:
         sys.exit(f"error: {e}" + (f"\nand the model: {model_problem}" if model_problem else ""))
     if model_problem:
@@ -166,7 +168,8 @@ def check_inputs(args, stop: checkpoints.StopSignal) -> Inputs:
         if problems:
             raise checkpoints.CheckpointError("\n  ".join(problems))
     return Inputs(run, frames, model.transformer, model.vae, model.text_encoder, model.family, clips, per_clip,
-                  sizes, tokenizer, resume_from, tracker_config(args), record, heldout_clips, heldout_per_clip, index)
+                  sizes, tokenizer, resume_from, tracker_config(args), record, heldout_clips, heldout_per_clip, index,
+                  decoded)
 
 
 def record_of(run: settings.Settings, model: models.Configs, clips: list) -> run_record.RunRecord:
@@ -347,7 +350,7 @@ def encode_once(inputs: Inputs, accelerator, plan: MemoryPlan, stop: checkpoints
             with_flipped=run.training.random_flip > 0, with_images=inputs.family.image_to_video,
             num_workers=run.data.num_workers,
             load_vae=lambda: models.load_vae(run.model, dtype, device, run.memory.tiled_vae, run.memory.sliced_vae),
-            digest=inputs.index.digest, stop=stop.check)
+            digest=inputs.index.digest, stop=stop.check, decoded=inputs.decoded)
         inputs.index.save()
         text_device = "cpu" if text_encoder_on_cpu(inputs, plan.budget_gib, dtype) else device
         prompts = list(dict.fromkeys([c.prompt for c in inputs.clips + inputs.heldout_clips]

@@ -1,6 +1,7 @@
 """A cold run's CPU work per clip, apart from the VAE: the check (probe_clip: every frame training reads decoded,
 the rotation and pixel aspect read with ffmpeg) and encoding's frames (read_frames: decoded again, resized and
-cropped, scaled to [-1, 1]).
+cropped, scaled to [-1, 1]). Where the checkout has decoded.py (the check's frames kept for encoding), also the
+two together as a cold run does them now: the check keeping the frames, encoding taking them (no second decode).
 
     python -m cogvideox_lora.synthetic clips /tmp/frames_data --num_clips 8 --height 480 --width 720 \\
         --num_frames 64 --fps 24
@@ -46,4 +47,19 @@ def per_clip(work) -> float:
 check = per_clip(lambda clip: probe_clip(clip, settings))
 frames = per_clip(lambda clip: read_frames(clip, settings))
 print(f"{args.repo}: {len(clips)} clips, {args.frames}x{args.height}x{args.width}: check {check * 1e3:.0f} ms a clip, "
-      f"encoding's frames {frames * 1e3:.0f} ms a clip (median of 5)")
+      f"encoding's frames {frames * 1e3:.0f} ms a clip, both {(check + frames) * 1e3:.0f} ms (median of 5)")
+try:
+    from cogvideox_lora.decoded import DecodedFrames  # noqa: E402
+except ImportError:
+    sys.exit(0)
+
+
+def reused(clip):
+    store = DecodedFrames(2 << 30)
+    probe_clip(clip, settings, store)
+    read_frames(clip, settings, decoded=store.take(clip))
+
+
+both = per_clip(reused)
+print(f"{args.repo}: check keeping the frames + encoding's frames from them {both * 1e3:.0f} ms a clip "
+      f"(median of 5)")

@@ -75,7 +75,7 @@ import train_cogvideox_lora
 model = sys.argv[2]
 vae = json.load(open(f"{model}/vae/config.json"))
 t5 = json.load(open(f"{model}/text_encoder/config.json"))
-data.probe_clip = lambda path, settings: (9, 48, 64)
+data.probe_clip = lambda path, settings, *kept: (9, 48, 64)
 class Frames(torch.utils.data.Dataset):
     def __init__(self, clips, *args, **kwargs): self.n = len(clips)
     def __len__(self): return self.n

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import tables, text
 from .clip_index import identity, settings_key
+from .decoded import Decoded, identity as file_identity
 from .images import open_image
 from .video import open_video, reencode_command
 
@@ -253,27 +254,35 @@ def _image_problem(clip: Clip) -> str | None:
     return None
 
 
-def probe_clip(path: Path, settings: FrameSettings) -> tuple[int, int, int]:
+def probe_clip(path: Path, settings: FrameSettings, decoded=None) -> tuple[int, int, int]:
     """(frames it gives at settings, display height, display width), decoding every frame that training reads;
-    raises if one cannot be decoded."""
+    raises if one cannot be decoded. decoded (a DecodedFrames): where it has room, the frames at the sampled
+    indices are kept there, so that encoding need not decode the clip again."""
     if is_single_image(path):
         height, width = open_image(path).shape[-2:]
         return 1, height, width
     video = open_video(path)
     indices = frames_at_times(video.starts, video.end, settings)
-    for _ in video.frames(indices):
-        pass
+    # Room is asked for before decoding, for the most the frames can take (a frame sampled twice is held once), so
+    # that the store stays within its budget while the frames come in.
+    nbytes = len(indices) * video.height * video.width * 3
+    keep = decoded is not None and indices and decoded.has_room(nbytes)
+    frames = [frame for frame in video.frames(indices) if keep]
+    if keep:
+        kept = Decoded(video.starts, video.end, video.pixel_aspect, indices, frames, file_identity(path))
+        decoded.put(path, kept, nbytes)
     return len(indices), video.height, round(video.width * video.pixel_aspect)
 
 
 def _known_probe(path: Path, found: os.stat_result, settings: FrameSettings, index,
-                 key: str | None) -> tuple[int, int, int]:
+                 key: str | None, decoded=None) -> tuple[int, int, int]:
     """probe_clip's results, from the index where the file (found: its stat) is unchanged since it was probed at
-    these settings (key: their settings_key)."""
+    these settings (key: their settings_key). A clip the index knows is not decoded, so nothing of it is kept in
+    decoded: a warm clip costs no memory."""
     known = index.probe(path, identity(found), key) if index is not None else None
     if known is not None:
         return tuple(known)
-    probe = probe_clip(path, settings)
+    probe = probe_clip(path, settings, decoded)
     if index is not None:
         index.set_probe(path, identity(found), key, probe)
     return probe
@@ -321,13 +330,14 @@ def _too_short(clip: Clip, settings: FrameSettings, got: int, needed: int, flag:
 
 
 def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = False,
-                buckets: Buckets | None = None, index=None, stop=None) -> tuple[list[Clip], list[str]]:
+                buckets: Buckets | None = None, index=None, stop=None, decoded=None) -> tuple[list[Clip], list[str]]:
     """Opens every clip once; returns the usable clips and the problems of the others.
 
     Raises DatasetError with all problems unless skip_bad, in which case the problems are returned
     for a warning and the clips that have them are left out. With buckets, a clip must fill the shortest.
     index (a ClipIndex) gives what an unchanged clip was found to hold before, instead of decoding it again;
-    stop() is called between clips, to raise if the run is asked to stop.
+    stop() is called between clips, to raise if the run is asked to stop. decoded (a DecodedFrames) keeps, where
+    it has room, the frames of the usable clips this process will encode, for encoding to take.
     """
     needed, flag = settings.max_num_frames, "--max_num_frames"
     if buckets is not None:
@@ -347,7 +357,8 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
             problem = f"{clip.where}: {clip.video} does not exist: fix the path (relative to the dataset folder)."
         else:
             try:
-                got, height, width = _known_probe(clip.video, found, settings, index, key)
+                mine = decoded if decoded is not None and decoded.wants(len(good)) else None
+                got, height, width = _known_probe(clip.video, found, settings, index, key, mine)
             except Exception as e:  # decord and Pillow raise their own error types for every kind of bad file
                 problem = _unreadable(clip, e)
             else:
@@ -357,6 +368,8 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
             problem = _image_problem(clip)
         if problem:
             problems.append(problem)
+            if decoded is not None:  # a clip left out is not encoded
+                decoded.drop(clip.video)
         else:
             good.append(replace(clip, probe=(got, height, width)))
     logger.info("Checked %d clip(s) (every frame that training reads, decoded now or unchanged since an earlier "
@@ -371,7 +384,7 @@ def check_clips(clips: list[Clip], settings: FrameSettings, skip_bad: bool = Fal
 
 def check_dataset(root, caption_column: str, video_column: str, dataset_file: str | None, id_token: str | None,
                   image_column: str | None, settings: FrameSettings, skip_bad: bool = False,
-                  buckets: Buckets | None = None, index=None, stop=None) -> tuple[list[Clip], list[str]]:
+                  buckets: Buckets | None = None, index=None, stop=None, decoded=None) -> tuple[list[Clip], list[str]]:
     """The index and every clip it lists, checked at once: one DatasetError holds the problems of both.
 
     With skip_bad, unusable clips are left out and their problems returned; a wrong index is always an error.
@@ -380,7 +393,7 @@ def check_dataset(root, caption_column: str, video_column: str, dataset_file: st
     if not clips:
         raise DatasetError(problems)
     try:
-        good, skipped = check_clips(clips, settings, skip_bad, buckets, index, stop)
+        good, skipped = check_clips(clips, settings, skip_bad, buckets, index, stop, decoded)
     except DatasetError as e:
         raise DatasetError(problems + e.problems) from None
     if problems:
@@ -466,14 +479,25 @@ def _as_model_input(frames: torch.Tensor, settings: FrameSettings, crop_seed: in
     return (frames / 127.5).sub_(1.0).clamp_(-1.0, 1.0)
 
 
-def read_frames(path: Path, settings: FrameSettings, crop_seed: int = 0, first_only: bool = False) -> torch.Tensor:
-    """The clip as the model sees it: [F, 3, height, width] in [-1, 1] (F = 1 with first_only)."""
+def read_frames(path: Path, settings: FrameSettings, crop_seed: int = 0, first_only: bool = False,
+                decoded: Decoded | None = None) -> torch.Tensor:
+    """The clip as the model sees it: [F, 3, height, width] in [-1, 1] (F = 1 with first_only). decoded: what the
+    check decoded of it, used instead of decoding again where it holds the frames asked for."""
     if is_single_image(path):
         return _as_model_input(open_image(path)[None], settings, crop_seed)
+    if decoded is not None:
+        frames = decoded.frames_at(frames_at_times(decoded.starts, decoded.end, settings)[:1 if first_only else None])
+        if frames:
+            return _prepared(frames, settings, crop_seed, decoded.pixel_aspect)
     video = open_video(path)
     indices = frames_at_times(video.starts, video.end, settings)[:1 if first_only else None]
-    frames = torch.from_numpy(np.stack(list(video.frames(indices))))
-    return _as_model_input(frames.permute(0, 3, 1, 2), settings, crop_seed, video.pixel_aspect)
+    return _prepared(list(video.frames(indices)), settings, crop_seed, video.pixel_aspect)
+
+
+def _prepared(frames: list[np.ndarray], settings: FrameSettings, crop_seed: int, pixel_aspect: float) -> torch.Tensor:
+    """Decoded [H, W, 3] uint8 frames as the model sees them; the one way from frames to model input, whether they
+    were decoded now or kept from the check, so that both give the same values bit for bit."""
+    return _as_model_input(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), settings, crop_seed, pixel_aspect)
 
 
 def read_conditioning_image(clip: Clip, settings: FrameSettings, crop_seed: int = 0) -> torch.Tensor:
@@ -486,10 +510,13 @@ def read_conditioning_image(clip: Clip, settings: FrameSettings, crop_seed: int 
 
 class ClipFrames(torch.utils.data.Dataset):
     """Frames of some clips (or their conditioning images), so a DataLoader can decode the next clips while the
-    VAE encodes. settings and crop_seeds are per clip."""
+    VAE encodes. settings and crop_seeds are per clip; decoded: what the check decoded of some, by position (each
+    given up once read, so that its memory goes as the clip is encoded)."""
 
-    def __init__(self, clips: list[Clip], settings: list[FrameSettings], crop_seeds: list[int], images: bool = False):
+    def __init__(self, clips: list[Clip], settings: list[FrameSettings], crop_seeds: list[int], images: bool = False,
+                 decoded: dict[int, Decoded] | None = None):
         self.clips, self.settings, self.crop_seeds, self.images = clips, settings, crop_seeds, images
+        self.decoded = decoded or {}
 
     def __len__(self):
         return len(self.clips)
@@ -501,7 +528,7 @@ class ClipFrames(torch.utils.data.Dataset):
         try:
             if self.images:
                 return i, read_conditioning_image(clip, settings, crop_seed)
-            return i, read_frames(clip.video, settings, crop_seed)
+            return i, read_frames(clip.video, settings, crop_seed, decoded=self.decoded.pop(i, None))
         except Exception as e:  # decord and Pillow raise their own error types for every kind of bad file
             return i, _unreadable(clip, e)
 

@@ -234,15 +234,18 @@ def _encode_claimed(cache, keys, indices, encode_mine, stop) -> int:
     return encoded
 
 
-def fill(cache, keys, accelerator, encode_mine, name: str, stop=None) -> tuple[Entries, int]:
+def fill(cache, keys, accelerator, encode_mine, name: str, stop=None, mine_known=None) -> tuple[Entries, int]:
     """Every entry made whole in the cache; this process encodes the missing ones of its share, then checks the
-    others'. Returns the entries (read when asked for) and how many this process encoded.
+    others'. Returns the entries (read when asked for) and how many this process encoded. mine_known(indices) is
+    told this process's share before anything is encoded.
 
     A process may have nothing to encode while another loads an encoder and works for minutes, so the
     wait between the two has no deadline.
     """
     missing = [i for i, k in enumerate(keys) if not cache.is_whole(k)]
     mine = [i for i in missing if i % accelerator.num_processes == accelerator.process_index]
+    if mine_known is not None:
+        mine_known(mine)
     try:
         encoded = _encode_claimed(cache, keys, mine, encode_mine, stop)
     finally:
@@ -264,13 +267,14 @@ IMAGE_NOISE = {"log_sigma_mean": -3.0, "log_sigma_std": 0.5}
 @torch.no_grad()
 def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: list[FrameSettings],
                   encoder_id: dict, with_flipped: bool, with_images: bool, load_vae, num_workers: int = 0,
-                  digest=file_digest, stop=None):
+                  digest=file_digest, stop=None, decoded=None):
     """Latent distribution parameters [2C, F, H, W] of each clip (and of its mirror image if with_flipped),
     with the same of its I2V image ([2C, 1, H, W], "image_latent_params…") if with_images; settings are per clip.
 
     Returns (Entries, read from the cache when asked for; clips and images this process encoded). load_vae is
     only called if something is missing. digest(path): a file's content hash (a ClipIndex's, which hashes only
-    what changed); stop(): raises to stop the run between two entries.
+    what changed); stop(): raises to stop the run between two entries. decoded (a DecodedFrames): the frames the
+    check kept, taken instead of decoding a clip again; emptied once the clips are encoded.
     """
     load_vae = functools.cache(load_vae)
     keys = entry_keys("video", [{"clip": digest(c.video), "frames": s} for c, s in zip(clips, settings)],
@@ -282,9 +286,14 @@ def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: 
     def encoder(images: bool, prefix: str, desc: str):
         def encode_mine(indices):
             vae = load_vae()
+            # Taken out of the store here, in this process, so that a loader worker reading them does not leave
+            # the store's copies behind; they go with the loader, a claim batch at most.
+            taken = {j: decoded.take(clips[i].video) for j, i in enumerate(indices)} \
+                if decoded is not None and not images else {}
             loader = torch.utils.data.DataLoader(
                 ClipFrames([clips[i] for i in indices], [settings[i] for i in indices],
-                           [crop_seeds[i] for i in indices], images=images),
+                           [crop_seeds[i] for i in indices], images=images,
+                           decoded={j: d for j, d in taken.items() if d is not None}),
                 batch_size=None, num_workers=num_workers)
             for j, frames in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
                 if isinstance(frames, str):  # the clip changed or went bad since the check
@@ -300,7 +309,14 @@ def encode_videos(accelerator, cache: LatentCache, clips: list[Clip], settings: 
 
         return encode_mine
 
-    entries, encoded = fill(cache, keys, accelerator, encoder(False, "", "Encoding clips"), "videos", stop)
+    # What the cache holds and what other processes encode is dropped from the store before the VAE loads.
+    keep_mine = None if decoded is None else lambda mine: decoded.keep_only([clips[i].video for i in mine])
+    try:
+        entries, encoded = fill(cache, keys, accelerator, encoder(False, "", "Encoding clips"), "videos", stop,
+                                keep_mine)
+    finally:
+        if decoded is not None:  # what is left (written by another run meanwhile) is not needed any more
+            decoded.clear()
     if not with_images:
         return entries, encoded, 0
     image_keys = entry_keys("image", [{"video_key": k, "image": c.image and digest(c.image)}

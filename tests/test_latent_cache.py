@@ -159,3 +159,115 @@ def test_freshly_encoded_entries_are_read_back_as_a_warm_cache_reads_them(tmp_pa
         assert fresh.is_contiguous() and fresh.device.type == "cpu"
         assert torch.equal(fresh, loaded) and fresh.stride() == loaded.stride()
         assert cold[i]["latent_params"] is not fresh  # read again, not held
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The check's decode reused for encoding (decoded.py)
+
+
+def _count_decodes(monkeypatch) -> list[str]:
+    """The clip names of every decode pass (Video.frames), the check's and encoding's, as they happen."""
+    from cogvideox_lora import data
+
+    passes, open_video = [], data.open_video
+
+    def counted(path):
+        video = open_video(path)
+        decode = video._decode
+        video._decode = lambda: passes.append(path.name) or decode()
+        return video
+
+    monkeypatch.setattr(data, "open_video", counted)
+    return passes
+
+
+def _checked_and_encoded(root, cache_dir, clips, check_settings, per_clip, budget_bytes, tiny_model_dir):
+    """check_clips with a store of budget_bytes, then encode_videos with it; (latents by clip name, the store)."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogvideox_lora.data import check_clips
+    from cogvideox_lora.decoded import DecodedFrames
+
+    store = DecodedFrames(budget_bytes)
+    good, _ = check_clips(clips, check_settings, decoded=store)
+    accelerator = SimpleNamespace(num_processes=1, process_index=0, is_local_main_process=False, device="cpu")
+    entries, encoded, _ = latent_cache.encode_videos(
+        accelerator, LatentCache(cache_dir), good, per_clip or [check_settings] * len(good), {"test": 1}, True, False,
+        lambda: AutoencoderKLCogVideoX.from_pretrained(tiny_model_dir, subfolder="vae"), decoded=store)
+    assert encoded == len(good) and len(store) == 0 and store.used == 0  # all taken, nothing left behind
+    return {c.video.name: entries[i] for i, c in enumerate(good)}, store
+
+
+@pytest.mark.parametrize("per_clip", [None, (5, 32, 48)], ids=["same-settings", "shorter-bucket-and-smaller"])
+def test_a_cold_run_decodes_each_clip_once_and_encodes_the_same_latents(tmp_path, tiny_dataset_dir, tiny_model_dir,
+                                                                        monkeypatch, per_clip):
+    from helpers import load_clips
+
+    clips = load_clips(tiny_dataset_dir, "prompts.txt", "videos.txt")
+    check = FrameSettings(48, 64, 8, 9, 0, 0, "random")  # a random crop too: the crop seed is the clip's
+    per_clip = None if per_clip is None else [replace(check, max_num_frames=per_clip[0], height=per_clip[1],
+                                                      width=per_clip[2])] * len(clips)
+    names = sorted(c.video.name for c in clips)
+    passes = _count_decodes(monkeypatch)
+    reused, store = _checked_and_encoded(tiny_dataset_dir, tmp_path / "a", clips, check, per_clip, 1 << 30,
+                                         tiny_model_dir)
+    assert sorted(passes) == names and store.peak == len(clips) * 9 * 48 * 64 * 3  # once each: the check's
+    passes.clear()
+    again, _ = _checked_and_encoded(tiny_dataset_dir, tmp_path / "b", clips, check, per_clip, 0, tiny_model_dir)
+    assert sorted(passes) == sorted(names * 2)  # budget 0: the check's and encoding's, as before
+    for name in names:
+        assert reused[name].keys() == again[name].keys()
+        for tensor in reused[name]:
+            assert torch.equal(reused[name][tensor], again[name][tensor]), (name, tensor)  # bit for bit
+
+
+def test_the_budget_holds_and_clips_over_it_are_decoded_again(tmp_path, tiny_dataset_dir, tiny_model_dir,
+                                                              monkeypatch):
+    from helpers import load_clips
+
+    from cogvideox_lora.decoded import DecodedFrames
+
+    clips = load_clips(tiny_dataset_dir, "prompts.txt", "videos.txt")
+    check = FrameSettings(48, 64, 8, 9, 0, 0, "center")
+    clip_bytes = 9 * 48 * 64 * 3
+    budget = 2 * clip_bytes + clip_bytes // 2  # two clips and a half
+    used = []
+    put = DecodedFrames.put
+    monkeypatch.setattr(DecodedFrames, "put", lambda self, *a: put(self, *a) or used.append(self.used))
+    passes = _count_decodes(monkeypatch)
+    _, store = _checked_and_encoded(tiny_dataset_dir, tmp_path / "cache", clips, check, None, budget, tiny_model_dir)
+    assert used == [clip_bytes, 2 * clip_bytes] and store.peak <= budget
+    # The first two were kept and decoded once; the two over the budget were decoded again.
+    first, rest = sorted(c.video.name for c in clips[:2]), sorted(c.video.name for c in clips[2:])
+    assert sorted(passes) == sorted(first + rest * 2)
+
+
+def test_clips_already_cached_are_not_kept(tmp_path, tiny_dataset_dir, tiny_model_dir, monkeypatch):
+    """A warm clip costs no memory: the clip index knows it, so the check does not decode it; and where the check
+    decoded it anyway (the index lost), its frames are dropped before the VAE is loaded, which nothing needs."""
+    from helpers import load_clips
+
+    from cogvideox_lora import clip_index
+    from cogvideox_lora.data import check_clips
+    from cogvideox_lora.decoded import DecodedFrames
+
+    clips = load_clips(tiny_dataset_dir, "prompts.txt", "videos.txt")
+    check = FrameSettings(48, 64, 8, 9, 0, 0, "center")
+    index = clip_index.ClipIndex(tmp_path / "cache")
+    check_clips(clips, check, index=index)
+    _checked_and_encoded(tiny_dataset_dir, tmp_path / "cache", clips, check, None, 1 << 30, tiny_model_dir)
+
+    warm = DecodedFrames(1 << 30)
+    good, _ = check_clips(clips, check, index=index, decoded=warm)
+    assert warm.peak == 0 and len(warm) == 0
+
+    lost_index = DecodedFrames(1 << 30)
+    good, _ = check_clips(clips, check, decoded=lost_index)
+    assert len(lost_index) == len(clips)
+    accelerator = Namespace(num_processes=1, process_index=0, is_local_main_process=False, device="cpu")
+    _, encoded, _ = latent_cache.encode_videos(
+        accelerator, LatentCache(tmp_path / "cache"), good, [check] * len(good), {"test": 1}, True, False,
+        lambda: pytest.fail("nothing is left to encode"), decoded=lost_index)
+    assert encoded == 0 and len(lost_index) == 0 and lost_index.used == 0

@@ -17,7 +17,7 @@ import pytest
 
 from helpers import REPO, SCRIPT, lora, max_abs_diff, run_main, subprocess_env, summary, train_argv
 from test_robustness import exit_message
-from cogvideox_lora import clip_index, data as data_module, disk
+from cogvideox_lora import clip_index, data as data_module, decoded, disk
 from cogvideox_lora.synthetic import write_clips
 
 
@@ -31,7 +31,8 @@ def test_a_warm_start_decodes_and_hashes_only_what_changed(tmp_path, tiny_model_
     cache = tmp_path / "cache"
     probed, hashed = [], []
     probe, digest = data_module.probe_clip, clip_index.file_digest
-    monkeypatch.setattr(data_module, "probe_clip", lambda path, s: probed.append(path.name) or probe(path, s))
+    monkeypatch.setattr(data_module, "probe_clip",
+                        lambda path, s, *kept: probed.append(path.name) or probe(path, s, *kept))
     monkeypatch.setattr(clip_index, "file_digest", lambda path: hashed.append(path.name) or digest(path))
 
     def run(name):
@@ -49,6 +50,35 @@ def test_a_warm_start_decodes_and_hashes_only_what_changed(tmp_path, tiny_model_
     write_clips(tmp_path / "other", num_clips=1, num_frames=25, fps=8, id_offset=5)
     shutil.copy(tmp_path / "other" / "videos" / "clip_005.mp4", dataset / "videos" / "clip_002.mp4")
     assert run("changed") == (["clip_002.mp4"], ["clip_002.mp4"], 1)
+
+
+def test_a_cold_run_decodes_each_clip_once_and_trains_as_one_that_decodes_twice(tmp_path, tiny_model_dir,
+                                                                                tiny_dataset_dir, monkeypatch):
+    """The check's frames are reused for encoding (decoded.py); with no budget for them, each clip is decoded again,
+    as before: the cache entries and the LoRA are the same bit for bit."""
+    passes, open_video = [], data_module.open_video
+
+    def counted(path):
+        video = open_video(path)
+        decode = video._decode
+        video._decode = lambda: passes.append(path.name) or decode()
+        return video
+
+    monkeypatch.setattr(data_module, "open_video", counted)
+    clips = sorted(p.name for p in (tiny_dataset_dir / "videos").iterdir())
+    run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "reused", tmp_path / "cache_reused",
+                        "--max_train_steps", 2))
+    assert sorted(passes) == clips
+    passes.clear()
+    monkeypatch.setattr(decoded, "budget", lambda: 0)
+    run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "twice", tmp_path / "cache_twice",
+                        "--max_train_steps", 2))
+    assert sorted(passes) == sorted(clips * 2)
+    assert max_abs_diff(lora(tmp_path / "reused"), lora(tmp_path / "twice")) == 0
+    entries = sorted(p.name for p in (tmp_path / "cache_reused").glob("*.safetensors"))
+    assert entries == sorted(p.name for p in (tmp_path / "cache_twice").glob("*.safetensors")) and entries
+    for name in entries:
+        assert (tmp_path / "cache_reused" / name).read_bytes() == (tmp_path / "cache_twice" / name).read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------------------------
