@@ -70,8 +70,10 @@ class DecodedFrames:
     @classmethod
     def for_this_process(cls) -> "DecodedFrames":
         """The store of this process, its rank as `accelerate launch` (or torchrun) tells it before accelerate
-        starts."""
-        return cls(budget(), int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        starts. The budget is the machine's, shared by the processes on it: eight ranks on one host hold what one
+        would, not eight times that."""
+        on_this_host = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return cls(budget() // on_this_host, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
     def __len__(self):
         return len(self._kept)

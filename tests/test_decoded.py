@@ -52,8 +52,11 @@ def test_each_process_keeps_only_the_clips_it_encodes(tiny_dataset_dir, monkeypa
     clips = load_clips(tiny_dataset_dir, "prompts.txt", "videos.txt")
     monkeypatch.setitem(os.environ, "RANK", "1")
     monkeypatch.setitem(os.environ, "WORLD_SIZE", "2")
+    monkeypatch.setitem(os.environ, "LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(decoded, "budget", lambda: 1000)
     store = DecodedFrames.for_this_process()
-    assert store.process_index == 1 and store.processes == 2
+    assert (store.process_index, store.processes, store.budget) == (1, 2, 500)  # the host's budget, shared
+    store.budget = 1 << 30
     check_clips(clips, FrameSettings(48, 64, 8, 9, 0, 0, "center"), decoded=store)
     # latent_cache.fill gives a cold run's clip i to process i % 2
     assert sorted(store._kept) == [str(clips[1].video), str(clips[3].video)]
