@@ -523,8 +523,8 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
         done = step + 1
         checkpointing = (done % training.checkpointing_steps == 0 or stopping or timed) and done < model.max_train_steps
         # A signal's checkpoint goes first: a preempted machine may have seconds left.
-        if model.heldout is not None and (checkpointing or done % run.heldout.steps == 0) and not stopping \
-                and done < model.max_train_steps:
+        if model.heldout is not None and not stopping and done < model.max_train_steps and (
+                checkpointing or run.heldout.steps and done % run.heldout.steps == 0):
             evaluate_heldout(accelerator, model, done)
         if checkpointing:
             save_checkpoint(accelerator, inputs, model, done,

@@ -176,7 +176,8 @@ def _add_validation_flags(p: argparse.ArgumentParser) -> None:
                      help="Held-out loss: the denoising loss on clips the LoRA does not train on, every this many "
                           "optimizer steps, at every checkpoint and at the end (and the base model's once at the "
                           "start), at fixed timesteps with fixed noise, so values compare across steps and runs. "
-                          "Needs --validation_dataset or --validation_split. Default: no held-out loss.")
+                          "Needs --validation_dataset or --validation_split. Default: with either, at every "
+                          "checkpoint and at the end (each evaluation of 8 clips costs about 11 steps of 2B).")
     val.add_argument("--validation_dataset", default=None,
                      help="Folder of held-out clips in the training data's format (prompts.txt and videos.txt, or "
                           "--dataset_file with the same columns), checked and encoded as the training clips are "
@@ -465,9 +466,6 @@ def heldout_problems(args) -> list[str]:
     if args.validation_loss_steps is not None and not sources:
         problems.append("--validation_loss_steps needs held-out clips: give --validation_dataset DIR (a folder in "
                         "the training data's format) or --validation_split FRACTION (of the training clips).")
-    if args.validation_loss_steps is None and sources:
-        problems.append(f"{' and '.join(sources)} hold(s) out clips for the held-out loss: add "
-                        f"--validation_loss_steps N to evaluate it every N steps.")
     if len(sources) > 1:
         problems.append("--validation_dataset and --validation_split both choose the held-out clips: give one.")
     if args.validation_split is not None and not 0.0 < args.validation_split < 1.0:

@@ -102,9 +102,9 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class HeldOutSettings:
-    """The held-out loss: every `steps` optimizer steps (None: off), on the clips of `dataset` (a folder in the
-    training data's format) or on a `split` share of the training clips, at `timesteps` timesteps spread over the
-    schedule, with noise drawn from `seed`."""
+    """The held-out loss, on the clips of `dataset` (a folder in the training data's format) or on a `split` share of
+    the training clips (neither: off), at every checkpoint, at the end and every `steps` optimizer steps (None: no
+    more), at `timesteps` timesteps spread over the schedule, with noise drawn from `seed`."""
 
     steps: int | None = None
     dataset: str | None = None
@@ -114,7 +114,7 @@ class HeldOutSettings:
 
     @property
     def enabled(self) -> bool:
-        return self.steps is not None
+        return self.dataset is not None or self.split is not None
 
 
 @dataclass(frozen=True)
