@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import traceback
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cudnn
+from check_attention import timed  # CUDA events: 3 warm-ups, the median of 10
 
 E4M3, FP8_MAX, OUT_HEADROOM = torch.float8_e4m3fn, 448.0, 1.25
 TOKENS = 226 + 13 * 30 * 45
@@ -212,20 +212,6 @@ def accuracy(built, handle, heads, d, seq, qk_mult, seed):
             rec["fp8_" + name.lower()] = compare(bwd[name].float() / bwd["scale_" + name], r)
             rec["cudnn_amax_" + name] = bwd["amax_" + name].item()
     return rec
-
-
-def timed(fn, warmup=3, repeats=10):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def timing(built, handle, heads, d, seq):

@@ -307,3 +307,19 @@ def assert_same_step(reference, other, tolerance):
     assert all(g.abs().max() > 0 for g in grads_a.values()), "every LoRA weight should have a gradient"
     assert loss_b == pytest.approx(loss_a, rel=tolerance)
     assert relative_error(grads_a, grads_b) < tolerance
+
+
+def count_decodes(monkeypatch) -> list[str]:
+    """The clip names of every decode pass (Video.frames), the check's and encoding's, as they happen."""
+    from cogvideox_lora import data
+
+    passes, open_video = [], data.open_video
+
+    def counted(path):
+        video = open_video(path)
+        decode = video._decode
+        video._decode = lambda: passes.append(path.name) or decode()
+        return video
+
+    monkeypatch.setattr(data, "open_video", counted)
+    return passes

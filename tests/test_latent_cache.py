@@ -15,6 +15,7 @@ import torch
 from cogvideox_lora import latent_cache
 from cogvideox_lora.data import FrameSettings
 from cogvideox_lora.latent_cache import Entries, LatentCache, entry_keys, fill
+from helpers import count_decodes
 
 
 def test_entries_round_trip_and_a_damaged_one_reads_as_missing(tmp_path):
@@ -165,22 +166,6 @@ def test_freshly_encoded_entries_are_read_back_as_a_warm_cache_reads_them(tmp_pa
 # The check's decode reused for encoding (decoded.py)
 
 
-def _count_decodes(monkeypatch) -> list[str]:
-    """The clip names of every decode pass (Video.frames), the check's and encoding's, as they happen."""
-    from cogvideox_lora import data
-
-    passes, open_video = [], data.open_video
-
-    def counted(path):
-        video = open_video(path)
-        decode = video._decode
-        video._decode = lambda: passes.append(path.name) or decode()
-        return video
-
-    monkeypatch.setattr(data, "open_video", counted)
-    return passes
-
-
 def _checked_and_encoded(root, cache_dir, clips, check_settings, per_clip, budget_bytes, tiny_model_dir):
     """check_clips with a store of budget_bytes, then encode_videos with it; (latents by clip name, the store)."""
     from types import SimpleNamespace
@@ -210,7 +195,7 @@ def test_a_cold_run_decodes_each_clip_once_and_encodes_the_same_latents(tmp_path
     per_clip = None if per_clip is None else [replace(check, max_num_frames=per_clip[0], height=per_clip[1],
                                                       width=per_clip[2])] * len(clips)
     names = sorted(c.video.name for c in clips)
-    passes = _count_decodes(monkeypatch)
+    passes = count_decodes(monkeypatch)
     reused, store = _checked_and_encoded(tiny_dataset_dir, tmp_path / "a", clips, check, per_clip, 1 << 30,
                                          tiny_model_dir)
     assert sorted(passes) == names and store.peak == len(clips) * 9 * 48 * 64 * 3  # once each: the check's
@@ -236,7 +221,7 @@ def test_the_budget_holds_and_clips_over_it_are_decoded_again(tmp_path, tiny_dat
     used = []
     put = DecodedFrames.put
     monkeypatch.setattr(DecodedFrames, "put", lambda self, *a: put(self, *a) or used.append(self.used))
-    passes = _count_decodes(monkeypatch)
+    passes = count_decodes(monkeypatch)
     _, store = _checked_and_encoded(tiny_dataset_dir, tmp_path / "cache", clips, check, None, budget, tiny_model_dir)
     assert used == [clip_bytes, 2 * clip_bytes] and store.peak <= budget
     # The first two were kept and decoded once; the two over the budget were decoded again.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, SCRIPT, lora, max_abs_diff, run_main, subprocess_env, summary, train_argv
+from helpers import REPO, SCRIPT, count_decodes, lora, max_abs_diff, run_main, subprocess_env, summary, train_argv
 from test_robustness import exit_message
 from cogvideox_lora import clip_index, data as data_module, decoded, disk
 from cogvideox_lora.synthetic import write_clips
@@ -56,15 +56,7 @@ def test_a_cold_run_decodes_each_clip_once_and_trains_as_one_that_decodes_twice(
                                                                                 tiny_dataset_dir, monkeypatch):
     """The check's frames are reused for encoding (decoded.py); with no budget for them, each clip is decoded again,
     as before: the cache entries and the LoRA are the same bit for bit."""
-    passes, open_video = [], data_module.open_video
-
-    def counted(path):
-        video = open_video(path)
-        decode = video._decode
-        video._decode = lambda: passes.append(path.name) or decode()
-        return video
-
-    monkeypatch.setattr(data_module, "open_video", counted)
+    passes = count_decodes(monkeypatch)
     clips = sorted(p.name for p in (tiny_dataset_dir / "videos").iterdir())
     run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "reused", tmp_path / "cache_reused",
                         "--max_train_steps", 2))
