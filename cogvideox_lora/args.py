@@ -547,4 +547,3 @@ def fp8_compute_problems(value: str | None, mixed_precision: str) -> list[str]:
     if mixed_precision == "no":
         return ["--fp8_compute returns half-precision results: add --mixed_precision bf16."]
     return []
-
