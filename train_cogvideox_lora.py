@@ -286,7 +286,7 @@ def plan_memory(inputs: Inputs, accelerator) -> MemoryPlan:
 def plan_compute(fp8_linear: bool, device, mixed_precision: str, compile_blocks: bool, kernel: str | None) -> None:
     """Logs what the step computes in float8 and when its kernels compile; float8 the GPU cannot run stops here."""
     if fp8_linear:
-        unable = fp8_compute.problem(device)
+        unable = fp8_compute.problem(device, mixed_precision)
         if unable:
             sys.exit(f"error: {unable}")
         logger.info("Compute: float8 products for the frozen attention and feed-forward weights (--fp8_compute "

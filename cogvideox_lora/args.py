@@ -282,8 +282,8 @@ def _add_memory_and_speed_flags(p: argparse.ArgumentParser) -> None:
                        help="Run these matrix products in float8 (GPUs with float8 tensor cores: Ada, Hopper, "
                             "Blackwell). 'linear': the frozen attention and feed-forward weights' products, with a "
                             "scale per token for the activations and per row for the weights (which are stored as "
-                            "with --base_weights_dtype fp8); the adapter, norms and attention stay in "
-                            "--mixed_precision. Default: none.")
+                            "with --base_weights_dtype fp8); the adapter, norms and attention stay in bf16 (it needs "
+                            "--mixed_precision bf16). Default: none.")
 
 
 def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
@@ -431,7 +431,7 @@ def check_args(args) -> list[str]:
         problems.append(f"--max_gpu_memory must be more than 0 GiB, not {args.max_gpu_memory}.")
     if args.base_weights_dtype == "fp8" and args.mixed_precision == "no":
         problems.append("--base_weights_dtype fp8 computes in half precision: add --mixed_precision bf16.")
-    problems += fp8_compute_problems(args.fp8_compute, args.mixed_precision)
+    problems += fp8_compute_problems(args.fp8_compute)
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag).")
     if args.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
@@ -537,13 +537,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 FP8_COMPUTE_PARTS = ("linear",)
 
 
-def fp8_compute_problems(value: str | None, mixed_precision: str) -> list[str]:
+def fp8_compute_problems(value: str | None) -> list[str]:
+    """Only the parts named; whether the GPU and the precision can run them is fp8_compute.problem's (they are known
+    once accelerate has started)."""
     if value is None:
         return []
     parts = [p.strip() for p in value.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in FP8_COMPUTE_PARTS]
-    if unknown or not parts:
+    if not parts or any(p not in FP8_COMPUTE_PARTS for p in parts):
         return [f"--fp8_compute {value!r}: name {' or '.join(FP8_COMPUTE_PARTS)} (comma-separated)."]
-    if mixed_precision == "no":
-        return ["--fp8_compute returns half-precision results: add --mixed_precision bf16."]
     return []

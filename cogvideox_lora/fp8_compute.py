@@ -34,9 +34,10 @@ class _ScaledLinear(torch.autograd.Function):
         ctx.in_dtype = x.dtype
         rows = x.reshape(-1, x.shape[-1])
         values, scale = _quantize_rows(rows)
+        # cuBLASLt's row-wise scaled products write bf16 only.
         out = torch._scaled_mm(values, weight.t(), scale_a=scale, scale_b=weight_scale.float().t(),
-                               out_dtype=x.dtype)
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+                               out_dtype=torch.bfloat16)
+        return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -45,8 +46,8 @@ class _ScaledLinear(torch.autograd.Function):
         values, scale = _quantize_rows(rows)
         ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
         grad_in = torch._scaled_mm(values, weight.t().contiguous().t(), scale_a=scale, scale_b=ones,
-                                   out_dtype=ctx.in_dtype)
-        return grad_in.reshape(*grad_out.shape[:-1], weight.shape[1]), None, None
+                                   out_dtype=torch.bfloat16)
+        return grad_in.reshape(*grad_out.shape[:-1], weight.shape[1]).to(ctx.in_dtype), None, None
 
 
 class Float8ComputeLinear(Float8Linear):
@@ -70,8 +71,11 @@ def use_for_linears(transformer) -> int:
     return switched
 
 
-def problem(device: torch.device) -> str | None:
-    """Why this machine cannot run --fp8_compute linear, or None where it can."""
+def problem(device: torch.device, mixed_precision: str) -> str | None:
+    """Why this machine or precision cannot run --fp8_compute linear, or None where they can."""
+    if mixed_precision != "bf16":
+        return (f"--fp8_compute writes bf16 results (cuBLASLt's scaled products), and this run's precision is "
+                f"{mixed_precision}: use --mixed_precision bf16.")
     if device.type == "cpu":
         return None  # PyTorch's CPU float8 products: slow, but the same numbers, for tests and dry runs
     if device.type != "cuda":

@@ -11,7 +11,7 @@ from cogvideox_lora.settings import ModelSource
 from cogvideox_lora.memory import Plan
 from cogvideox_lora.placement import Placement
 from cogvideox_lora.transformer import TransformerSpec, build
-from helpers import BF16, assert_same_step, step
+from helpers import BF16, assert_same_step, run_main, step, train_argv
 from test_args import refusal
 
 
@@ -78,22 +78,29 @@ def test_layers_whose_shape_cublas_cannot_take_keep_the_dequantized_product():
                                                 models.Float8Linear]
 
 
-def test_gpus_without_float8_tensor_cores_are_refused_by_name(monkeypatch):
-    assert fp8_compute.problem(torch.device("cpu")) is None
+def test_gpus_without_float8_tensor_cores_and_other_precisions_are_refused_by_name(monkeypatch):
+    assert fp8_compute.problem(torch.device("cpu"), "bf16") is None
+    for precision in ("no", "fp16"):
+        assert f"this run's precision is {precision}: use --mixed_precision bf16" in fp8_compute.problem(
+            torch.device("cpu"), precision)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
-    said = fp8_compute.problem(torch.device("cuda"))
+    said = fp8_compute.problem(torch.device("cuda"), "bf16")
     assert "RTX 3090" in said and "8.6" in said and "Ada, Hopper, Blackwell" in said
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert fp8_compute.problem(torch.device("cuda")) is None
+    assert fp8_compute.problem(torch.device("cuda"), "bf16") is None
 
 
-@pytest.mark.parametrize("argv, said", [
-    (["--fp8_compute", "attention", "--mixed_precision", "bf16"], "--fp8_compute 'attention': name linear"),
-    (["--fp8_compute", "linear", "--mixed_precision", "no"], "--fp8_compute returns half-precision results"),
-])
-def test_what_fp8_compute_cannot_do_is_refused_before_loading(capsys, argv, said):
-    assert said in refusal(capsys, *argv)
+def test_only_what_fp8_compute_offers_is_taken(capsys):
+    assert "--fp8_compute 'attention': name linear" in refusal(capsys, "--fp8_compute", "attention")
+
+
+def test_a_precision_fp8_cannot_write_stops_before_any_model_loads(tmp_path, tiny_model_dir, tiny_dataset_dir,
+                                                                   no_models):
+    with pytest.raises(SystemExit) as exit_:
+        run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache",
+                            "--fp8_compute", "linear", "--mixed_precision", "no"))
+    assert str(exit_.value.code).startswith("error: --fp8_compute writes bf16 results")
 
 
 def test_the_estimate_counts_float8_copies_instead_of_bf16_ones(val_2b):
