@@ -542,7 +542,7 @@ def fp8_compute_problems(value: str | None) -> list[str]:
     once accelerate has started)."""
     if value is None:
         return []
-    parts = [p.strip() for p in value.split(",") if p.strip()]
+    parts = split(value, ",")
     if not parts or any(p not in FP8_COMPUTE_PARTS for p in parts):
         return [f"--fp8_compute {value!r}: name {' or '.join(FP8_COMPUTE_PARTS)} (comma-separated)."]
     return []

@@ -30,9 +30,9 @@ def describe(compiled_blocks: bool, flash4: bool) -> str | None:
                                         ("FlashAttention-4", flash4)) if used]
     if not compiled:
         return None
-    places = sorted({str(Path(os.environ[v]).parent) if os.environ.get(v) else "(unset)" for v in VARIABLES})
-    found = any(Path(os.environ[v]).is_dir() and any(Path(os.environ[v]).iterdir())
-                for v in VARIABLES if os.environ.get(v))
+    folders = [Path(os.environ[v]) for v in VARIABLES if os.environ.get(v)]
+    places = sorted({str(folder.parent) for folder in folders})
+    found = any(folder.is_dir() and any(folder.iterdir()) for folder in folders)
     return (f"Kernels of {' and '.join(compiled)} compile in the first step, kept in {', '.join(places)}: "
             + ("kernels of earlier runs are there and those of the same setting are reused (seconds)."
                if found else "none there yet, so this first step compiles them all (about half a minute)."))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import tables, text
 from .clip_index import identity, settings_key
-from .decoded import Decoded, identity as file_identity
+from .decoded import Decoded
 from .images import open_image
 from .video import open_video, reencode_command
 
@@ -269,7 +269,7 @@ def probe_clip(path: Path, settings: FrameSettings, decoded=None) -> tuple[int, 
     keep = decoded is not None and indices and decoded.has_room(nbytes)
     frames = [frame for frame in video.frames(indices) if keep]
     if keep:
-        kept = Decoded(video.starts, video.end, video.pixel_aspect, indices, frames, file_identity(path))
+        kept = Decoded(video.starts, video.end, video.pixel_aspect, indices, frames, identity(os.stat(path)))
         decoded.put(path, kept, nbytes)
     return len(indices), video.height, round(video.width * video.pixel_aspect)
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import host_memory
+from .clip_index import identity
+
 # At most 2 GiB, and at most a tenth of the memory available when the run starts: enough for some 40 clips of
 # 49x480x720 (or 200 of 17 frames), which is what the VAE takes first, while leaving the rest of the host's memory
 # to the models that load next and to other runs on the machine. A constant, not a flag: the saving is a decode a
@@ -23,19 +26,8 @@ SHARE_OF_AVAILABLE = 0.10
 def budget() -> int:
     """Bytes the store may hold: min(MAX_BYTES, SHARE_OF_AVAILABLE of MemAvailable); 0 (no reuse) where
     /proc/meminfo cannot say (not Linux)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return min(MAX_BYTES, int(int(line.split()[1]) * 1024 * SHARE_OF_AVAILABLE))
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def identity(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
+    available = host_memory.available_gib()
+    return 0 if available is None else min(MAX_BYTES, int(available * host_memory.GIB * SHARE_OF_AVAILABLE))
 
 
 @dataclass
@@ -49,7 +41,7 @@ class Decoded:
     pixel_aspect: float
     indices: list[int]
     frames: list[np.ndarray]
-    identity: tuple[int, int, int]
+    identity: list[int]  # clip_index.identity's
 
     def frames_at(self, indices: list[int]) -> list[np.ndarray] | None:
         """The frames at indices, if they are the first of those decoded (a bucket's length takes a prefix of the
@@ -103,7 +95,7 @@ class DecodedFrames:
         if decoded is None:
             return None
         try:
-            return decoded if identity(path) == decoded.identity else None
+            return decoded if identity(os.stat(path)) == decoded.identity else None
         except OSError:
             return None
 

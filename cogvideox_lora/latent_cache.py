@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import disk
-from .clip_index import file_digest
+from .clip_index import file_digest, identity
 from .data import Clip, ClipFrames, DatasetError, FrameSettings
 from .distributed import wait_for_everyone_without_deadline
 
@@ -57,11 +57,6 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _identity(path: str) -> list[int]:
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 class LatentCache:
@@ -112,10 +107,10 @@ class LatentCache:
         """Whether the entry is there and passes its checksum: read whole only if the file changed since it last
         passed."""
         try:
-            identity = _identity(self._file(key))
+            found = identity(os.stat(self._file(key)))
         except OSError:
             return False
-        if self._verified.get(key) == identity:
+        if self._verified.get(key) == found:
             return True
         if self.load(key) is None:
             return False
@@ -123,7 +118,7 @@ class LatentCache:
         return True
 
     def _verify(self, key: str) -> None:
-        self._verified[key] = _identity(self._file(key))
+        self._verified[key] = identity(os.stat(self._file(key)))
         self._verified_changed = True
 
     def save_verified(self) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cogvideox_lora import decoded
+from cogvideox_lora import clip_index, decoded
 from cogvideox_lora.data import DatasetError, FrameSettings, check_clips
 from cogvideox_lora.decoded import Decoded, DecodedFrames
 from helpers import load_clips
@@ -15,7 +15,7 @@ from helpers import load_clips
 
 def _decoded(path: Path, indices=(0, 1, 2)) -> Decoded:
     frames = [np.full((2, 2, 3), i, np.uint8) for i in indices]
-    return Decoded(np.arange(10) / 8, 10 / 8, 1.0, list(indices), frames, decoded.identity(path))
+    return Decoded(np.arange(10) / 8, 10 / 8, 1.0, list(indices), frames, clip_index.identity(os.stat(path)))
 
 
 def test_the_budget_is_the_smaller_of_a_constant_and_a_share_of_what_is_available():
