@@ -278,7 +278,8 @@ def plan_memory(inputs: Inputs, accelerator) -> MemoryPlan:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
     # The card's figure of each part's peak (NVML keeps none): sampled from here on.
-    peaks = memory.Peaks(None if run.dry_run else device_memory.Sampler(device).start())
+    peaks = memory.Peaks(None, None) if run.dry_run else \
+        memory.Peaks(device_memory.Sampler(device).start(), host_memory.ResidentPeak())
     return MemoryPlan(weight_dtype, kernel, compile_blocks, Placement(plan, device, peaks, card, work, run.memory.plan),
                       needed, budget, host)
 
@@ -398,7 +399,8 @@ def build_transformer(inputs: Inputs, accelerator, plan: MemoryPlan, encoded: En
         run.memory.fp8_linear, run.ignore_learned_positional_embeddings and inputs.family.learned_positions,
         plan.kernel.kernel,
         plan.compile_blocks, run.lora.target_modules)
-    model, lora_config = transformer.build(run.model, spec, plan.placement)
+    with plan.placement.peaks.part("loading"):
+        model, lora_config = transformer.build(run.model, spec, plan.placement)
     load_seconds = time.perf_counter() - loading
     scheduler = models.load_scheduler(run.model)
 
@@ -458,7 +460,8 @@ def trained_on(inputs: Inputs) -> TrainedOn:
 
 class Timing(NamedTuple):
     step_times: list[float]
-    seconds_to_first_step: float | None
+    seconds_to_first_step: float | None  # from main() to the first step's start
+    first_step_done_at: float | None  # wall-clock time (time.time()) when the first step, compilation included, ended
 
 
 def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop: checkpoints.StopSignal,
@@ -470,7 +473,7 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
                         model.batches_per_epoch, inputs.vae_config["scaling_factor"], inputs.family,
                         model.alphas_cumprod, model.weight_dtype, training)
     inputs_of_size = {}  # the transformer's inputs of each latent size
-    step_times, first_step_at, last = [], None, time.perf_counter()
+    step_times, first_step_at, first_step_done_at, last = [], None, None, time.perf_counter()
     clock = checkpoints.CheckpointClock(training.checkpointing_minutes)
     if model.heldout is not None and model.first_step < model.max_train_steps:
         model.history.base = model.heldout.evaluate(accelerator, model.transformer, base=True)
@@ -518,7 +521,7 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
 
         now = time.perf_counter()
         step_times.append(now - last)
-        last = now
+        last, first_step_done_at = now, first_step_done_at or time.time()
         log_step(accelerator, model, progress, step, step_loss, grad_norm, step_times[-1])
         done = step + 1
         checkpointing = (done % training.checkpointing_steps == 0 or stopping or timed) and done < model.max_train_steps
@@ -537,7 +540,7 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
         if done < model.max_train_steps and validates_after(training, step, model.batches_per_epoch):
             model.validator.run(accelerator, model.transformer, done)
     progress.close()
-    return Timing(step_times, first_step_at)
+    return Timing(step_times, first_step_at, first_step_done_at)
 
 
 def log_step(accelerator, model: Model, progress, step: int, loss: float, grad_norm: float, seconds: float) -> None:
@@ -635,7 +638,8 @@ def run_summary(inputs: Inputs, accelerator, plan: MemoryPlan, model: Model, tim
         "processes": accelerator.num_processes, "samples_per_step": samples,
         "encoded_clips": int(sum(clips_encoded)), "encoded_images": int(sum(images_encoded)),
         "encoded_prompts": int(sum(prompts_encoded)), "encoded_clips_per_process": [int(n) for n in clips_encoded],
-        "seconds_to_first_step": timing.seconds_to_first_step, "model_load_seconds": model.load_seconds,
+        "seconds_to_first_step": timing.seconds_to_first_step, "first_step_done_at": timing.first_step_done_at,
+        "model_load_seconds": model.load_seconds,
         "median_step_time_s": step_time, "samples_per_second": samples / step_time if step_time else None,
         # Training steps alone (validation apart): the fullest GPU's, and each process's.
         "peak_memory_allocated_gib": max(allocated) if cuda else None,
@@ -655,12 +659,15 @@ def run_summary(inputs: Inputs, accelerator, plan: MemoryPlan, model: Model, tim
 def measured_memory(plan: MemoryPlan) -> dict:
     """train_summary.json's device-level and host figures of this process: the card's peaks as NVML counts them
     (None without a GPU or NVML), the context and kernels beside the allocator, and the host's peak resident and
-    pinned memory (pinned pages may be counted in the resident ones too: their sum is an upper bound)."""
+    pinned memory (pinned pages may be counted in the resident ones too: their sum is an upper bound), the
+    resident peak of each part of the run too."""
     placement = plan.placement
-    rss, pinned = host_memory.peak_rss_gib(), placement.pinned_gib()
+    rss, pinned = placement.peaks.host_peak() or host_memory.peak_rss_gib(), placement.pinned_gib()
     return {
         "peak_device_memory_gib": placement.peaks.device_gib["training"],
         "peak_device_memory_validation_gib": placement.peaks.device_validation(),
+        "peak_device_memory_loading_gib": placement.peaks.device_gib["loading"],
+        "peak_host_rss_gib_by_part": placement.peaks.host_gib,
         "device_overhead_gib": device_memory.overhead_gib(placement.device),
         "gpu_memory_limit_gib": plan.budget_gib,
         "estimated_allocator_gib": plan.needed.allocator_gib, "estimated_host_gib": plan.host.peak_gib,

@@ -87,8 +87,10 @@ ROWS = {  # name: (model size, extra trainer flags)
     "1.5-5b-auto-24gb": ("1.5-5b", _auto(24)),
     "5b-fp8-auto-8gb": ("5b", _auto(8, *FP8)),
     # The 2b row with the held-out loss of HELDOUT_CLIPS clips at 4 timesteps every 4 steps (its cost against "2b":
-    # run both in one call, --rows 2b,2b-heldout).
+    # run both in one call, --rows 2b,2b-heldout); with float8 products, the curve to hold against bf16's (longer
+    # runs: --steps 300 -- --validation_loss_steps 50).
     "2b-heldout": ("2b", ["--validation_loss_steps", "4", "--validation_loss_timesteps", "4"]),
+    "2b-heldout-fp8c": ("2b", ["--validation_loss_steps", "4", "--validation_loss_timesteps", "4", *FP8_LINEAR]),
 }
 HELDOUT_CLIPS = 8
 ATTENTION = ("cudnn", "flash4")
@@ -144,6 +146,17 @@ def write_data(data_dir: Path, frames: int, height: int, width: int) -> int:
     return 8 * repeat
 
 
+def write_heldout(workdir: Path, shape: tuple[int, int, int]) -> Path:
+    """Held-out clips of their own (HELDOUT_CLIPS, numbered after write_data's), of the training clips' size."""
+    frames, height, width = shape
+    heldout = workdir / f"heldout-{'x'.join(map(str, shape))}"
+    if not (heldout / "videos.txt").exists():
+        synthetic.write_clips(heldout, num_clips=HELDOUT_CLIPS, height=height, width=width,
+                              num_frames=math.ceil(frames / math.ceil(frames / synthetic.MAX_FRAMES)), fps=8,
+                              id_offset=4)
+    return heldout
+
+
 def launcher(processes: int, zero2: bool) -> list[str]:
     if zero2:
         config = ["--config_file", str(REPO / "accelerate_config_deepspeed_zero2.yaml")]
@@ -155,12 +168,17 @@ def launcher(processes: int, zero2: bool) -> list[str]:
 
 
 def train(command: list[str], out: Path) -> dict:
+    """The run's train_summary.json, with launch_to_first_step_s: from `accelerate launch` to the end of the first
+    optimizer step (its compilation included), what a user waits before training is under way."""
     print("$", " ".join(command), flush=True)
+    launched = time.time()
     # NVLink multicast (NVLS) stays off: on shared hosts it can take the GPUs out of service. Expandable segments
     # as the finetune scripts set them, so that a capped row is not refused for fragmentation.
     subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "NCCL_NVLS_ENABLE": "0",
                                                        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
-    return json.loads((out / "train_summary.json").read_text())
+    summary = json.loads((out / "train_summary.json").read_text())
+    done = summary.get("first_step_done_at")
+    return {**summary, "launch_to_first_step_s": done - launched if done else None}
 
 
 def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, resume_steps, extra):
@@ -175,12 +193,8 @@ def run_row(name, model_dir, data_dir, workdir, shape, fps, steps, resume_steps,
 
             Image.new("RGB", (width, height), (128, 128, 128)).save(image)
         flags += ["--validation_images", str(image)]
-    if "--validation_loss_steps" in flags:  # held-out clips of their own, of the training clips' size
-        heldout = workdir / f"heldout-{frames}x{height}x{width}"
-        if not (heldout / "videos.txt").exists():
-            synthetic.write_clips(heldout, num_clips=HELDOUT_CLIPS, height=height, width=width,
-                                  num_frames=math.ceil(frames / (fps // 8)), fps=8, id_offset=4)
-        flags += ["--validation_dataset", str(heldout)]
+    if "--validation_loss_steps" in flags:
+        flags += ["--validation_dataset", str(write_heldout(workdir, shape))]
     out = workdir / f"out-{name}"
     shutil.rmtree(out, ignore_errors=True)  # a row run again starts afresh: the trainer refuses to overwrite a run
     command = [
@@ -258,6 +272,8 @@ def main():
                         help="then continue each row's run to this many steps from its last checkpoint")
     parser.add_argument("--clips", default=None, help="an existing dataset folder instead of generated clips")
     parser.add_argument("--tiny", action="store_true", help="tiny models and clips, for a CPU")
+    parser.add_argument("--shape", default=None, help="FRAMESxHEIGHTxWIDTH for every row instead of the model's "
+                                                      "native size (e.g. 49x240x368 for long, cheap curves)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--build_only", action="store_true",
                         help="make the rows' model folders and clips, and run nothing (card_rows.sh: before the "
@@ -269,7 +285,7 @@ def main():
     results = []
     for name in args.rows.split(","):
         size = ROWS[parse_row(name)[0]][0]
-        shape = TINY_SHAPE if args.tiny else native_shape(size)
+        shape = tuple(map(int, args.shape.split("x"))) if args.shape else TINY_SHAPE if args.tiny else native_shape(size)
         if args.clips:
             data_dir, fps = Path(args.clips), 8
         else:
@@ -297,9 +313,9 @@ def main():
     print("\n" + ", ".join(f"{k} {v}" for k, v in environment.items()))
     print("\n| row | GPUs | median step (s) | samples/s | scaling (x) | peak alloc per GPU (GiB) "
           "| peak reserved, max (GiB) | validation peak (GiB) | on the card: training / validation (GiB) "
-          "| estimate, on the card (GiB) | host peak (GiB) | to first step (s) | cache | model load (s) "
-          "| TFLOP/s per GPU |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| estimate, on the card (GiB) | host peak (GiB) | to first step (s) | launch to first step done (s) "
+          "| cache | model load (s) | TFLOP/s per GPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         cache = "warm" if r["encoded_clips"] == 0 else "cold"
         per_gpu = ", ".join(fmt(m, ".2f") for m in r["peak_memory_allocated_gib_per_process"] or [None])
@@ -308,7 +324,7 @@ def main():
               f"| {fmt(r['peak_memory_reserved_gib'], '.1f')} | {fmt(r.get('peak_memory_validation_gib'), '.2f')} "
               f"| {fmt(r.get('peak_device_memory_gib'), '.2f')} / {fmt(r.get('peak_device_memory_validation_gib'), '.2f')} "
               f"| {fmt(r.get('estimated_peak_gib'), '.2f')} | {fmt(r.get('peak_host_memory_gib'), '.1f')} "
-              f"| {fmt(r['seconds_to_first_step'], '.1f')} | {cache} "
+              f"| {fmt(r['seconds_to_first_step'], '.1f')} | {fmt(r['launch_to_first_step_s'], '.1f')} | {cache} "
               f"| {fmt(r['model_load_seconds'], '.1f')} | {fmt(r['achieved_tflops'], '.0f')} |")
     for r in results:
         if r.get("heldout_seconds"):

@@ -3,7 +3,8 @@
 # benchmarks/ballast.py, which takes all of the GPU but what such a card has free, while nvidia-smi samples the
 # GPU's memory every 100 ms beside it. A row passes if it finishes under the ballast; its device peak is the most
 # nvidia-smi saw less what it saw before the trainer started (the ballast), beside the trainer's own NVML figures
-# (train_summary.json) and the plan's estimate. Every row runs on its own, so a failing row costs only itself.
+# (train_summary.json) and the plan's estimate; the host's too, as MemAvailable (/proc/meminfo, every 100 ms) fell.
+# Every row runs on its own, so a failing row costs only itself.
 #
 #   ROWS="2b-auto-8gb-cudnn:7.5 5b-fp8-auto-12gb-cudnn:11.5 5b-auto-16gb-cudnn:15.5" OUT=$OUT \
 #     bash benchmarks/card_rows.sh          # on the GPU machine; a row is NAME:GIB_LEFT_FREE
@@ -39,14 +40,16 @@ for spec in $ROWS; do
   if [[ ! -s $WORKDIR/ballast.ready ]]; then echo "=== $row: the ballast did not start"; continue; fi
   nvidia-smi -i "$GPU" --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/smi-$row.csv" &
   smi=$!
+  while sleep 0.1; do awk '/^MemAvailable:/ {print $2}' /proc/meminfo; done > "$OUT/meminfo-$row.csv" &
+  meminfo=$!
   sleep 1  # readings of the ballast alone, before the trainer
   timeout --kill-after=15 $((BUDGET - SECONDS - 15)) python3 benchmarks/bench_train.py --workdir "$WORKDIR" \
     --steps "$STEPS" --rows "$row" --out "$WORKDIR/row.json"
   status=$?
-  kill $smi $ballast 2>/dev/null
-  wait $smi $ballast 2>/dev/null
+  kill $smi $meminfo $ballast 2>/dev/null
+  wait $smi $meminfo $ballast 2>/dev/null
   python3 benchmarks/card_report.py row "$row" "$leave" "$status" "$OUT/smi-$row.csv" "$WORKDIR/row.json" \
-    "$(cat "$WORKDIR/ballast.ready")" >> "$OUT/rows.jsonl"
+    "$(cat "$WORKDIR/ballast.ready")" "$OUT/meminfo-$row.csv" >> "$OUT/rows.jsonl"
   echo "=== $row: exit $status at ${SECONDS}s"
 done
 echo "=== rows"

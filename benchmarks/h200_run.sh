@@ -9,6 +9,10 @@
 #                                                     # checkpointing; rows: the rows named; parts run in turn
 #   PART=ingraph POLICIES="full keep_attention" ...   # 2B and 5B with checkpointing, the checkpoint inside the
 #                                                     # compiled blocks (the trainer) or around them (profile_step.py's around)
+#   PART=fp8 ...                                      # --fp8_compute linear against bf16: check_fp8.py's numerics and
+#                                                     # speed (2B, 5B checkpointed), the 2B step's profile with it
+#   PART=rows ROWS="2b-heldout 2b-heldout-fp8c" STEPS=300 BENCH_ARGS="--shape 49x240x368 -- --validation_loss_steps 50"
+#                                                     # BENCH_ARGS: more bench_train.py arguments for every row
 #
 # Before the first part, on the same machine: FlashAttention-4's CUDA-13 library unpacked into /tmp/fa4
 # (../shared/device/fetch-fa4.sh prints that call); the wheels of .whl/ and .whl-fa4/ are installed here.
@@ -28,7 +32,7 @@ row() {
   if ((left < 60)); then echo "=== $1: skipped, ${left}s left"; return; fi
   echo "=== $1 ($2 steps): at most ${left}s"
   timeout --kill-after=15 "$left" python3 benchmarks/bench_train.py --workdir "$WORKDIR" --steps "$2" \
-    --rows "$1" --out "$WORKDIR/row.json" && python3 -c "import json,sys; r=json.load(open(sys.argv[1])); \
+    --rows "$1" --out "$WORKDIR/row.json" ${BENCH_ARGS:-} && python3 -c "import json,sys; r=json.load(open(sys.argv[1])); \
 print(json.dumps({**r['rows'][0], 'environment': r['environment']}))" "$WORKDIR/row.json" >> "$OUT/rows.jsonl"
   echo "=== $1: exit $? at ${SECONDS}s"
 }
@@ -50,6 +54,12 @@ for part in ${PART:-a}; do case $part in
         > "$OUT/ingraph_${size}_$policy.txt" 2>&1
       tail -5 "$OUT/ingraph_${size}_$policy.txt"
     done; done ;;
+  fp8)
+    timeout $((BUDGET - SECONDS)) python3 benchmarks/check_fp8.py --rows 2b,5b-ckpt --kernel flash4 \
+      --out "$OUT/check_fp8.json"
+    timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size 2b \
+      --variants flash4+compile,flash4+compile+fp8c --warmup 2 --steps 4 --profile 30 > "$OUT/profile_2b_fp8c.txt" 2>&1
+    tail -80 "$OUT/profile_2b_fp8c.txt" ;;
   check)
     timeout 200 python3 benchmarks/check_attention.py --out "$OUT/check_attention.json"
     timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size 2b --variants flash4+compile \

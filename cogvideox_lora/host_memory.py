@@ -33,6 +33,25 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
+class ResidentPeak:
+    """The peak resident memory of each part of a run (memory.Peaks): Linux keeps one high-water mark a process
+    (VmHWM), which writing 5 to /proc/self/clear_refs starts again from the current resident size, so each take()
+    says the peak since the last. Pinned buffers are resident pages and count in it."""
+
+    def __init__(self, proc: Path = Path("/proc/self")):
+        self.status, self.clear_refs = proc / "status", proc / "clear_refs"
+
+    def take(self) -> float | None:
+        """The peak since the last take (None where the kernel does not say), and a new one started."""
+        try:
+            peak = next(int(line.split()[1]) * 1024 / GIB for line in self.status.read_text().splitlines()
+                        if line.startswith("VmHWM:"))
+            self.clear_refs.write_text("5")
+        except (OSError, ValueError, IndexError, StopIteration):
+            return None
+        return peak
+
+
 @dataclass(frozen=True)
 class HostEstimate:
     """Host memory of each phase of a run, for all of this machine's processes: encoding (T5 on the CPU), loading

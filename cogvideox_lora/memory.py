@@ -398,14 +398,18 @@ def recheck(work: Workload, asked: Plan, plan: Plan, budget: Budget, measured_gi
 
 class Peaks:
     """Peak GPU memory (allocated, reserved) of each part of a run: "encoding" (what the cache lacked, before
-    training), "training", "validation" and, within it, "decoding" (the VAE's), and "heldout" (the held-out loss).
-    PyTorch keeps one peak, so it is read and reset as a part begins and ends. With a sampler
-    (device_memory.Sampler), the process's device-level peak of each part too (None where unknown)."""
+    training), "loading" (the transformer), "training", "validation" and, within it, "decoding" (the VAE's), and
+    "heldout" (the held-out loss). PyTorch keeps one peak, so it is read and reset as a part begins and ends. With a
+    sampler (device_memory.Sampler), the process's device-level peak of each part too, and with a host reader
+    (host_memory.ResidentPeak), its resident host memory's (None where unknown)."""
 
-    def __init__(self, sampler=None):
-        self.gib = {part: (0.0, 0.0) for part in ("encoding", "training", "validation", "decoding", "heldout")}
+    def __init__(self, sampler=None, host=None):
+        self.gib = {part: (0.0, 0.0) for part in ("encoding", "loading", "training", "validation", "decoding",
+                                                   "heldout")}
         self.device_gib: dict[str, float | None] = dict.fromkeys(self.gib)
-        self.sampler = sampler
+        # The host's since the process started (the dataset check, its decoded frames kept) apart from training's.
+        self.host_gib: dict[str, float | None] = {"starting": host and host.take(), **dict.fromkeys(self.gib)}
+        self.sampler, self.host = sampler, host
         self.current = "training"
 
     def _read(self, part: str) -> tuple[float, float]:
@@ -413,9 +417,10 @@ class Peaks:
             now = torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
             self.gib[part] = tuple(map(max, self.gib[part], now))
             torch.cuda.reset_peak_memory_stats()
-        device = None if self.sampler is None else self.sampler.take()
-        if device is not None:
-            self.device_gib[part] = max(self.device_gib[part] or 0.0, device)
+        for counts, reader in ((self.device_gib, self.sampler), (self.host_gib, self.host)):
+            now = None if reader is None else reader.take()
+            if now is not None:
+                counts[part] = max(counts[part] or 0.0, now)
         return self.gib[part]
 
     @contextlib.contextmanager
@@ -431,6 +436,13 @@ class Peaks:
 
     def training(self) -> tuple[float, float]:
         return self._read("training")
+
+    def host_peak(self) -> float | None:
+        """The host's resident peak of the run so far (None without a host reader): the most of its parts', since
+        starting each part again also starts the kernel's whole-process figure (ru_maxrss) again."""
+        self._read(self.current)
+        known = [gib for gib in self.host_gib.values() if gib is not None]
+        return max(known) if known else None
 
     def validation(self) -> tuple[float, float]:
         """Validation's peaks, its decoding included."""

@@ -133,6 +133,11 @@ def test_the_summary_carries_the_cards_and_the_hosts_figures(tmp_path, tiny_mode
     assert info["host_pinned_gib"] > 0  # the swapped block's weights and the activations' buffers
     assert info["peak_host_rss_gib"] > 0 and info["estimated_host_gib"] > 0
     assert info["peak_host_memory_gib"] == pytest.approx(info["peak_host_rss_gib"] + info["host_pinned_gib"])
+    # Each part's resident peak (VmHWM, started again at each part): none above the whole run's, the run's among them.
+    by_part = info["peak_host_rss_gib_by_part"]
+    assert set(by_part) >= {"starting", "encoding", "loading", "training", "validation"}
+    assert all(0 < by_part[p] for p in ("starting", "encoding", "loading", "training"))
+    assert max(v for v in by_part.values() if v) == info["peak_host_rss_gib"]
 
 
 def test_the_placement_holds_the_allocator_tighter_when_the_first_step_finds_more_overhead(fake_gpu, monkeypatch):

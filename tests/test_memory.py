@@ -129,6 +129,40 @@ def test_peaks_keep_the_cards_figure_of_each_part():
     assert bare.device_gib["training"] is None and bare.device_validation() is None
 
 
+def test_resident_peak_of_each_part(tmp_path):
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "status").write_text("Name:\tpython\nVmHWM:\t 2097152 kB\nVmRSS:\t 1048576 kB\n")
+    reader = host_memory.ResidentPeak(proc)
+    assert reader.take() == pytest.approx(2.0)
+    assert (proc / "clear_refs").read_text() == "5"  # the kernel's way to start the high-water mark again
+    (proc / "status").write_text("Name:\tpython\n")  # a kernel that does not say
+    assert reader.take() is None
+    assert host_memory.ResidentPeak(tmp_path / "none").take() is None
+
+    # This process's own: a peak that is gone is in the first take and not in the next.
+    real = host_memory.ResidentPeak()
+    real.take()
+    ballast = bytearray(256 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    del ballast
+    first, second = real.take(), real.take()
+    assert first - second > 0.2
+
+
+def test_peaks_keep_the_hosts_figure_of_each_part():
+    peaks = memory.Peaks(None, FakeSampler([5.0, 1.0, 7.0, 2.0, 3.0]))
+    assert peaks.host_gib["starting"] == 5.0  # from the process's start to the plan
+    with peaks.part("loading"):  # training's so far (1.0) going in, loading's (7.0) coming out
+        pass
+    with peaks.part("validation"):  # training's (2.0) going in, validation's (3.0) coming out
+        pass
+    assert peaks.host_gib["loading"] == 7.0 and peaks.host_gib["training"] == 2.0
+    assert peaks.host_gib["validation"] == 3.0 and peaks.host_gib["encoding"] is None
+    assert memory.Peaks(None, FakeSampler([1.0, 2.0])).host_peak() == 2.0  # training's so far read too
+    assert memory.Peaks().host_peak() is None
+
+
 def test_a_run_the_first_step_finds_short_stops_in_one_line(tmp_path, tiny_model_dir, tiny_dataset_dir,
                                                             monkeypatch):
     # The check after the first step says the plan will not fit (what memory.recheck says on a GPU): every process
