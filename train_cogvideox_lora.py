@@ -473,7 +473,7 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
                         model.batches_per_epoch, inputs.vae_config["scaling_factor"], inputs.family,
                         model.alphas_cumprod, model.weight_dtype, training)
     inputs_of_size = {}  # the transformer's inputs of each latent size
-    step_times, first_step_at, first_step_done_at, last = [], None, None, time.perf_counter()
+    step_times, first_step_at, first_step_done_at = [], None, None
     clock = checkpoints.CheckpointClock(training.checkpointing_minutes)
     if model.heldout is not None and model.first_step < model.max_train_steps:
         model.history.base = model.heldout.evaluate(accelerator, model.transformer, base=True)
@@ -484,8 +484,8 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
     stop.check()
     stop.training = True  # from here a signal checkpoints after the step
     for step in range(model.first_step, model.max_train_steps):
-        if first_step_at is None:
-            first_step_at = time.perf_counter() - started
+        begun = time.perf_counter()  # a step's time leaves out the evaluations, checkpoints and videos before it
+        first_step_at = begun - started if first_step_at is None else first_step_at
         loss_sum, step_clips = accumulate_gradients(accelerator, model.transformer, data, step, inputs_of_size)
         # A float under DeepSpeed, which clipped (and stepped) inside backward.
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.transformer.parameters(),
@@ -519,9 +519,8 @@ def run_steps(inputs: Inputs, accelerator, model: Model, encoded: Encoded, stop:
         model.lr_scheduler.step()
         model.optimizer.zero_grad(set_to_none=True)
 
-        now = time.perf_counter()
-        step_times.append(now - last)
-        last, first_step_done_at = now, first_step_done_at or time.time()
+        step_times.append(time.perf_counter() - begun)
+        first_step_done_at = first_step_done_at or time.time()
         log_step(accelerator, model, progress, step, step_loss, grad_norm, step_times[-1])
         done = step + 1
         checkpointing = (done % training.checkpointing_steps == 0 or stopping or timed) and done < model.max_train_steps

@@ -9,8 +9,9 @@
 #                                                     # checkpointing; rows: the rows named; parts run in turn
 #   PART=ingraph POLICIES="full keep_attention" ...   # 2B and 5B with checkpointing, the checkpoint inside the
 #                                                     # compiled blocks (the trainer) or around them (profile_step.py's around)
-#   PART=fp8 ...                                      # --fp8_compute linear against bf16: check_fp8.py's numerics and
-#                                                     # speed (2B, 5B checkpointed), the 2B step's profile with it
+#   PART=fp8 [KERNEL=cudnn] ...                       # --fp8_compute linear against bf16: check_fp8.py's numerics and
+#                                                     # speed (2B, 5B checkpointed), the 2B step's profile with it;
+#                                                     # attention by FlashAttention-4 unless KERNEL=cudnn
 #   PART=rows ROWS="2b-heldout 2b-heldout-fp8c" STEPS=300 BENCH_ARGS="--shape 49x240x368 -- --validation_loss_steps 50"
 #                                                     # BENCH_ARGS: more bench_train.py arguments for every row
 #
@@ -24,7 +25,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_setup.sh
 export PYTHONPATH=$PWD:$PYTHONPATH
-python3 -c 'import torch, flash_attn.cute; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version())'
+python3 -c 'import torch; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version())'
+python3 -c 'import flash_attn.cute' 2>/dev/null && echo "FlashAttention-4 there" || echo "no FlashAttention-4"
 
 # row NAME STEPS: one bench_train.py row, given at most what is left of the budget.
 row() {
@@ -55,11 +57,12 @@ for part in ${PART:-a}; do case $part in
       tail -5 "$OUT/ingraph_${size}_$policy.txt"
     done; done ;;
   fp8)
-    timeout $((BUDGET - SECONDS)) python3 benchmarks/check_fp8.py --rows 2b,5b-ckpt --kernel flash4 \
-      --out "$OUT/check_fp8.json"
-    timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size 2b \
-      --variants flash4+compile,flash4+compile+fp8c --warmup 2 --steps 4 --profile 30 > "$OUT/profile_2b_fp8c.txt" 2>&1
-    tail -80 "$OUT/profile_2b_fp8c.txt" ;;
+    kernel=${KERNEL:-flash4}
+    timeout $((BUDGET - SECONDS)) python3 benchmarks/check_fp8.py --rows ${FP8_ROWS:-2b,5b-ckpt} \
+      $([[ $kernel == flash4 ]] && echo --kernel flash4) --out "$OUT/check_fp8_$kernel.json"
+    ((BUDGET - SECONDS < 60)) || timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size 2b \
+      --variants $kernel+compile,$kernel+compile+fp8c --warmup 2 --steps 4 --profile 30 \
+      > "$OUT/profile_2b_fp8c_$kernel.txt" 2>&1 && tail -80 "$OUT/profile_2b_fp8c_$kernel.txt" ;;
   check)
     timeout 200 python3 benchmarks/check_attention.py --out "$OUT/check_attention.json"
     timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size 2b --variants flash4+compile \
