@@ -1,4 +1,4 @@
-# Sourced by the scripts that run on the GPU machine (h200_run.sh, compare_rows.sh): the output folder and its log,
+# Sourced by the scripts that run on the GPU machine (h200_run.sh, card_rows.sh): the output folder and its log,
 # the clips made here (bench_data/), the carried wheels installed into /tmp/site, and the environment.
 #   OUT (default out): logs and results; BUDGET (560): seconds the script may take; WORKDIR (/tmp/bench_work)
 OUT=${OUT:-out}

@@ -14,6 +14,11 @@
 #                                                     # attention by FlashAttention-4 unless KERNEL=cudnn
 #   PART=rows ROWS="2b-heldout 2b-heldout-fp8c" STEPS=300 BENCH_ARGS="--shape 49x240x368 -- --validation_loss_steps 50"
 #                                                     # BENCH_ARGS: more bench_train.py arguments for every row
+#   PART=compare REF=.old ROWS="2b-cudnn 2b-ckpt-cudnn" STEPS=6 ...   # the rows of this checkout and of a reference
+#                                                     # one, alternately: a change that must leave speed and memory as
+#                                                     # they were, against the code before it on one machine. Here first:
+#                                                     # git archive COMMIT | tar -x -C .old --exclude=benchmarks/results
+#                                                     # (.old/ is git-ignored: carry it)
 #
 # Before the first part, on the same machine: FlashAttention-4's CUDA-13 library unpacked into /tmp/fa4
 # (../shared/device/fetch-fa4.sh prints that call); the wheels of .whl/ and .whl-fa4/ are installed here.
@@ -28,20 +33,26 @@ export PYTHONPATH=$PWD:$PYTHONPATH
 python3 -c 'import torch; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version())'
 python3 -c 'import flash_attn.cute' 2>/dev/null && echo "FlashAttention-4 there" || echo "no FlashAttention-4"
 
-# row NAME STEPS: one bench_train.py row, given at most what is left of the budget.
+# row NAME STEPS [CHECKOUT SIDE]: one bench_train.py row (of CHECKOUT's, its JSON marked with SIDE), given at most
+# what is left of the budget. A checkout's bench_train.py puts its own folder first on the path, and the trainer
+# runs from its folder, so each side runs its own code.
 row() {
-  local left=$((BUDGET - SECONDS))
-  if ((left < 60)); then echo "=== $1: skipped, ${left}s left"; return; fi
-  echo "=== $1 ($2 steps): at most ${left}s"
-  timeout --kill-after=15 "$left" python3 benchmarks/bench_train.py --workdir "$WORKDIR" --steps "$2" \
-    --rows "$1" --out "$WORKDIR/row.json" ${BENCH_ARGS:-} && python3 -c "import json,sys; r=json.load(open(sys.argv[1])); \
-print(json.dumps({**r['rows'][0], 'environment': r['environment']}))" "$WORKDIR/row.json" >> "$OUT/rows.jsonl"
-  echo "=== $1: exit $? at ${SECONDS}s"
+  local left=$((BUDGET - SECONDS)) dir=${3:-.} side=${4:-}
+  if ((left < 60)); then echo "=== $side $1: skipped, ${left}s left"; return; fi
+  echo "=== $side $1 ($2 steps): at most ${left}s"
+  timeout --kill-after=15 "$left" python3 "$dir/benchmarks/bench_train.py" --workdir "$WORKDIR" --steps "$2" \
+    --rows "$1" --out "$WORKDIR/row.json" ${BENCH_ARGS:-} && python3 -c "import json, sys; \
+r = json.load(open(sys.argv[1])); side = {'side': sys.argv[2]} if sys.argv[2] else {}; \
+print(json.dumps({**r['rows'][0], **side, 'environment': r['environment']}))" "$WORKDIR/row.json" "$side" \
+    >> "$OUT/rows.jsonl"
+  echo "=== $side $1: exit $? at ${SECONDS}s"
 }
 
 for part in ${PART:-a}; do case $part in
   rows)
     for r in $ROWS; do row $r "${STEPS:-4}"; done ;;
+  compare)
+    for r in $ROWS; do row $r "${STEPS:-6}" . this; row $r "${STEPS:-6}" "$REF" reference; done ;;
   trace)
     for policy in none full; do
       timeout $((BUDGET - SECONDS)) python3 benchmarks/profile_step.py --size 2b --variants flash4+compile \
@@ -82,9 +93,11 @@ echo "=== rows"
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    print(f"{r['row']}: step {r['median_step_time_s']:.3f} s, train peak {r['peak_memory_allocated_gib']:.2f} GiB, "
-          f"validation peak {r.get('peak_memory_validation_gib') or 0:.2f} (decode {r.get('peak_memory_decode_gib') or 0:.2f}), "
-          f"estimate {r['estimated_peak_gib']:.2f} "
-          f"(train {r['estimated_training_gib']:.2f}, validation {r.get('estimated_validation_gib') or 0:.2f}), "
-          f"{r['attention'][:40]}")
+    fmt = lambda key, spec=".2f": "—" if r.get(key) is None else format(r[key], spec)  # noqa: E731
+    print(f"{r.get('side', ''):>9} {r['row']}: step {fmt('median_step_time_s', '.3f')} s, train peak "
+          f"{fmt('peak_memory_allocated_gib')} GiB (on the card {fmt('peak_device_memory_gib')}), validation peak "
+          f"{fmt('peak_memory_validation_gib')} (decode {fmt('peak_memory_decode_gib')}), estimate "
+          f"{fmt('estimated_peak_gib')} (train {fmt('estimated_training_gib')}, validation "
+          f"{fmt('estimated_validation_gib')}), launch to first step done {fmt('launch_to_first_step_s', '.1f')} s, "
+          f"held-out {r.get('heldout_losses')}, {r['attention'][:40]}, {r['environment']['device']}")
 PY
