@@ -36,7 +36,8 @@ def peak_rss_gib() -> float:
 class ResidentPeak:
     """The peak resident memory of each part of a run (memory.Peaks): Linux keeps one high-water mark a process
     (VmHWM), which writing 5 to /proc/self/clear_refs starts again from the current resident size, so each take()
-    says the peak since the last. Pinned buffers are resident pages and count in it."""
+    says the peak since the last. Pinned buffers may not count in it (the driver maps them itself): the summary
+    gives them apart."""
 
     def __init__(self, proc: Path = Path("/proc/self")):
         self.status, self.clear_refs = proc / "status", proc / "clear_refs"
