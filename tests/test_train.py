@@ -279,6 +279,27 @@ def test_gradient_accumulation_and_checkpointing(tmp_path, tiny_model_dir, tiny_
     assert max_abs_diff(plain, no_accumulation) > 1e-5
 
 
+def test_a_steps_time_leaves_out_the_checkpoint_before_it(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    import train_cogvideox_lora
+
+    # Each checkpoint "takes" 1,000 s of the clock the steps are timed with.
+    offset, clock, save = [0.0], time.perf_counter, train_cogvideox_lora.save_checkpoint
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + offset[0])
+
+    def slow_save(*args, **kwargs):
+        save(*args, **kwargs)
+        offset[0] += 1000.0
+
+    monkeypatch.setattr(train_cogvideox_lora, "save_checkpoint", slow_save)
+    before = time.time()
+    run_main(train_argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", tmp_path / "cache", "--max_train_steps", 4,
+                        "--checkpointing_steps", 1))
+    info = summary(tmp_path / "out")
+    assert offset[0] == 4000.0  # checkpoints after steps 1 to 3, each before a timed step, and at the end
+    assert 0 < info["median_step_time_s"] < 100
+    assert before < info["first_step_done_at"] < time.time()
+
+
 def test_bf16_mixed_precision_on_cpu_keeps_fp32_lora(tmp_path, tiny_model_dir, tiny_dataset_dir):
     out = tmp_path / "out"
     run_main(train_argv(tiny_model_dir, tiny_dataset_dir, out, tmp_path / "cache", "--max_train_steps", 2,
@@ -360,6 +381,8 @@ def test_benchmark_runs_in_tiny_mode(tmp_path):
     # Median step times measured, the first on a fresh cache, and samples/s on two against one.
     assert float(one["median step (s)"]) > 0 and one["cache"] == "cold" and two["cache"] == "warm"
     assert float(two["scaling (x)"]) > 0 and float(one["estimate, on the card (GiB)"]) > 0
+    # From `accelerate launch` to the first step's end holds the trainer's start to the step's start, and more.
+    assert float(one["launch to first step done (s)"]) > float(one["to first step (s)"]) > 0
     assert summary(tmp_path / "out-2b")["steps"] == 2 and summary(tmp_path / "out-2b-x2")["processes"] == 2
 
 
