@@ -278,7 +278,7 @@ def plan_memory(inputs: Inputs, accelerator) -> MemoryPlan:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
     # The card's figure of each part's peak (NVML keeps none): sampled from here on.
-    peaks = memory.Peaks(None, None) if run.dry_run else \
+    peaks = memory.Peaks() if run.dry_run else \
         memory.Peaks(device_memory.Sampler(device).start(), host_memory.ResidentPeak())
     return MemoryPlan(weight_dtype, kernel, compile_blocks, Placement(plan, device, peaks, card, work, run.memory.plan),
                       needed, budget, host)

@@ -133,27 +133,23 @@ def step_flops(config: dict, latent_frames: int, latent_height: int, latent_widt
     return config["num_layers"] * per_layer
 
 
-def write_data(data_dir: Path, frames: int, height: int, width: int) -> int:
-    """Clips for frames x height x width; returns the --fps that takes `frames` from them.
+def write_data(data_dir: Path, frames: int, height: int, width: int, num_clips: int = 4, id_offset: int = 0) -> int:
+    """Clips for frames x height x width (numbered from id_offset); returns the --fps that takes `frames` from them.
 
     Generated clips hold at most synthetic.MAX_FRAMES frames: longer ones are sampled at a multiple of the
     clips' 8 fps, which repeats frames (all the same to the speed and memory measured).
     """
     repeat = math.ceil(frames / synthetic.MAX_FRAMES)
     if not (data_dir / "videos.txt").exists():
-        synthetic.write_clips(data_dir, num_clips=4, height=height, width=width, num_frames=math.ceil(frames / repeat),
-                              fps=8)
+        synthetic.write_clips(data_dir, num_clips=num_clips, height=height, width=width,
+                              num_frames=math.ceil(frames / repeat), fps=8, id_offset=id_offset)
     return 8 * repeat
 
 
 def write_heldout(workdir: Path, shape: tuple[int, int, int]) -> Path:
     """Held-out clips of their own (HELDOUT_CLIPS, numbered after write_data's), of the training clips' size."""
-    frames, height, width = shape
     heldout = workdir / f"heldout-{'x'.join(map(str, shape))}"
-    if not (heldout / "videos.txt").exists():
-        synthetic.write_clips(heldout, num_clips=HELDOUT_CLIPS, height=height, width=width,
-                              num_frames=math.ceil(frames / math.ceil(frames / synthetic.MAX_FRAMES)), fps=8,
-                              id_offset=4)
+    write_data(heldout, *shape, num_clips=HELDOUT_CLIPS, id_offset=4)
     return heldout
 
 

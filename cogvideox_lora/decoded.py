@@ -90,8 +90,8 @@ class DecodedFrames:
     def take(self, path: Path) -> Decoded | None:
         """The clip's frames, removed from the store; None if not kept, or if the file changed since it was decoded
         (encoding must encode what it hashes now)."""
-        decoded, nbytes = self._kept.pop(str(path), (None, 0))
-        self.used -= nbytes
+        decoded, _ = self._kept.get(str(path), (None, 0))
+        self.drop(path)
         if decoded is None:
             return None
         try:

@@ -17,15 +17,20 @@ GIB = memory.GIB
 MEMINFO = Path("/proc/meminfo")
 
 
-def available_gib(meminfo: Path | None = None) -> float | None:
-    """MemAvailable of /proc/meminfo (what can be taken without swapping), None where there is none."""
+def _kib_field(path: Path, name: str) -> float | None:
+    """A "Name:  N kB" line of a /proc file, in GiB; None where the file or the line is not there."""
     try:
-        for line in (meminfo or MEMINFO).read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in path.read_text().splitlines():
+            if line.startswith(f"{name}:"):
                 return int(line.split()[1]) * 1024 / GIB
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_gib(meminfo: Path | None = None) -> float | None:
+    """MemAvailable of /proc/meminfo (what can be taken without swapping), None where there is none."""
+    return _kib_field(meminfo or MEMINFO, "MemAvailable")
 
 
 def peak_rss_gib() -> float:
@@ -44,11 +49,10 @@ class ResidentPeak:
 
     def take(self) -> float | None:
         """The peak since the last take (None where the kernel does not say), and a new one started."""
+        peak = _kib_field(self.status, "VmHWM")
         try:
-            peak = next(int(line.split()[1]) * 1024 / GIB for line in self.status.read_text().splitlines()
-                        if line.startswith("VmHWM:"))
             self.clear_refs.write_text("5")
-        except (OSError, ValueError, IndexError, StopIteration):
+        except OSError:
             return None
         return peak
 
