@@ -25,6 +25,7 @@ from diffusers import CogVideoXTransformer3DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_train import latent_size, native_shape  # noqa: E402
 from check_attention import training_step  # noqa: E402
 from cogvideox_lora import synthetic  # noqa: E402
 from cogvideox_lora.lora import trainable_parameters  # noqa: E402
@@ -34,8 +35,6 @@ from cogvideox_lora.placement import Placement  # noqa: E402
 from cogvideox_lora.transformer import TransformerSpec, prepare  # noqa: E402
 
 GIB = 2**30
-# Latent [frames, height, width] of each version's native size: 49x480x720 and 81x768x1360.
-NATIVE_LATENTS = {"1.0": (13, 60, 90), "1.5": (21, 96, 170)}
 VARIANTS = {"bf16": {}, "fp8 products": {"fp8_base_weights": True, "fp8_linear": True}}
 
 
@@ -73,7 +72,7 @@ def compare(size: str, checkpointing: str | None, kernel: str | None, timed: int
     torch.manual_seed(0)
     with torch.device("cuda"):
         base = CogVideoXTransformer3DModel(**config).to(torch.bfloat16).requires_grad_(False)
-    frames, height, width = NATIVE_LATENTS["1.5" if config.get("patch_size_t") else "1.0"]
+    frames, height, width = latent_size(*native_shape(size))
     # the VAE's mean and log-variance
     video = {"latent_params": torch.randn(32, frames, height, width, dtype=torch.bfloat16)}
     prompt = {"prompt_embeds": torch.randn(config["max_text_seq_length"], config["text_embed_dim"],

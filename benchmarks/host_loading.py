@@ -3,7 +3,7 @@ measured peaks; is the loading part of it one copy of the weights, or more?).
 
     python benchmarks/host_loading.py --workdir /tmp/host_loading [--size 2b]
 
-Builds the size's transformer (random init, real config, bf16) into WORKDIR/model/transformer once, then loads it
+Builds the size's transformer (random init, real config, bf16) into WORKDIR/model-SIZE/transformer once, then loads it
 in a fresh process with the trainer's own call (models.load_transformer) while a thread samples MemAvailable every
 20 ms, then reads every weight once (as the move to the GPU does). Reports, in GiB: the weights; the process before
 loading (Python, PyTorch, diffusers imported); its resident peak (VmHWM, host_memory.ResidentPeak) and its
